@@ -1,0 +1,130 @@
+"""Append audit rows and verify a session's hash chain (SPEC §7).
+
+Each row's hash covers its content and the previous row's hash for the same
+session, so editing or deleting any row breaks the chain from there on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session as DbSession
+
+from app.audit.models import Operation
+from app.sessions.models import Session
+
+
+def _digest(
+    *,
+    prev_hash: str | None,
+    session_id: str,
+    operation: str,
+    from_status: str | None,
+    to_status: str | None,
+    actor: str,
+    reason: str | None,
+    details: Any,
+    created_at: datetime,
+) -> str:
+    payload = json.dumps(
+        [
+            prev_hash,
+            session_id,
+            operation,
+            from_status,
+            to_status,
+            actor,
+            reason,
+            details,
+            created_at.isoformat(timespec="microseconds"),
+        ],
+        sort_keys=True,
+        ensure_ascii=False,
+        separators=(",", ":"),
+        default=str,
+    )
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def _last_hash(db: DbSession, session_pk: int) -> str | None:
+    stmt = (
+        select(Operation.row_hash)
+        .where(Operation.session_pk == session_pk)
+        .order_by(Operation.id.desc())
+        .limit(1)
+    )
+    return db.execute(stmt).scalar_one_or_none()
+
+
+def record_operation(
+    db: DbSession,
+    session: Session,
+    *,
+    operation: str,
+    from_status: str | None,
+    to_status: str | None,
+    actor: str,
+    at: datetime,
+    reason: str | None = None,
+    details: dict[str, Any] | None = None,
+) -> Operation:
+    """Append one audit row for `session`, chained to its previous row."""
+    if session.id is None:
+        db.flush()
+    prev_hash = _last_hash(db, session.id)
+    row = Operation(
+        session_pk=session.id,
+        session_id=session.session_id,
+        operation=operation,
+        from_status=str(from_status) if from_status else None,
+        to_status=str(to_status) if to_status else None,
+        actor=actor,
+        reason=reason,
+        details=details,
+        created_at=at,
+        prev_hash=prev_hash,
+    )
+    row.row_hash = _digest(
+        prev_hash=prev_hash,
+        session_id=row.session_id,
+        operation=operation,
+        from_status=row.from_status,
+        to_status=row.to_status,
+        actor=actor,
+        reason=reason,
+        details=details,
+        created_at=at,
+    )
+    db.add(row)
+    db.flush()
+    return row
+
+
+def verify_chain(db: DbSession, session_pk: int) -> tuple[bool, int | None, int]:
+    """Recompute a session's chain: (intact, id of the first bad row or None, rows checked)."""
+    rows = db.execute(
+        select(Operation).where(Operation.session_pk == session_pk).order_by(Operation.id)
+    ).scalars()
+    prev: str | None = None
+    count = 0
+    for row in rows:
+        count += 1
+        expected = _digest(
+            prev_hash=prev,
+            session_id=row.session_id,
+            operation=row.operation,
+            from_status=row.from_status,
+            to_status=row.to_status,
+            actor=row.actor,
+            reason=row.reason,
+            details=row.details,
+            created_at=row.created_at,
+        )
+        if row.prev_hash != prev or row.row_hash != expected:
+            return False, row.id, count
+        prev = row.row_hash
+    return True, None, count

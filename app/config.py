@@ -1,0 +1,124 @@
+"""Settings: every knob of SPEC §10, from the environment and `.env`.
+
+No configuration at all is the embedded default: a SQLite file under
+`DATA_DIR` and Celery tasks executed in-process. `DATABASE_URL` (or the seed's
+`DATABASE_HOST/PORT/NAME/USER/PASSWORD`) and `REDIS_URL` switch to MySQL +
+Redis + real workers without any code change.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from urllib.parse import quote_plus
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import Field, PositiveFloat, PositiveInt, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ConfigError(RuntimeError):
+    """A setting has a bad value; the message names the variable."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+
+    # Storage
+    database_url: str | None = None
+    database_host: str | None = None
+    database_port: PositiveInt = 3306
+    database_name: str = "auto_session"
+    database_user: str = "root"
+    database_password: str = ""
+    data_dir: Path = Path("var")
+    redis_url: str | None = None
+    redis_key_prefix: str = "auto-session"
+
+    # Timeouts (seconds) and limits, with the seed's defaults
+    default_session_timeout: PositiveInt = 1800
+    pending_timeout: PositiveInt = 1800
+    human_session_timeout: PositiveInt = 28800
+    transfer_timeout: PositiveInt = 300
+    max_concurrent_sessions: PositiveInt = 10
+    batch_size: PositiveInt = 100
+    session_gap: PositiveInt = 1800
+    timezone: str = "UTC"
+
+    # Slot lock: how long a holder may keep it, how long a caller waits for it
+    slot_lock_ttl: PositiveFloat = 10.0
+    slot_lock_wait: PositiveFloat = 5.0
+
+    # Beat sweeps
+    sweep_interval: PositiveFloat = 30.0
+    sweep_batch_size: PositiveInt = 500
+
+    # Optional LLM transfer detection (any OpenAI-compatible endpoint)
+    llm_base_url: str | None = None
+    llm_model: str | None = None
+    llm_api_key: str | None = None
+    llm_timeout: PositiveFloat = 10.0
+
+    # Web
+    secret_key: str | None = Field(default=None, description="Flask secret for the admin console")
+    host: str = "127.0.0.1"
+    port: PositiveInt = 8000
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown time zone {value!r}") from exc
+        return value
+
+    @field_validator("database_url", "redis_url", "llm_base_url", mode="before")
+    @classmethod
+    def _blank_is_none(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        """The database URL: DATABASE_URL, else the seed's parts, else the SQLite file."""
+        if self.database_url:
+            url = self.database_url
+            if url.startswith("mysql://"):
+                url = "mysql+pymysql://" + url.removeprefix("mysql://")
+            return url
+        if self.database_host:
+            password = quote_plus(self.database_password)
+            auth = f"{quote_plus(self.database_user)}:{password}" if password else quote_plus(
+                self.database_user
+            )
+            return (
+                f"mysql+pymysql://{auth}@{self.database_host}:{self.database_port}/"
+                f"{self.database_name}?charset=utf8mb4"
+            )
+        return f"sqlite:///{(self.data_dir / 'auto_session.sqlite3').resolve()}"
+
+    @property
+    def embedded(self) -> bool:
+        """True when tasks run in-process (no Redis configured)."""
+        return self.redis_url is None
+
+    @property
+    def tz(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the settings, turning a validation failure into a message naming the variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            name = "_".join(str(part) for part in error["loc"]).upper() or "SETTINGS"
+            problems.append(f"{name}: {error['msg']} (got {error.get('input')!r})")
+        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
+
+
+@functools.cache
+def get_settings() -> Settings:
+    return load_settings()

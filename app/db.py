@@ -1,0 +1,192 @@
+"""Database plumbing: the engine, the declarative base, UTC times and the unit of work.
+
+The unit of work is the one owner of a transaction: it rolls back unless told
+to commit, and runs its after-commit callbacks (e.g. sending Celery tasks) only
+once the commit succeeded.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, DateTime, Integer, MetaData, String, create_engine, event
+from sqlalchemy.dialects import mysql
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+from sqlalchemy.types import TypeDecorator
+
+log = logging.getLogger(__name__)
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# An auto-increment id that is BIGINT on MySQL and INTEGER (rowid) on SQLite.
+BigId = BigInteger().with_variant(Integer, "sqlite")
+# JSON that is a real JSON column on MySQL 8 and text on MariaDB/SQLite.
+JsonDoc = JSON().with_variant(mysql.JSON(), "mysql")
+
+
+def IdStr(length: int) -> Any:
+    """An identifier column: compared byte for byte on MySQL (utf8mb4_bin), so that
+    "ABC" and "abc" are two ids and no collation folds them into one."""
+    return String(length).with_variant(mysql.VARCHAR(length, collation="utf8mb4_bin"), "mysql")
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Stores naive UTC (MySQL DATETIME(6) has no zone) and hands back aware UTC."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Any) -> Any:
+        if dialect.name == "mysql":
+            return dialect.type_descriptor(mysql.DATETIME(fsp=6))
+        return dialect.type_descriptor(DateTime())
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r} given where UTC is required")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+def make_engine(url: str, **kwargs: Any) -> Engine:
+    """An engine tuned for the backend: WAL + IMMEDIATE transactions on SQLite,
+    READ COMMITTED with pre-ping on MySQL."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(
+            url, connect_args={"timeout": 30, "check_same_thread": False}, **kwargs
+        )
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.isolation_level = None  # let SQLAlchemy's "begin" event emit BEGIN
+            cursor = dbapi_conn.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn: Any) -> None:
+            # IMMEDIATE takes the write lock up front, so two writers queue
+            # instead of failing with "database is locked" on upgrade.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    if parsed.get_backend_name() == "mysql":
+        query = dict(parsed.query)
+        query.setdefault("charset", "utf8mb4")
+        parsed = parsed.set(query=query)
+        kwargs.setdefault("pool_size", 10)
+        kwargs.setdefault("max_overflow", 20)
+        return create_engine(
+            parsed,
+            isolation_level="READ COMMITTED",
+            pool_pre_ping=True,
+            pool_recycle=1800,
+            **kwargs,
+        )
+    return create_engine(url, **kwargs)
+
+
+def is_retryable_db_error(exc: BaseException) -> bool:
+    """Deadlocks, lock wait timeouts and SQLite busy errors: safe to retry the whole unit."""
+    if isinstance(exc, OperationalError):
+        orig = getattr(exc, "orig", None)
+        code = getattr(orig, "args", [None])[0]
+        if code in (1205, 1213):  # lock wait timeout, deadlock
+            return True
+        if "database is locked" in str(exc):
+            return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
+
+
+class UnitOfWork:
+    """One transaction. Use as a context manager; nothing is kept unless `commit()` is called."""
+
+    def __init__(self, session_factory: sessionmaker[Session]) -> None:
+        self._factory = session_factory
+        self._after_commit: list[Callable[[], None]] = []
+        self.session: Session
+
+    def __enter__(self) -> UnitOfWork:
+        self.session = self._factory()
+        self._after_commit = []
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        try:
+            self.session.rollback()
+        finally:
+            self.session.close()
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        """Run `callback` once this transaction has committed (never if it rolls back)."""
+        self._after_commit.append(callback)
+
+    def commit(self) -> None:
+        self.session.commit()
+        callbacks, self._after_commit = self._after_commit, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:  # the change is durable; a lost kick is recovered by sweeps
+                log.exception("after-commit callback failed")
+
+
+class Database:
+    """The engine and the session factory for one configured database."""
+
+    def __init__(self, url: str, **engine_kwargs: Any) -> None:
+        self.url = url
+        self.engine = make_engine(url, **engine_kwargs)
+        self.session_factory = sessionmaker(self.engine, expire_on_commit=False)
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    def unit_of_work(self) -> UnitOfWork:
+        return UnitOfWork(self.session_factory)
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """A short read-only session."""
+        session = self.session_factory()
+        try:
+            yield session
+        finally:
+            session.close()  # ends the transaction; loaded objects stay readable
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def utcnow() -> datetime:
+    """Now, aware UTC; freezegun controls it in tests."""
+    return datetime.now(UTC)

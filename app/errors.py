@@ -1,0 +1,127 @@
+"""The domain's exception tree. Each error knows its HTTP status and problem type;
+`app.api.problems` renders them as RFC 9457 problem documents."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+
+class AutoSessionError(Exception):
+    """Base of every error the service layer raises on purpose."""
+
+    status: int = 400
+    type: str = "about:blank"
+    title: str = "Bad request"
+    retryable: bool = False
+
+    def __init__(self, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.extra = extra
+
+    def problem(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "type": self.type,
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+        }
+        body.update(self.extra)
+        return body
+
+
+class ValidationFailed(AutoSessionError):
+    status = 422
+    type = "/problems/validation"
+    title = "Invalid request"
+
+    def __init__(self, detail: str, errors: Iterable[dict[str, Any]] = ()) -> None:
+        super().__init__(detail, errors=list(errors))
+
+
+class NotFound(AutoSessionError):
+    status = 404
+    type = "/problems/not-found"
+    title = "Not found"
+
+
+class Unauthorized(AutoSessionError):
+    status = 401
+    type = "/problems/unauthorized"
+    title = "Authentication required"
+
+
+class Forbidden(AutoSessionError):
+    status = 403
+    type = "/problems/forbidden"
+    title = "Not allowed"
+
+
+class Conflict(AutoSessionError):
+    status = 409
+    type = "/problems/conflict"
+    title = "Conflict"
+
+
+class InvalidTransition(Conflict):
+    type = "/problems/invalid-transition"
+    title = "Transition not allowed"
+
+    def __init__(
+        self, *, current: str, target: str, allowed: list[str], detail: str | None = None
+    ) -> None:
+        allowed_text = ", ".join(allowed) if allowed else "none (terminal status)"
+        super().__init__(
+            detail
+            or f"cannot go from {current} to {target}; allowed from {current}: {allowed_text}",
+            current_status=str(current),
+            requested_status=str(target),
+            allowed=[str(a) for a in allowed],
+        )
+
+
+class SlotOccupied(Conflict):
+    """A request with `on_conflict: reject` met an occupant it may not preempt."""
+
+    type = "/problems/slot-occupied"
+    title = "Slot occupied"
+
+    def __init__(self, detail: str, occupant: dict[str, Any]) -> None:
+        super().__init__(detail, occupant=occupant)
+
+
+class AlreadyAccepted(Conflict):
+    type = "/problems/transfer-already-accepted"
+    title = "Transfer already taken"
+
+
+class IdempotencyMismatch(Conflict):
+    type = "/problems/idempotency-key-reuse"
+    title = "Idempotency key reused with another request"
+
+
+class ServiceUnavailable(AutoSessionError):
+    """Retry later: the slot lock could not be had, or a dependency is down."""
+
+    status = 503
+    type = "/problems/unavailable"
+    title = "Temporarily unavailable"
+    retryable = True
+
+
+class SlotBusy(ServiceUnavailable):
+    type = "/problems/slot-busy"
+    title = "Slot busy"
+
+
+class SlotLockUnavailable(ServiceUnavailable):
+    type = "/problems/lock-unavailable"
+    title = "Slot lock service unavailable"
+
+
+class FenceRejected(ServiceUnavailable):
+    """The slot changed under a holder whose lock had expired; its change was refused."""
+
+    type = "/problems/stale-slot-holder"
+    title = "Slot changed concurrently"

@@ -1,0 +1,213 @@
+"""One chat-export row (SPEC §4): aliases, sender role, time zone and a stable id.
+
+Shared by the history import, live messages and `AutoSessionManager.process_chat_messages`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime, tzinfo
+from typing import Any
+
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from app.sessions.enums import SenderRole, TaskType
+
+ROLE_ALIASES: dict[str, SenderRole] = {
+    "robot": SenderRole.ROBOT,
+    "bot": SenderRole.ROBOT,
+    "human": SenderRole.HUMAN,
+    "staff": SenderRole.HUMAN,
+    "agent": SenderRole.HUMAN,
+    "counterpart": SenderRole.COUNTERPART,
+    "customer": SenderRole.COUNTERPART,
+    "shop": SenderRole.COUNTERPART,
+    "system": SenderRole.SYSTEM,
+}
+OUTBOUND = {"outbound", "out", "sent", "send", "outgoing"}
+INBOUND = {"inbound", "in", "received", "receive", "incoming"}
+TRUE_TEXT = {"true", "1", "yes", "y", "t"}
+FALSE_TEXT = {"false", "0", "no", "n", "f", ""}
+
+
+def _text_id(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("must be a string or an integer")
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, str):
+        return value.strip()
+    return value
+
+
+def parse_flag(value: Any) -> bool | None:
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int | float):
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in TRUE_TEXT:
+        return True
+    if text in FALSE_TEXT:
+        return False if text else None
+    raise ValueError(f"is not a yes/no flag: {value!r}")
+
+
+def parse_time(value: Any, tz: tzinfo) -> datetime:
+    """ISO 8601 (a naive time is in `tz`), or epoch seconds/milliseconds."""
+    if isinstance(value, datetime):
+        moment = value
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = value / 1000 if value > 1e11 else value
+        return datetime.fromtimestamp(seconds, UTC)
+    elif isinstance(value, str) and value.strip():
+        text = value.strip()
+        if text.endswith("Z"):
+            text = text[:-1] + "+00:00"
+        try:
+            moment = datetime.fromisoformat(text)
+        except ValueError:
+            raise ValueError(f"is not an ISO 8601 time: {value!r}") from None
+    else:
+        raise ValueError("is missing")
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=tz)
+    return moment.astimezone(UTC)
+
+
+class ChatRow(BaseModel):
+    """A validated message row. Validate with `context={"tz": ZoneInfo(...)}`."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, str_strip_whitespace=False)
+
+    message_id: str | None = Field(default=None, max_length=128)
+    account_id: str | None = Field(
+        default=None, validation_alias=AliasChoices("account_id", "user_id"), max_length=64
+    )
+    shop_id: str | None = Field(default=None, max_length=64)
+    sender_role: SenderRole | None = None
+    is_robot: bool | None = None
+    direction: str | None = None
+    sender_id: str | None = Field(default=None, max_length=64)
+    content: str = Field(max_length=65535)
+    message_type: str = Field(default="text", max_length=32)
+    sent_at: datetime = Field(validation_alias=AliasChoices("sent_at", "timestamp"))
+    session_id: str | None = Field(default=None, max_length=40)
+    task_type: TaskType | None = None
+
+    _ids = field_validator(
+        "message_id", "account_id", "shop_id", "sender_id", "session_id", mode="before"
+    )(_text_id)
+
+    @field_validator("message_id", "account_id", "shop_id", "sender_id", "session_id")
+    @classmethod
+    def _blank_is_none(cls, value: str | None) -> str | None:
+        return value or None
+
+    @field_validator("sender_role", mode="before")
+    @classmethod
+    def _role(cls, value: Any) -> Any:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        role = ROLE_ALIASES.get(str(value).strip().lower())
+        if role is None:
+            raise ValueError(
+                f"unknown sender_role {value!r} (use robot, human, counterpart or system)"
+            )
+        return role
+
+    @field_validator("is_robot", mode="before")
+    @classmethod
+    def _flag(cls, value: Any) -> Any:
+        return parse_flag(value)
+
+    @field_validator("task_type", mode="before")
+    @classmethod
+    def _task(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return value.strip().lower() or None
+        return value
+
+    @field_validator("message_type", mode="before")
+    @classmethod
+    def _message_type(cls, value: Any) -> Any:
+        return "text" if value is None or value == "" else value
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content(cls, value: Any) -> Any:
+        if value is None:
+            raise ValueError("is missing")
+        return value if isinstance(value, str) else str(value)
+
+    @field_validator("sent_at", mode="before")
+    @classmethod
+    def _time(cls, value: Any, info: ValidationInfo) -> datetime:
+        tz = (info.context or {}).get("tz", UTC)
+        return parse_time(value, tz)
+
+    @model_validator(mode="after")
+    def _derive(self, info: ValidationInfo) -> ChatRow:
+        context = info.context or {}
+        if self.sender_role is None:
+            self.sender_role = derive_role(self.is_robot, self.direction) or context.get(
+                "default_role"
+            )
+            if self.sender_role is None:
+                raise ValueError(
+                    "sender_role is missing (give sender_role, or is_robot and direction)"
+                )
+        if self.session_id is None and (self.account_id is None or self.shop_id is None):
+            missing = "account_id" if self.account_id is None else "shop_id"
+            raise ValueError(f"{missing} is missing (required unless session_id is given)")
+        if self.message_id is None:
+            self.message_id = stable_message_id(self)
+        return self
+
+
+def derive_role(is_robot: bool | None, direction: str | None) -> SenderRole | None:
+    """`is_robot` plus `direction`: a robot message, our staff's, or the counterpart's."""
+    flow = (direction or "").strip().lower()
+    if is_robot:
+        return SenderRole.ROBOT
+    if flow in INBOUND:
+        return SenderRole.COUNTERPART
+    if flow in OUTBOUND:
+        return SenderRole.HUMAN
+    return None
+
+
+def stable_message_id(row: ChatRow) -> str:
+    """A re-upload of the same row yields the same id, so it de-duplicates."""
+    parts = [
+        row.account_id or "",
+        row.shop_id or "",
+        row.session_id or "",
+        str(row.sender_role),
+        row.sender_id or "",
+        row.sent_at.astimezone(UTC).isoformat(timespec="microseconds"),
+        row.content,
+    ]
+    digest = hashlib.sha256("\x1f".join(parts).encode("utf-8")).hexdigest()
+    return "h_" + digest[:40]
+
+
+def row_error_text(exc: ValidationError) -> str:
+    """One line naming each bad field: `sent_at: is not an ISO 8601 time: 'x'`."""
+    parts = []
+    for error in exc.errors():
+        field = ".".join(str(p) for p in error["loc"]) or "row"
+        message = error["msg"].removeprefix("Value error, ")
+        parts.append(f"{field}: {message}")
+    return "; ".join(parts)

@@ -1,0 +1,98 @@
+"""Session rows and the slot guard."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import BigInteger, Boolean, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from app.db import Base, BigId, IdStr, JsonDoc, UTCDateTime
+from app.sessions.enums import (
+    Origin,
+    PauseCause,
+    SessionStatus,
+    SessionType,
+    TaskType,
+)
+
+ID_LEN = 64
+
+
+class Session(Base):
+    """One conversation of our side with a counterpart on a slot (account_id, shop_id).
+
+    `holds_slot` is 1 while the session is ACTIVE or TRANSFERRED and NULL otherwise;
+    the unique key (account_id, shop_id, holds_slot) lets the database itself refuse a
+    second occupant, whatever a lock holder believes.
+    """
+
+    __tablename__ = "sessions"
+    __table_args__ = (
+        UniqueConstraint("account_id", "shop_id", "holds_slot", name="uq_sessions_slot_occupant"),
+        Index("ix_sessions_slot_status", "account_id", "shop_id", "status"),
+        Index("ix_sessions_status_deadline", "status", "deadline_at"),
+        Index("ix_sessions_owner", "owner_id", "status"),
+        Index("ix_sessions_client", "client_id", "id"),
+        Index("ix_sessions_agent", "assigned_agent_id", "status"),
+        Index("ix_sessions_created", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    session_id: Mapped[str] = mapped_column(IdStr(40), unique=True)
+    account_id: Mapped[str] = mapped_column(IdStr(ID_LEN))
+    shop_id: Mapped[str] = mapped_column(IdStr(ID_LEN))
+    session_type: Mapped[SessionType] = mapped_column(String(32))
+    task_type: Mapped[TaskType] = mapped_column(String(32))
+    priority: Mapped[int] = mapped_column(Integer)
+    status: Mapped[SessionStatus] = mapped_column(String(16))
+    holds_slot: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    pause_cause: Mapped[PauseCause | None] = mapped_column(String(16), nullable=True)
+    owner_id: Mapped[str | None] = mapped_column(IdStr(ID_LEN), nullable=True)
+    client_id: Mapped[str | None] = mapped_column(IdStr(40), nullable=True)
+    assigned_agent_id: Mapped[str | None] = mapped_column(IdStr(ID_LEN), nullable=True)
+    origin: Mapped[Origin] = mapped_column(String(8), default=Origin.LIVE)
+
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    requested_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    activated_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    last_activity_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    deadline_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+    message_count: Mapped[int] = mapped_column(Integer, default=0)
+    robot_message_count: Mapped[int] = mapped_column(Integer, default=0)
+    human_message_count: Mapped[int] = mapped_column(Integer, default=0)
+    counterpart_message_count: Mapped[int] = mapped_column(Integer, default=0)
+    first_message_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    last_message_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    end_reason: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    result: Mapped[Any | None] = mapped_column(JsonDoc, nullable=True)
+    preempted_by: Mapped[str | None] = mapped_column(IdStr(40), nullable=True)
+    interrupted_session_id: Mapped[str | None] = mapped_column(IdStr(40), nullable=True)
+    unanswered: Mapped[bool] = mapped_column(Boolean, default=False)
+    context: Mapped[dict[str, Any] | None] = mapped_column(JsonDoc, nullable=True)
+
+    @property
+    def slot(self) -> tuple[str, str]:
+        return (self.account_id, self.shop_id)
+
+
+class Slot(Base):
+    """The slot guard: one row per (account_id, shop_id) that has ever been used.
+
+    `fence` is the fencing token: every change to a slot's occupancy is committed
+    with `UPDATE … SET fence = fence + 1 WHERE fence = <value read>`, so a holder
+    whose lock expired while it was paused can never commit over a newer holder.
+    """
+
+    __tablename__ = "slots"
+
+    account_id: Mapped[str] = mapped_column(IdStr(ID_LEN), primary_key=True)
+    shop_id: Mapped[str] = mapped_column(IdStr(ID_LEN), primary_key=True)
+    fence: Mapped[int] = mapped_column(BigInteger, default=0)
+    occupant_session_id: Mapped[str | None] = mapped_column(IdStr(40), nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)

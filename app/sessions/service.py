@@ -1,0 +1,824 @@
+"""The session service: every rule of SPEC §3, behind one lock-and-fence discipline.
+
+Each public method runs one *slot transaction*: take the slot lock, open a unit
+of work, read the slot's fence, apply the change (state machine, conflicts,
+promotion, audit rows, outbox events), advance the fence, commit. A stale lock
+holder fails at the fence or on the unique occupant key and the whole unit is
+retried from a fresh read. The service imports neither Flask nor Celery; HTTP
+views, CLI commands, Celery tasks and `AutoSessionManager` are adapters over it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session as DbSession
+
+from app.audit.trail import record_operation
+from app.config import Settings
+from app.db import Database, UnitOfWork, is_retryable_db_error, utcnow
+from app.errors import (
+    Conflict,
+    FenceRejected,
+    InvalidTransition,
+    NotFound,
+    ServiceUnavailable,
+    SlotOccupied,
+)
+from app.events.outbox import Audience, record_event
+from app.ids import new_id
+from app.messages.models import Message
+from app.sessions import rules
+from app.sessions.enums import (
+    Origin,
+    PauseCause,
+    SenderRole,
+    SessionStatus,
+    SessionType,
+    TaskType,
+    TransferStatus,
+    TransferTrigger,
+)
+from app.sessions.models import Session
+from app.sessions.schemas import (
+    CreateOutcome,
+    SessionRequest,
+    SessionView,
+    TransferRequest,
+    TransferView,
+)
+from app.sessions.slot import SlotFence, SlotLocks, wait_a_little
+from app.transfers.models import Transfer
+from app.transfers.routing import choose_agent
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+MAX_ATTEMPTS = 6
+HISTORY_SNAPSHOT = 50
+S = SessionStatus
+
+
+@dataclass
+class ServiceHooks:
+    """After-commit notifications for the task layer (delivery, detection).
+
+    Defaults do nothing; `tasks` wires them to Celery (or in-process calls)."""
+
+    events_written: Callable[[], None] = lambda: None
+    counterpart_messages: Callable[[list[str]], None] = lambda session_ids: None
+
+
+@dataclass
+class LiveMessage:
+    """A validated message to store on a session."""
+
+    message_id: str
+    sender_role: SenderRole
+    content: str
+    sent_at: datetime
+    sender_id: str | None = None
+    message_type: str = "text"
+
+
+@dataclass
+class MessageOutcome:
+    accepted: int
+    duplicates: int
+    session: SessionView
+    accepted_ids: list[str] = field(default_factory=list)
+
+
+class SlotTx:
+    """One slot transaction: the database session, the fence, the time and the actor."""
+
+    def __init__(
+        self,
+        service: SessionService,
+        uow: UnitOfWork,
+        account_id: str,
+        shop_id: str,
+        actor: str,
+    ) -> None:
+        self.service = service
+        self.uow = uow
+        self.db: DbSession = uow.session
+        self.account_id = account_id
+        self.shop_id = shop_id
+        self.actor = actor
+        self.now = utcnow()
+        self.fence = SlotFence(self.db, account_id, shop_id)
+        self.events_written = 0
+        self.counterpart_sessions: list[str] = []
+
+    # ---- reads -------------------------------------------------------------------
+    def occupant(self) -> Session | None:
+        return self.db.execute(
+            select(Session).where(
+                Session.account_id == self.account_id,
+                Session.shop_id == self.shop_id,
+                Session.holds_slot.is_(True),
+            )
+        ).scalar_one_or_none()
+
+    def waiting(self) -> list[Session]:
+        """Sessions waiting for the slot, highest precedence first (owner-paused ones excluded)."""
+        rows = self.db.execute(
+            select(Session).where(
+                Session.account_id == self.account_id,
+                Session.shop_id == self.shop_id,
+                Session.status.in_([S.PENDING, S.PAUSED]),
+            )
+        ).scalars()
+        candidates = [r for r in rows if r.pause_cause != PauseCause.OWNER]
+        return sorted(candidates, key=precedence_of)
+
+    def load(self, session_id: str) -> Session:
+        row = self.db.execute(
+            select(Session).where(Session.session_id == session_id)
+        ).scalar_one_or_none()
+        if row is None or row.slot != (self.account_id, self.shop_id):
+            raise NotFound(f"session {session_id} not found")
+        return row
+
+    # ---- writes ------------------------------------------------------------------
+    def audit(
+        self,
+        session: Session,
+        operation: str,
+        *,
+        from_status: str | None,
+        reason: str | None = None,
+        details: dict[str, Any] | None = None,
+        actor: str | None = None,
+    ) -> None:
+        record_operation(
+            self.db,
+            session,
+            operation=operation,
+            from_status=from_status,
+            to_status=session.status,
+            actor=actor or self.actor,
+            at=self.now,
+            reason=reason,
+            details=details,
+        )
+
+    def event(
+        self,
+        type: str,
+        session: Session,
+        data: dict[str, Any] | None = None,
+        audience: str | None = None,
+    ) -> None:
+        record_event(self.db, type=type, at=self.now, session=session, data=data, audience=audience)
+        self.events_written += 1
+
+    def set_status(
+        self,
+        session: Session,
+        target: SessionStatus,
+        *,
+        operation: str,
+        event: str | None,
+        reason: str | None = None,
+        details: dict[str, Any] | None = None,
+        event_data: dict[str, Any] | None = None,
+    ) -> None:
+        """Move `session` to `target` (checked against the state machine), audit it, announce it."""
+        before = session.status
+        rules.check_transition(S(before), target)
+        session.status = target
+        if target.occupies_slot:
+            session.holds_slot = True
+            session.pause_cause = None
+            if session.activated_at is None:
+                session.activated_at = self.now
+        else:
+            session.holds_slot = None
+        if target.is_terminal:
+            session.ended_at = self.now
+            session.end_reason = reason or session.end_reason
+        session.deadline_at = self.service.deadline_for(session, self.now)
+        # Flush the release before anyone claims the slot in this transaction:
+        # the unique occupant key must never see two holders, even mid-flush.
+        self.db.flush()
+        self.audit(session, operation, from_status=before, reason=reason, details=details)
+        if event:
+            data = {"previous_status": str(before), "reason": reason}
+            data.update(event_data or {})
+            self.event(event, session, data)
+
+    def activate(self, session: Session, *, reason: str | None = None) -> None:
+        """Give the free slot to `session` (PENDING → ACTIVE, or PAUSED → ACTIVE)."""
+        was = session.status
+        if was == S.PAUSED:
+            self.set_status(session, S.ACTIVE, operation="resume", event="session.resumed",
+                            reason=reason or "slot free")
+        else:
+            self.set_status(session, S.ACTIVE, operation="activate", event="session.activated",
+                            reason=reason)
+
+    def preempt(self, occupant: Session, by: Session) -> None:
+        """Seed cases 1, 3, 4: the occupant makes way for a higher-precedence request."""
+        details = {"preempted_by": by.session_id, "by_type": str(by.session_type)}
+        occupant.preempted_by = by.session_id
+        by.interrupted_session_id = occupant.session_id
+        if occupant.status == S.TRANSFERRED:
+            self.cancel_open_transfers(occupant, reason="interrupted by urgent takeover")
+            self.set_status(occupant, S.CANCELLED, operation="interrupt",
+                            event="session.cancelled", reason="interrupted", details=details,
+                            event_data={"preempted_by": by.session_id})
+        else:
+            occupant.pause_cause = PauseCause.PREEMPTED
+            self.set_status(occupant, S.PAUSED, operation="preempt", event="session.paused",
+                            reason="preempted", details=details,
+                            event_data={"preempted_by": by.session_id, "wait": True})
+            occupant.pause_cause = PauseCause.PREEMPTED
+
+    def promote_next_waiting(self) -> Session | None:
+        """When the slot is free, hand it to the highest-precedence waiting session."""
+        if self.occupant() is not None:
+            return None
+        for candidate in self.waiting():
+            self.activate(candidate, reason="slot freed")
+            return candidate
+        return None
+
+    def claim_or_wait(self, session: Session, *, on_conflict: str = "queue") -> list[Session]:
+        """Run `session` (PENDING, or PAUSED being resumed) through the conflict rules.
+
+        Returns the sessions it displaced. Raises SlotOccupied for `reject`."""
+        occupant = self.occupant()
+        if occupant is None or occupant.id == session.id:
+            if occupant is None:
+                self.activate(session)
+            return []
+        decision = rules.decide_conflict(
+            requester_type=SessionType(session.session_type),
+            requester=precedence_of(session),
+            occupant=precedence_of(occupant),
+        )
+        if decision is rules.ConflictDecision.PREEMPT:
+            self.preempt(occupant, by=session)
+            self.activate(session, reason="preempted " + occupant.session_id)
+            return [occupant]
+        if on_conflict == "reject":
+            view = SessionView.model_validate(occupant).model_dump(mode="json")
+            raise SlotOccupied(
+                f"slot ({self.account_id}, {self.shop_id}) is occupied by "
+                f"{occupant.session_type} session {occupant.session_id} ({occupant.status}) "
+                "which this request may not preempt",
+                occupant=view,
+            )
+        return []
+
+    def cancel_open_transfers(self, session: Session, *, reason: str) -> None:
+        for transfer in self.open_transfers(session):
+            transfer.status = TransferStatus.CANCELLED
+            transfer.ended_at = self.now
+            self.event("transfer.cancelled", session,
+                       {"transfer_id": transfer.transfer_id, "reason": reason},
+                       audience=Audience.DESK)
+
+    def open_transfers(self, session: Session) -> list[Transfer]:
+        return list(
+            self.db.execute(
+                select(Transfer).where(
+                    Transfer.session_pk == session.id,
+                    Transfer.status.in_([TransferStatus.PENDING, TransferStatus.ACCEPTED]),
+                )
+            ).scalars()
+        )
+
+    def leave_slot(
+        self,
+        session: Session,
+        target: SessionStatus,
+        *,
+        operation: str,
+        event: str,
+        reason: str | None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        """End or pause `session`, then promote the next waiting one if the slot is free."""
+        held = bool(session.holds_slot)
+        self.set_status(session, target, operation=operation, event=event, reason=reason,
+                        details=details)
+        if held:
+            self.promote_next_waiting()
+
+
+def precedence_of(session: Session) -> rules.Precedence:
+    return rules.precedence(
+        session_type=SessionType(session.session_type),
+        priority=session.priority,
+        requested_at=session.requested_at,
+        seq=session.id or 0,
+        status=SessionStatus(session.status),
+    )
+
+
+class SessionService:
+    """Every session operation of SPEC §3, safe with many processes at once."""
+
+    def __init__(
+        self,
+        *,
+        database: Database,
+        locks: SlotLocks,
+        settings: Settings,
+        hooks: ServiceHooks | None = None,
+    ) -> None:
+        self.database = database
+        self.locks = locks
+        self.settings = settings
+        self.hooks = hooks or ServiceHooks()
+
+    # ---- the slot transaction --------------------------------------------------------
+    def run_on_slot(
+        self, account_id: str, shop_id: str, actor: str, work: Callable[[SlotTx], T]
+    ) -> T:
+        """Run `work` under the slot lock in one transaction, fenced, retried if stale."""
+        last_error: Exception | None = None
+        for attempt in range(MAX_ATTEMPTS):
+            try:
+                with (
+                    self.locks.hold(account_id, shop_id),
+                    self.database.unit_of_work() as uow,
+                ):
+                    tx = SlotTx(self, uow, account_id, shop_id, actor)
+                    result = work(tx)
+                    occupant = tx.occupant()
+                    tx.fence.advance(occupant.session_id if occupant else None)
+                    uow.commit()
+                self._after_commit(tx)
+                return result
+            except (FenceRejected, IntegrityError, OperationalError) as exc:
+                if isinstance(exc, OperationalError) and not is_retryable_db_error(exc):
+                    raise
+                last_error = exc
+                log.info("slot (%s, %s) attempt %d retried: %s", account_id, shop_id,
+                         attempt + 1, exc.__class__.__name__)
+                wait_a_little(attempt)
+        if isinstance(last_error, FenceRejected):
+            raise last_error
+        raise ServiceUnavailable(
+            f"slot ({account_id}, {shop_id}) stayed contended after {MAX_ATTEMPTS} attempts; "
+            "retry later"
+        ) from last_error
+
+    def _after_commit(self, tx: SlotTx) -> None:
+        try:
+            if tx.events_written:
+                self.hooks.events_written()
+            if tx.counterpart_sessions:
+                self.hooks.counterpart_messages(tx.counterpart_sessions)
+        except Exception:  # the change is committed; sweeps and feeds catch up
+            log.exception("after-commit hook failed")
+
+    def run_on_session(
+        self, session_id: str, actor: str, work: Callable[[SlotTx, Session], T]
+    ) -> T:
+        account_id, shop_id = self.slot_of(session_id)
+        return self.run_on_slot(account_id, shop_id, actor,
+                                lambda tx: work(tx, tx.load(session_id)))
+
+    def slot_of(self, session_id: str) -> tuple[str, str]:
+        with self.database.read() as db:
+            row = db.execute(
+                select(Session.account_id, Session.shop_id).where(
+                    Session.session_id == session_id
+                )
+            ).one_or_none()
+        if row is None:
+            raise NotFound(f"session {session_id} not found")
+        return row[0], row[1]
+
+    def deadline_for(self, session: Session, now: datetime) -> datetime | None:
+        """When the sweep times the session out (SPEC §3.7); None once terminal."""
+        status = SessionStatus(session.status)
+        if status.is_terminal:
+            return None
+        if status == S.PENDING:
+            return session.requested_at + timedelta(seconds=self.settings.pending_timeout)
+        human = SessionType(session.session_type).is_human or status == S.TRANSFERRED
+        timeout = (
+            self.settings.human_session_timeout if human
+            else self.settings.default_session_timeout
+        )
+        return session.last_activity_at + timedelta(seconds=timeout)
+
+    # ---- reads -----------------------------------------------------------------------
+    def get(self, session_id: str) -> SessionView:
+        with self.database.read() as db:
+            row = db.execute(
+                select(Session).where(Session.session_id == session_id)
+            ).scalar_one_or_none()
+            if row is None:
+                raise NotFound(f"session {session_id} not found")
+            return SessionView.model_validate(row)
+
+    def get_transfer(self, transfer_id: str) -> TransferView:
+        with self.database.read() as db:
+            row = db.execute(
+                select(Transfer).where(Transfer.transfer_id == transfer_id)
+            ).scalar_one_or_none()
+            if row is None:
+                raise NotFound(f"transfer {transfer_id} not found")
+            return TransferView.model_validate(row)
+
+    # ---- create ----------------------------------------------------------------------
+    def create(
+        self,
+        request: SessionRequest,
+        *,
+        actor: str,
+        client_id: str | None = None,
+        origin: Origin = Origin.LIVE,
+    ) -> CreateOutcome:
+        """Ask for the slot: ACTIVE at once, preempting a lower robot, or PENDING in line."""
+        session_type = request.session_type
+        task_type = request.task_type or rules.DEFAULT_TASK_BY_TYPE[session_type]
+        priority = request.priority or rules.default_priority(session_type, request.task_type)
+        public_id = new_id("ses")
+
+        def work(tx: SlotTx) -> CreateOutcome:
+            session = Session(
+                session_id=public_id,
+                account_id=request.account_id,
+                shop_id=request.shop_id,
+                session_type=session_type,
+                task_type=task_type,
+                priority=int(priority),
+                status=S.PENDING,
+                owner_id=request.owner_id,
+                client_id=client_id,
+                assigned_agent_id=request.owner_id if session_type.is_human else None,
+                origin=origin,
+                created_at=tx.now,
+                requested_at=tx.now,
+                last_activity_at=tx.now,
+                reason=request.reason,
+                context=request.context,
+                message_count=0,
+                robot_message_count=0,
+                human_message_count=0,
+                counterpart_message_count=0,
+                unanswered=False,
+            )
+            session.deadline_at = self.deadline_for(session, tx.now)
+            tx.db.add(session)
+            tx.db.flush()
+            tx.audit(session, "create", from_status=None, reason=request.reason,
+                     details={"on_conflict": request.on_conflict, "priority": int(priority)})
+            displaced = tx.claim_or_wait(session, on_conflict=request.on_conflict)
+            if session.status == S.PENDING:
+                occupant = tx.occupant()
+                tx.event("session.queued", session, {
+                    "occupant_session_id": occupant.session_id if occupant else None,
+                    "position": next(
+                        (i + 1 for i, w in enumerate(tx.waiting()) if w.id == session.id), None
+                    ),
+                })
+            return CreateOutcome(
+                session=SessionView.model_validate(session),
+                preempted=[SessionView.model_validate(d) for d in displaced],
+            )
+
+        return self.run_on_slot(request.account_id, request.shop_id, actor, work)
+
+    # ---- transitions -----------------------------------------------------------------
+    def pause(self, session_id: str, *, actor: str, reason: str | None = None) -> SessionView:
+        """The owner pauses: the slot goes to the next waiting session; this one stays
+        paused until its owner resumes it."""
+
+        def work(tx: SlotTx, session: Session) -> SessionView:
+            rules.check_transition(S(session.status), S.PAUSED)
+            session.pause_cause = PauseCause.OWNER
+            tx.leave_slot(session, S.PAUSED, operation="pause", event="session.paused",
+                          reason=reason or "paused by owner")
+            session.pause_cause = PauseCause.OWNER
+            return SessionView.model_validate(session)
+
+        return self.run_on_session(session_id, actor, work)
+
+    def resume(self, session_id: str, *, actor: str, reason: str | None = None) -> SessionView:
+        """A resume is a new request with the session's precedence: take the free slot,
+        preempt a lower robot, or wait in line (PAUSED, now waiting for promotion)."""
+
+        def work(tx: SlotTx, session: Session) -> SessionView:
+            if session.status != S.PAUSED:
+                rules.check_transition(S(session.status), S.ACTIVE)
+                raise InvalidTransition(
+                    current=session.status, target=S.ACTIVE,
+                    allowed=sorted(rules.ALLOWED_TRANSITIONS[S(session.status)]),
+                    detail=f"only a PAUSED session can be resumed; {session_id} is "
+                    f"{session.status}" + (" and is activated when the slot frees"
+                                           if session.status == S.PENDING else ""),
+                )
+            before_cause = session.pause_cause
+            session.pause_cause = PauseCause.PREEMPTED  # in line from now on
+            session.requested_at = tx.now if before_cause == PauseCause.OWNER else (
+                session.requested_at
+            )
+            tx.claim_or_wait(session)
+            if session.status == S.PAUSED:
+                session.last_activity_at = tx.now
+                session.deadline_at = self.deadline_for(session, tx.now)
+                occupant = tx.occupant()
+                tx.audit(session, "resume-wait", from_status=S.PAUSED, reason=reason,
+                         details={"occupant_session_id": occupant.session_id if occupant else None})
+                tx.event("session.queued", session, {
+                    "occupant_session_id": occupant.session_id if occupant else None,
+                })
+            return SessionView.model_validate(session)
+
+        return self.run_on_session(session_id, actor, work)
+
+    def complete(
+        self, session_id: str, *, actor: str, reason: str | None = None, result: Any = None
+    ) -> SessionView:
+        def work(tx: SlotTx, session: Session) -> SessionView:
+            rules.check_transition(S(session.status), S.COMPLETED)
+            if result is not None:
+                session.result = result
+            for transfer in tx.open_transfers(session):
+                accepted = transfer.status == TransferStatus.ACCEPTED
+                transfer.status = TransferStatus.COMPLETED if accepted else TransferStatus.CANCELLED
+                transfer.ended_at = tx.now
+                tx.event("transfer.completed" if accepted else "transfer.cancelled", session,
+                         {"transfer_id": transfer.transfer_id}, audience=Audience.DESK)
+            tx.leave_slot(session, S.COMPLETED, operation="complete", event="session.completed",
+                          reason=reason or "completed")
+            return SessionView.model_validate(session)
+
+        return self.run_on_session(session_id, actor, work)
+
+    def cancel(self, session_id: str, *, actor: str, reason: str | None = None) -> SessionView:
+        def work(tx: SlotTx, session: Session) -> SessionView:
+            rules.check_transition(S(session.status), S.CANCELLED)
+            tx.cancel_open_transfers(session, reason=reason or "session cancelled")
+            tx.leave_slot(session, S.CANCELLED, operation="cancel", event="session.cancelled",
+                          reason=reason or "cancelled")
+            return SessionView.model_validate(session)
+
+        return self.run_on_session(session_id, actor, work)
+
+    def expire(
+        self, session_id: str, *, actor: str = "system:sweep", now: datetime | None = None
+    ) -> SessionView | None:
+        """Time a session out if it is still past its deadline (re-checked under the lock)."""
+
+        def work(tx: SlotTx, session: Session) -> SessionView | None:
+            at = now or tx.now
+            if S(session.status).is_terminal or session.deadline_at is None:
+                return None
+            if session.deadline_at > at:
+                return None  # a heartbeat or message arrived since the sweep looked
+            tx.cancel_open_transfers(session, reason="session timed out")
+            tx.leave_slot(session, S.TIMEOUT, operation="timeout", event="session.timeout",
+                          reason="timeout",
+                          details={"deadline_at": session.deadline_at.isoformat(),
+                                   "status_before": str(session.status)})
+            return SessionView.model_validate(session)
+
+        return self.run_on_session(session_id, actor, work)
+
+    def heartbeat(self, session_id: str, *, actor: str) -> SessionView:
+        """Keep a session alive; answers its current status (terminal ones included)."""
+
+        def work(tx: SlotTx, session: Session) -> SessionView:
+            if not S(session.status).is_terminal:
+                session.last_activity_at = tx.now
+                session.deadline_at = self.deadline_for(session, tx.now)
+            return SessionView.model_validate(session)
+
+        return self.run_on_session(session_id, actor, work)
+
+    # ---- transfer to a human ----------------------------------------------------------
+    def transfer(
+        self, session_id: str, request: TransferRequest, *, actor: str
+    ) -> TransferView:
+        """SPEC §3.6 in one atomic step: record, TRANSFERRED (keeps the slot), tell the
+        robot to leave, offer the desk."""
+
+        def work(tx: SlotTx, session: Session) -> TransferView:
+            rules.check_transition(S(session.status), S.TRANSFERRED)
+            return self._open_transfer(tx, session, request)
+
+        return self.run_on_session(session_id, actor, work)
+
+    def _open_transfer(
+        self, tx: SlotTx, session: Session, request: TransferRequest
+    ) -> TransferView:
+        offered = choose_agent(
+            tx.db,
+            requested_agent_id=request.agent_id,
+            skill=str(session.task_type),
+            default_capacity=self.settings.max_concurrent_sessions,
+        )
+        history = self._history_snapshot(tx.db, session)
+        transfer = Transfer(
+            transfer_id=new_id("trf"),
+            session_pk=session.id,
+            session_id=session.session_id,
+            status=TransferStatus.PENDING,
+            urgency=int(request.urgency),
+            reason=request.reason,
+            trigger=request.trigger,
+            requested_agent_id=request.agent_id,
+            offered_agent_id=offered,
+            history=history,
+            task_state=request.task_state,
+            customer_info=request.customer_info,
+            suggestion=request.suggestion,
+            escalations=0,
+            created_at=tx.now,
+            offered_at=tx.now,
+            expires_at=tx.now + timedelta(seconds=self.settings.transfer_timeout),
+        )
+        tx.db.add(transfer)
+        session.last_activity_at = tx.now
+        tx.set_status(
+            session, S.TRANSFERRED, operation="transfer", event="session.transferred",
+            reason=request.reason,
+            details={"transfer_id": transfer.transfer_id, "trigger": str(request.trigger),
+                     "urgency": int(request.urgency), "offered_agent_id": offered},
+            event_data={"transfer_id": transfer.transfer_id, "leave": True},
+        )
+        tx.event("transfer.offered", session, {
+            "transfer_id": transfer.transfer_id, "urgency": int(request.urgency),
+            "reason": request.reason, "trigger": str(request.trigger),
+            "offered_agent_id": offered,
+        }, audience=Audience.DESK)
+        tx.db.flush()
+        return TransferView.model_validate(transfer)
+
+    @staticmethod
+    def _history_snapshot(db: DbSession, session: Session) -> dict[str, Any]:
+        rows = db.execute(
+            select(Message)
+            .where(Message.session_pk == session.id)
+            .order_by(Message.sent_at.desc(), Message.id.desc())
+            .limit(HISTORY_SNAPSHOT)
+        ).scalars().all()
+        return {
+            "session_id": session.session_id,
+            "message_count": session.message_count,
+            "recent": [
+                {"message_id": m.message_id, "sender_role": str(m.sender_role),
+                 "content": m.content, "sent_at": m.sent_at.isoformat()}
+                for m in reversed(rows)
+            ],
+        }
+
+    def accept_transfer(self, transfer_id: str, *, agent_id: str, actor: str) -> TransferView:
+        """The first agent to accept wins; the claim is a conditional UPDATE."""
+        session_id = self.get_transfer(transfer_id).session_id
+
+        def work(tx: SlotTx, session: Session) -> TransferView:
+            transfer = tx.db.execute(
+                select(Transfer).where(Transfer.transfer_id == transfer_id)
+            ).scalar_one()
+            if transfer.status != TransferStatus.PENDING:
+                raise_already_taken(transfer)
+            transfer.status = TransferStatus.ACCEPTED
+            transfer.agent_id = agent_id
+            transfer.accepted_at = tx.now
+            session.assigned_agent_id = agent_id
+            session.last_activity_at = tx.now
+            session.deadline_at = self.deadline_for(session, tx.now)
+            tx.audit(session, "transfer-accept", from_status=session.status,
+                     actor=actor, details={"transfer_id": transfer_id, "agent_id": agent_id})
+            tx.event("transfer.accepted", session,
+                     {"transfer_id": transfer_id, "agent_id": agent_id}, audience=Audience.DESK)
+            tx.event("transfer.accepted", session,
+                     {"transfer_id": transfer_id, "agent_id": agent_id},
+                     audience=Audience.OWNER)
+            tx.db.flush()
+            return TransferView.model_validate(transfer)
+
+        return self.run_on_session(session_id, actor, work)
+
+    # ---- messages ------------------------------------------------------------------
+    def record_messages(
+        self, session_id: str, messages: Sequence[LiveMessage], *, actor: str
+    ) -> MessageOutcome:
+        """Store live messages on an ACTIVE or TRANSFERRED session, de-duplicated by id."""
+
+        def work(tx: SlotTx, session: Session) -> MessageOutcome:
+            if not S(session.status).occupies_slot:
+                raise Conflict(
+                    f"session {session_id} is {session.status}; messages are accepted only "
+                    "while it is ACTIVE or TRANSFERRED",
+                    current_status=str(session.status),
+                )
+            fresh = new_messages(tx.db, messages)
+            store_messages(tx.db, session, fresh, now=tx.now)
+            if fresh:
+                session.last_activity_at = tx.now
+                session.deadline_at = self.deadline_for(session, tx.now)
+                tx.audit(session, "messages", from_status=session.status,
+                         details={"accepted": len(fresh),
+                                  "duplicates": len(messages) - len(fresh)})
+                if any(m.sender_role == SenderRole.COUNTERPART for m in fresh):
+                    tx.counterpart_sessions.append(session.session_id)
+            return MessageOutcome(
+                accepted=len(fresh),
+                duplicates=len(messages) - len(fresh),
+                session=SessionView.model_validate(session),
+                accepted_ids=[m.message_id for m in fresh],
+            )
+
+        return self.run_on_session(session_id, actor, work)
+
+
+def raise_already_taken(transfer: Transfer) -> None:
+    from app.errors import AlreadyAccepted
+
+    if transfer.status == TransferStatus.ACCEPTED:
+        raise AlreadyAccepted(
+            f"transfer {transfer.transfer_id} was already accepted by {transfer.agent_id}",
+            agent_id=transfer.agent_id,
+        )
+    raise Conflict(
+        f"transfer {transfer.transfer_id} is {transfer.status}; only PENDING transfers "
+        "can be accepted",
+        current_status=str(transfer.status),
+    )
+
+
+def new_messages(db: DbSession, messages: Iterable[LiveMessage]) -> list[LiveMessage]:
+    """Drop messages whose id is already stored or repeated within the batch."""
+    unique: dict[str, LiveMessage] = {}
+    for message in messages:
+        unique.setdefault(message.message_id, message)
+    if not unique:
+        return []
+    stored = set(
+        db.execute(select(Message.message_id).where(Message.message_id.in_(list(unique))))
+        .scalars()
+    )
+    return [m for mid, m in unique.items() if mid not in stored]
+
+
+def store_messages(
+    db: DbSession,
+    session: Session,
+    messages: Sequence[LiveMessage],
+    *,
+    now: datetime,
+    import_job_id: str | None = None,
+) -> None:
+    """Insert messages for `session` and update its counters and activity times."""
+    if not messages:
+        return
+    db.add_all(
+        Message(
+            message_id=m.message_id,
+            session_pk=session.id,
+            account_id=session.account_id,
+            shop_id=session.shop_id,
+            sender_role=m.sender_role,
+            sender_id=m.sender_id,
+            content=m.content,
+            message_type=m.message_type,
+            sent_at=m.sent_at,
+            received_at=now,
+            import_job_id=import_job_id,
+        )
+        for m in messages
+    )
+    counts = {role: 0 for role in SenderRole}
+    for m in messages:
+        counts[m.sender_role] += 1
+    session.message_count += len(messages)
+    session.robot_message_count += counts[SenderRole.ROBOT]
+    session.human_message_count += counts[SenderRole.HUMAN]
+    session.counterpart_message_count += counts[SenderRole.COUNTERPART]
+    first = min(m.sent_at for m in messages)
+    last = max(m.sent_at for m in messages)
+    if session.first_message_at is None or first < session.first_message_at:
+        session.first_message_at = first
+    if session.last_message_at is None or last > session.last_message_at:
+        session.last_message_at = last
+    db.flush()
+
+
+__all__ = [
+    "CreateOutcome",
+    "LiveMessage",
+    "MessageOutcome",
+    "ServiceHooks",
+    "SessionService",
+    "SlotTx",
+    "TaskType",
+    "TransferTrigger",
+]

@@ -1,0 +1,48 @@
+"""Transfer records: a robot session handed to the human desk (SPEC §3.6)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import ForeignKey, Index, Integer, String, Text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from app.db import Base, BigId, IdStr, JsonDoc, UTCDateTime
+from app.sessions.enums import TransferStatus, TransferTrigger
+from app.sessions.models import ID_LEN
+
+
+class Transfer(Base):
+    __tablename__ = "session_transfers"
+    __table_args__ = (
+        Index("ix_transfers_status_expiry", "status", "expires_at"),
+        Index("ix_transfers_queue", "status", "urgency", "created_at"),
+        Index("ix_transfers_session", "session_pk", "status"),
+        Index("ix_transfers_agent", "offered_agent_id", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    transfer_id: Mapped[str] = mapped_column(IdStr(40), unique=True)
+    session_pk: Mapped[int] = mapped_column(
+        BigId, ForeignKey("sessions.id")
+    )
+    session_id: Mapped[str] = mapped_column(IdStr(40))
+    status: Mapped[TransferStatus] = mapped_column(String(16))
+    urgency: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(Text)
+    trigger: Mapped[TransferTrigger] = mapped_column(String(16))
+    requested_agent_id: Mapped[str | None] = mapped_column(IdStr(ID_LEN), nullable=True)
+    offered_agent_id: Mapped[str | None] = mapped_column(IdStr(ID_LEN), nullable=True)
+    agent_id: Mapped[str | None] = mapped_column(IdStr(ID_LEN), nullable=True)
+    history: Mapped[Any | None] = mapped_column(JsonDoc, nullable=True)
+    task_state: Mapped[Any | None] = mapped_column(JsonDoc, nullable=True)
+    customer_info: Mapped[Any | None] = mapped_column(JsonDoc, nullable=True)
+    suggestion: Mapped[str | None] = mapped_column(Text, nullable=True)
+    escalations: Mapped[int] = mapped_column(Integer, default=0)
+    previous_transfer_id: Mapped[str | None] = mapped_column(IdStr(40), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    offered_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    accepted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

@@ -1,0 +1,66 @@
+"""The Celery application, configured from the same settings as the web app.
+
+With `REDIS_URL` set, Redis is broker and result backend and real workers run the
+tasks (`celery -A tasks.celery_app worker`, `… beat`). Without it (the embedded
+default) tasks execute in-process, eagerly, so one command runs the whole system.
+
+Task defaults follow production practice: acknowledge late and reject on worker
+loss (a killed worker's task is redelivered), bounded time, one task prefetched.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from app.config import Settings, get_settings
+
+FEATURE_TASK_MODULES = [
+    "tasks.imports",
+    "tasks.sweeps",
+    "tasks.delivery",
+    "tasks.detection",
+]
+
+celery = Celery("auto_session")
+
+
+def configure(app: Celery, settings: Settings) -> Celery:
+    """Apply `settings` to a Celery app (the worker, beat and the web app share this)."""
+    app.conf.update(
+        broker_url=settings.redis_url or "memory://",
+        result_backend=settings.redis_url or "cache+memory://",
+        task_always_eager=settings.embedded,
+        task_eager_propagates=True,
+        task_store_eager_result=False,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        worker_prefetch_multiplier=1,
+        task_time_limit=600,
+        task_soft_time_limit=540,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_expires=24 * 3600,
+        timezone="UTC",
+        enable_utc=True,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"visibility_timeout": 3600},
+        result_backend_transport_options={"global_keyprefix": f"{settings.redis_key_prefix}:"},
+        task_default_queue="auto-session",
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+configure(celery, get_settings())
+celery.conf.include = [m for m in FEATURE_TASK_MODULES if _importable(m)]

@@ -1,0 +1,50 @@
+"""Small builders shared by the core tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+
+from app.audit.models import Operation
+from app.events.models import Event
+from app.runtime import Runtime
+from app.sessions.schemas import CreateOutcome, SessionRequest
+from app.sessions.service import SessionService
+
+
+def ask(
+    service: SessionService,
+    session_type: str,
+    *,
+    account: str = "acc-1",
+    shop: str = "shop-1",
+    actor: str = "test",
+    **fields: Any,
+) -> CreateOutcome:
+    request = SessionRequest.model_validate(
+        {"account_id": account, "shop_id": shop, "session_type": session_type, **fields}
+    )
+    return service.create(request, actor=actor)
+
+
+def audit_rows(runtime: Runtime, session_id: str) -> list[Operation]:
+    with runtime.database.read() as db:
+        return list(
+            db.execute(
+                select(Operation).where(Operation.session_id == session_id).order_by(Operation.id)
+            ).scalars()
+        )
+
+
+def events_for(runtime: Runtime, session_id: str) -> list[str]:
+    with runtime.database.read() as db:
+        return list(
+            db.execute(
+                select(Event.type).where(Event.session_id == session_id).order_by(Event.id)
+            ).scalars()
+        )
+
+
+def status_of(service: SessionService, session_id: str) -> str:
+    return str(service.get(session_id).status)
