@@ -18,6 +18,7 @@ from typing import Protocol
 
 import redis
 from redis.exceptions import LockError, LockNotOwnedError, RedisError
+from sqlalchemy import insert as sa_insert
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session as DbSession
@@ -118,14 +119,21 @@ class SlotFence:
         fence = self.db.execute(stmt).scalar_one_or_none()
         if fence is not None:
             return fence
-        try:
+        row = {"account_id": self.account_id, "shop_id": self.shop_id, "fence": 0,
+               "updated_at": utcnow()}
+        bind = self.db.get_bind()
+        if bind.dialect.name == "sqlite":
+            # One writer at a time on SQLite: create it inside our own transaction.
             with self.db.begin_nested():
-                self.db.add(
-                    Slot(account_id=self.account_id, shop_id=self.shop_id, fence=0,
-                         updated_at=utcnow())
-                )
-        except IntegrityError:
-            pass  # created concurrently by another holder; read theirs
+                self.db.execute(sa_insert(Slot).values(**row).prefix_with("OR IGNORE"))
+        else:
+            # Committed at once on its own connection, so that a holder that stalls
+            # never keeps a first-use slot row locked for everyone else.
+            try:
+                with bind.connect() as conn, conn.begin():
+                    conn.execute(sa_insert(Slot).values(**row))
+            except IntegrityError:
+                pass  # created concurrently; read theirs
         return self.db.execute(stmt).scalar_one()
 
     def advance(self, occupant_session_id: str | None) -> None:

@@ -16,7 +16,10 @@ def test_first_request_on_a_free_slot_is_active(runtime, service):
     assert out.session.status == "ACTIVE"
     assert out.session.priority == 3
     assert out.session.activated_at is not None
-    assert [r.operation for r in audit_rows(runtime, out.session.session_id)] == ["create", "activate"]
+    assert [r.operation for r in audit_rows(runtime, out.session.session_id)] == [
+        "create",
+        "activate",
+    ]
     assert events_for(runtime, out.session.session_id) == ["session.activated"]
 
 
@@ -32,7 +35,11 @@ def test_case1_human_preempts_active_robot_which_pauses_and_waits(runtime, servi
     assert paused.pause_cause == "preempted"
     assert paused.preempted_by == human.session_id
     ops = audit_rows(runtime, robot.session_id)
-    assert (ops[-1].operation, ops[-1].from_status, ops[-1].to_status) == ("preempt", "ACTIVE", "PAUSED")
+    assert (ops[-1].operation, ops[-1].from_status, ops[-1].to_status) == (
+        "preempt",
+        "ACTIVE",
+        "PAUSED",
+    )
     assert ops[-1].details["preempted_by"] == human.session_id
     assert events_for(runtime, robot.session_id)[-1] == "session.paused"
 
@@ -97,7 +104,9 @@ def test_case4_urgent_takeover_pauses_an_active_human(runtime, service):
 
 def test_case4_urgent_takeover_cancels_transferred_session(runtime, service):
     robot = ask(service, "AUTO_BARGAIN").session
-    transfer = service.transfer(robot.session_id, TransferRequest(reason="wants a person"), actor="bot")
+    transfer = service.transfer(
+        robot.session_id, TransferRequest(reason="wants a person"), actor="bot"
+    )
     urgent = ask(service, "MANUAL_URGENT").session
     assert urgent.status == "ACTIVE"
     cancelled = service.get(robot.session_id)
@@ -160,9 +169,16 @@ def test_promotion_picks_highest_precedence_then_fifo(runtime, service):
     for _ in range(4):
         service.complete(current, actor="t")
         with runtime.database.read() as db:
-            current = db.execute(select(Session.session_id).where(Session.holds_slot.is_(True))).scalar_one()
+            current = db.execute(
+                select(Session.session_id).where(Session.holds_slot.is_(True))
+            ).scalar_one()
         order.append(current)
-    assert order == [service_human.session_id, complaint.session_id, bargain.session_id, follow.session_id]
+    assert order == [
+        service_human.session_id,
+        complaint.session_id,
+        bargain.session_id,
+        follow.session_id,
+    ]
 
 
 def test_cancel_and_complete_refuse_invalid_transitions_with_clear_errors(runtime, service):

@@ -14,8 +14,12 @@ S = SessionStatus
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 ALLOWED = {
-    (S.PENDING, S.ACTIVE), (S.ACTIVE, S.COMPLETED), (S.ACTIVE, S.TRANSFERRED),
-    (S.ACTIVE, S.PAUSED), (S.PAUSED, S.ACTIVE), (S.TRANSFERRED, S.COMPLETED),
+    (S.PENDING, S.ACTIVE),
+    (S.ACTIVE, S.COMPLETED),
+    (S.ACTIVE, S.TRANSFERRED),
+    (S.ACTIVE, S.PAUSED),
+    (S.PAUSED, S.ACTIVE),
+    (S.TRANSFERRED, S.COMPLETED),
 }
 for status in (S.PENDING, S.ACTIVE, S.PAUSED, S.TRANSFERRED):
     ALLOWED |= {(status, S.CANCELLED), (status, S.TIMEOUT)}
@@ -30,7 +34,9 @@ def test_every_transition_is_allowed_or_refused_exactly_as_the_seed_says(current
         with pytest.raises(InvalidTransition) as caught:
             rules.check_transition(current, target)
         assert str(current) in caught.value.detail
-        assert caught.value.extra["allowed"] == sorted(str(s) for s in rules.ALLOWED_TRANSITIONS[current])
+        assert caught.value.extra["allowed"] == sorted(
+            str(s) for s in rules.ALLOWED_TRANSITIONS[current]
+        )
 
 
 def test_terminal_statuses_allow_nothing():
@@ -59,8 +65,13 @@ def test_default_priority_comes_from_task_type_else_session_type(session_type, t
 
 
 def prec(kind: SessionType, priority: int, at: int = 0, seq: int = 1, status=None):
-    return rules.precedence(session_type=kind, priority=priority,
-                            requested_at=T0 + timedelta(seconds=at), seq=seq, status=status)
+    return rules.precedence(
+        session_type=kind,
+        priority=priority,
+        requested_at=T0 + timedelta(seconds=at),
+        seq=seq,
+        status=status,
+    )
 
 
 def test_a_robot_never_outranks_a_human_whatever_priority_it_claims():
@@ -84,19 +95,34 @@ def test_transferred_robot_session_holds_the_slot_with_human_precedence():
     transferred = prec(SessionType.AUTO_FOLLOW_UP, 4, status=S.TRANSFERRED)
     assert not transferred.robot
     service = prec(SessionType.MANUAL_CUSTOMER_SERVICE, 2, at=10)
-    decision = rules.decide_conflict(requester_type=SessionType.MANUAL_CUSTOMER_SERVICE,
-                                     requester=service, occupant=transferred)
+    decision = rules.decide_conflict(
+        requester_type=SessionType.MANUAL_CUSTOMER_SERVICE, requester=service, occupant=transferred
+    )
     assert decision is rules.ConflictDecision.WAIT
     urgent = prec(SessionType.MANUAL_URGENT, 1, at=10)
-    assert rules.decide_conflict(requester_type=SessionType.MANUAL_URGENT, requester=urgent,
-                                 occupant=transferred) is rules.ConflictDecision.PREEMPT
+    assert (
+        rules.decide_conflict(
+            requester_type=SessionType.MANUAL_URGENT, requester=urgent, occupant=transferred
+        )
+        is rules.ConflictDecision.PREEMPT
+    )
 
 
 def test_only_urgent_preempts_a_human_occupant():
     occupant = prec(SessionType.MANUAL_COMPLAINT, 2)
     higher_human = prec(SessionType.MANUAL_CUSTOMER_SERVICE, 1, at=1)
-    assert rules.decide_conflict(requester_type=SessionType.MANUAL_CUSTOMER_SERVICE,
-                                 requester=higher_human, occupant=occupant) is rules.ConflictDecision.WAIT
+    assert (
+        rules.decide_conflict(
+            requester_type=SessionType.MANUAL_CUSTOMER_SERVICE,
+            requester=higher_human,
+            occupant=occupant,
+        )
+        is rules.ConflictDecision.WAIT
+    )
     urgent = prec(SessionType.MANUAL_URGENT, 1, at=1)
-    assert rules.decide_conflict(requester_type=SessionType.MANUAL_URGENT, requester=urgent,
-                                 occupant=occupant) is rules.ConflictDecision.PREEMPT
+    assert (
+        rules.decide_conflict(
+            requester_type=SessionType.MANUAL_URGENT, requester=urgent, occupant=occupant
+        )
+        is rules.ConflictDecision.PREEMPT
+    )

@@ -1,0 +1,150 @@
+"""A stale lock holder (its lock expired, another process took over) can never
+create a second occupant: the fence and the unique occupant key refuse it."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from app.db import utcnow
+from app.errors import FenceRejected, SlotLockUnavailable
+from app.runtime import build_runtime
+from app.sessions.models import Session
+from app.sessions.schemas import SessionRequest
+from app.sessions.slot import SlotFence
+from tests.core.helpers import ask, status_of
+from tests.core.invariants import check_final_state
+
+
+@pytest.mark.services  # SQLite serialises writers: two transactions cannot interleave there
+def test_fence_refuses_a_holder_that_read_before_another_committed(runtime):
+    with runtime.database.unit_of_work() as first:
+        stale = SlotFence(first.session, "acc", "shop")
+        first.commit()  # creates the slot row
+    with runtime.database.unit_of_work() as stale_uow:
+        stale = SlotFence(stale_uow.session, "acc", "shop")
+        with runtime.database.unit_of_work() as fresh_uow:
+            fresh = SlotFence(fresh_uow.session, "acc", "shop")
+            assert fresh.value == stale.value
+            fresh.advance("ses_fresh")
+            fresh_uow.commit()
+        with pytest.raises(FenceRejected):
+            stale.advance("ses_stale")
+
+
+def test_database_refuses_a_second_occupant_whatever_the_caller_believes(runtime, service):
+    occupant = ask(service, "AUTO_BARGAIN").session
+    now = utcnow()
+    with runtime.database.unit_of_work() as uow:
+        uow.session.add(
+            Session(
+                session_id="ses_intruder",
+                account_id=occupant.account_id,
+                shop_id=occupant.shop_id,
+                session_type="AUTO_BARGAIN",
+                task_type="negotiation",
+                priority=3,
+                status="ACTIVE",
+                holds_slot=True,
+                origin="live",
+                created_at=now,
+                requested_at=now,
+                last_activity_at=now,
+                message_count=0,
+                robot_message_count=0,
+                human_message_count=0,
+                counterpart_message_count=0,
+                unanswered=False,
+            )
+        )
+        with pytest.raises(IntegrityError):
+            uow.session.flush()
+
+
+@pytest.mark.services
+def test_expired_lock_holder_cannot_commit_over_the_new_holder(runtime, settings, backend):
+    """Process A takes the slot lock with a short TTL, reads the slot (free), then stalls
+    past the TTL. Process B takes the lock and creates an occupant. A wakes up and tries
+    to make its own session the occupant: the database refuses, A retries from a fresh
+    read and queues behind B instead."""
+    slow = build_runtime(settings.model_copy(update={"slot_lock_ttl": 0.3}))
+    slow._schema_checked = True
+    b_committed = threading.Event()
+    attempts: list[str] = []
+
+    def stale_plan(tx):  # type: ignore[no-untyped-def]
+        occupant = tx.occupant()
+        attempts.append("free" if occupant is None else occupant.session_id)
+        if len(attempts) == 1:
+            assert b_committed.wait(10), "B never got the expired lock"
+        new = Session(
+            session_id=f"ses_a{len(attempts)}",
+            account_id="acc",
+            shop_id="shop",
+            session_type="AUTO_BARGAIN",
+            task_type="negotiation",
+            priority=3,
+            status="PENDING",
+            origin="live",
+            created_at=tx.now,
+            requested_at=tx.now,
+            last_activity_at=tx.now,
+            message_count=0,
+            robot_message_count=0,
+            human_message_count=0,
+            counterpart_message_count=0,
+            unanswered=False,
+        )
+        tx.db.add(new)
+        tx.db.flush()
+        tx.audit(new, "create", from_status=None)
+        if occupant is None:  # what A believes on its stale read
+            tx.activate(new)
+        else:
+            tx.claim_or_wait(new)
+        return new.session_id
+
+    def b_takes_over() -> None:
+        time.sleep(0.5)  # A's lock (TTL 0.3 s) has expired by now
+        ask(runtime.sessions, "MANUAL_CUSTOMER_SERVICE", account="acc", shop="shop")
+        b_committed.set()
+
+    helper = threading.Thread(target=b_takes_over)
+    helper.start()
+    result = slow.sessions.run_on_slot("acc", "shop", "process-a", stale_plan)
+    helper.join()
+    slow.close()
+
+    assert attempts[0] == "free" and attempts[1].startswith("ses_")  # retried, saw B
+    assert status_of(runtime.sessions, result) == "PENDING"
+    with runtime.database.read() as db:
+        occupants = (
+            db.execute(select(Session.session_id).where(Session.holds_slot.is_(True)))
+            .scalars()
+            .all()
+        )
+        assert len(occupants) == 1 and occupants[0] != result
+        assert db.execute(select(Session).where(Session.session_id == "ses_a1")).first() is None
+    assert check_final_state(runtime) == []
+
+
+def test_unreachable_redis_fails_fast_with_503_and_reads_keep_working(runtime, settings, service):
+    existing = ask(service, "AUTO_BARGAIN").session
+    broken = build_runtime(settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"}))
+    broken._schema_checked = True
+    started = time.monotonic()
+    with pytest.raises(SlotLockUnavailable) as caught:
+        broken.sessions.create(
+            SessionRequest(account_id="acc-9", shop_id="s", session_type="AUTO_BARGAIN"),
+            actor="t",
+        )
+    assert time.monotonic() - started < 5
+    assert caught.value.status == 503 and caught.value.retryable
+    assert broken.sessions.get(existing.session_id).status == "ACTIVE"
+    with runtime.database.read() as db:  # nothing half-written
+        assert db.execute(select(Session).where(Session.account_id == "acc-9")).first() is None
+    broken.close()
