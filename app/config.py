@@ -52,6 +52,14 @@ class Settings(BaseSettings):
     # Beat sweeps
     sweep_interval: PositiveFloat = 30.0
     sweep_batch_size: PositiveInt = 500
+    transfer_sweep_interval: PositiveFloat = 15.0
+
+    # Webhook delivery from the outbox
+    delivery_interval: PositiveFloat = 15.0
+    webhook_timeout: PositiveFloat = 5.0
+    webhook_max_attempts: PositiveInt = 12
+    webhook_retry_base: PositiveFloat = 2.0
+    webhook_retry_max: PositiveFloat = 3600.0
 
     # Optional LLM transfer detection (any OpenAI-compatible endpoint)
     llm_base_url: str | None = None

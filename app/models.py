@@ -4,7 +4,16 @@ from app.agents.models import Agent
 from app.audit.models import Operation
 from app.clients.models import ApiClient, IdempotencyRecord
 from app.db import Base
+from app.delivery.models import WebhookAttempt, WebhookCursor, WebhookDelivery
+from app.detection.models import DetectionMark
 from app.events.models import Event
+from app.imports.models import (
+    ImportChunk,
+    ImportChunkPart,
+    ImportJob,
+    ImportSlotMark,
+    ImportUploadPart,
+)
 from app.messages.models import Message
 from app.sessions.models import Session, Slot
 from app.transfers.models import Transfer
@@ -13,11 +22,20 @@ __all__ = [
     "Agent",
     "ApiClient",
     "Base",
+    "DetectionMark",
     "Event",
     "IdempotencyRecord",
+    "ImportChunk",
+    "ImportChunkPart",
+    "ImportJob",
+    "ImportSlotMark",
+    "ImportUploadPart",
     "Message",
     "Operation",
     "Session",
     "Slot",
     "Transfer",
+    "WebhookAttempt",
+    "WebhookCursor",
+    "WebhookDelivery",
 ]

@@ -130,12 +130,11 @@ def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
 
 @pytest.fixture(autouse=True)
 def _services_marker(request: pytest.FixtureRequest) -> None:
-    if request.node.get_closest_marker("services"):
-        if request.config.getoption("--backend") != "mysql":
-            pytest.skip("needs MariaDB + Redis: runs in the mysql pass (--backend mysql)")
-    if request.node.get_closest_marker("sqlite_only"):
-        if request.config.getoption("--backend") != "sqlite":
-            pytest.skip("SQLite-specific behaviour")
+    backend_name = request.config.getoption("--backend")
+    if request.node.get_closest_marker("services") and backend_name != "mysql":
+        pytest.skip("needs MariaDB + Redis: runs in the mysql pass (--backend mysql)")
+    if request.node.get_closest_marker("sqlite_only") and backend_name != "sqlite":
+        pytest.skip("SQLite-specific behaviour")
 
 
 def _clean(runtime: Runtime) -> None:

@@ -128,3 +128,39 @@ def verify_chain(db: DbSession, session_pk: int) -> tuple[bool, int | None, int]
             return False, row.id, count
         prev = row.row_hash
     return True, None, count
+
+
+def operation_values(
+    *,
+    session_pk: int,
+    session_id: str,
+    operation: str,
+    from_status: str | None,
+    to_status: str | None,
+    actor: str,
+    at: datetime,
+    prev_hash: str | None,
+    reason: str | None = None,
+    details: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The column values of one chained audit row, for bulk inserts (the history import
+    writes thousands of sessions per transaction); `prev_hash` is the session's last
+    row hash (None for a session created in the same batch)."""
+    values: dict[str, Any] = {
+        "session_pk": session_pk,
+        "session_id": session_id,
+        "operation": operation,
+        "from_status": str(from_status) if from_status else None,
+        "to_status": str(to_status) if to_status else None,
+        "actor": actor,
+        "reason": reason,
+        "details": details,
+        "created_at": at,
+        "prev_hash": prev_hash,
+    }
+    values["row_hash"] = _digest(
+        prev_hash=prev_hash, session_id=session_id, operation=operation,
+        from_status=values["from_status"], to_status=values["to_status"], actor=actor,
+        reason=reason, details=details, created_at=at,
+    )
+    return values

@@ -39,7 +39,8 @@ TRUE_TEXT = {"true", "1", "yes", "y", "t"}
 FALSE_TEXT = {"false", "0", "no", "n", "f", ""}
 
 
-def _text_id(value: Any) -> Any:
+def id_text(value: Any) -> Any:
+    """Ids are text: integers (and integral floats from spreadsheets) become strings."""
     if isinstance(value, bool):
         raise ValueError("must be a string or an integer")
     if isinstance(value, int):
@@ -108,7 +109,7 @@ class ChatRow(BaseModel):
 
     _ids = field_validator(
         "message_id", "account_id", "shop_id", "sender_id", "session_id", mode="before"
-    )(_text_id)
+    )(id_text)
 
     @field_validator("message_id", "account_id", "shop_id", "sender_id", "session_id")
     @classmethod

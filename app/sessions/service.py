@@ -60,6 +60,7 @@ from app.transfers.routing import choose_agent
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+Guard = Callable[[Session], None]
 MAX_ATTEMPTS = 6
 HISTORY_SNAPSHOT = 50
 S = SessionStatus
@@ -218,6 +219,8 @@ class SlotTx:
     def activate(self, session: Session, *, reason: str | None = None) -> None:
         """Give the free slot to `session` (PENDING → ACTIVE, or PAUSED → ACTIVE)."""
         was = session.status
+        # Idle time counts from activation: a session that waited in line is not stale.
+        session.last_activity_at = self.now
         if was == S.PAUSED:
             self.set_status(session, S.ACTIVE, operation="resume", event="session.resumed",
                             reason=reason or "slot free")
@@ -384,11 +387,24 @@ class SessionService:
             log.exception("after-commit hook failed")
 
     def run_on_session(
-        self, session_id: str, actor: str, work: Callable[[SlotTx, Session], T]
+        self,
+        session_id: str,
+        actor: str,
+        work: Callable[[SlotTx, Session], T],
+        guard: Guard | None = None,
     ) -> T:
+        """Run `work` on one session under its slot lock. `guard(session)`, if given, runs
+        first inside the same transaction and may raise to refuse the operation (the HTTP
+        layer checks there who controls the session, so the check cannot go stale)."""
         account_id, shop_id = self.slot_of(session_id)
-        return self.run_on_slot(account_id, shop_id, actor,
-                                lambda tx: work(tx, tx.load(session_id)))
+
+        def guarded(tx: SlotTx) -> T:
+            session = tx.load(session_id)
+            if guard is not None:
+                guard(session)
+            return work(tx, session)
+
+        return self.run_on_slot(account_id, shop_id, actor, guarded)
 
     def slot_of(self, session_id: str) -> tuple[str, str]:
         with self.database.read() as db:
@@ -442,8 +458,13 @@ class SessionService:
         actor: str,
         client_id: str | None = None,
         origin: Origin = Origin.LIVE,
+        in_transaction: Callable[[DbSession, CreateOutcome], None] | None = None,
     ) -> CreateOutcome:
-        """Ask for the slot: ACTIVE at once, preempting a lower robot, or PENDING in line."""
+        """Ask for the slot: ACTIVE at once, preempting a lower robot, or PENDING in line.
+
+        `in_transaction(db, outcome)` runs inside the same transaction just before the
+        commit (the HTTP layer stores the Idempotency-Key answer there, so the session
+        and its stored answer commit together or not at all)."""
         session_type = request.session_type
         task_type = request.task_type or rules.DEFAULT_TASK_BY_TYPE[session_type]
         priority = request.priority or rules.default_priority(session_type, request.task_type)
@@ -487,15 +508,21 @@ class SessionService:
                         (i + 1 for i, w in enumerate(tx.waiting()) if w.id == session.id), None
                     ),
                 })
-            return CreateOutcome(
+            outcome = CreateOutcome(
                 session=SessionView.model_validate(session),
                 preempted=[SessionView.model_validate(d) for d in displaced],
             )
+            if in_transaction is not None:
+                in_transaction(tx.db, outcome)
+            return outcome
 
         return self.run_on_slot(request.account_id, request.shop_id, actor, work)
 
     # ---- transitions -----------------------------------------------------------------
-    def pause(self, session_id: str, *, actor: str, reason: str | None = None) -> SessionView:
+    def pause(
+        self, session_id: str, *, actor: str, reason: str | None = None,
+        guard: Guard | None = None,
+    ) -> SessionView:
         """The owner pauses: the slot goes to the next waiting session; this one stays
         paused until its owner resumes it."""
 
@@ -507,9 +534,12 @@ class SessionService:
             session.pause_cause = PauseCause.OWNER
             return SessionView.model_validate(session)
 
-        return self.run_on_session(session_id, actor, work)
+        return self.run_on_session(session_id, actor, work, guard)
 
-    def resume(self, session_id: str, *, actor: str, reason: str | None = None) -> SessionView:
+    def resume(
+        self, session_id: str, *, actor: str, reason: str | None = None,
+        guard: Guard | None = None,
+    ) -> SessionView:
         """A resume is a new request with the session's precedence: take the free slot,
         preempt a lower robot, or wait in line (PAUSED, now waiting for promotion)."""
 
@@ -540,10 +570,11 @@ class SessionService:
                 })
             return SessionView.model_validate(session)
 
-        return self.run_on_session(session_id, actor, work)
+        return self.run_on_session(session_id, actor, work, guard)
 
     def complete(
-        self, session_id: str, *, actor: str, reason: str | None = None, result: Any = None
+        self, session_id: str, *, actor: str, reason: str | None = None, result: Any = None,
+        guard: Guard | None = None,
     ) -> SessionView:
         def work(tx: SlotTx, session: Session) -> SessionView:
             rules.check_transition(S(session.status), S.COMPLETED)
@@ -559,9 +590,12 @@ class SessionService:
                           reason=reason or "completed")
             return SessionView.model_validate(session)
 
-        return self.run_on_session(session_id, actor, work)
+        return self.run_on_session(session_id, actor, work, guard)
 
-    def cancel(self, session_id: str, *, actor: str, reason: str | None = None) -> SessionView:
+    def cancel(
+        self, session_id: str, *, actor: str, reason: str | None = None,
+        guard: Guard | None = None,
+    ) -> SessionView:
         def work(tx: SlotTx, session: Session) -> SessionView:
             rules.check_transition(S(session.status), S.CANCELLED)
             tx.cancel_open_transfers(session, reason=reason or "session cancelled")
@@ -569,7 +603,7 @@ class SessionService:
                           reason=reason or "cancelled")
             return SessionView.model_validate(session)
 
-        return self.run_on_session(session_id, actor, work)
+        return self.run_on_session(session_id, actor, work, guard)
 
     def expire(
         self, session_id: str, *, actor: str = "system:sweep", now: datetime | None = None
@@ -591,7 +625,9 @@ class SessionService:
 
         return self.run_on_session(session_id, actor, work)
 
-    def heartbeat(self, session_id: str, *, actor: str) -> SessionView:
+    def heartbeat(
+        self, session_id: str, *, actor: str, guard: Guard | None = None
+    ) -> SessionView:
         """Keep a session alive; answers its current status (terminal ones included)."""
 
         def work(tx: SlotTx, session: Session) -> SessionView:
@@ -600,11 +636,12 @@ class SessionService:
                 session.deadline_at = self.deadline_for(session, tx.now)
             return SessionView.model_validate(session)
 
-        return self.run_on_session(session_id, actor, work)
+        return self.run_on_session(session_id, actor, work, guard)
 
     # ---- transfer to a human ----------------------------------------------------------
     def transfer(
-        self, session_id: str, request: TransferRequest, *, actor: str
+        self, session_id: str, request: TransferRequest, *, actor: str,
+        guard: Guard | None = None,
     ) -> TransferView:
         """SPEC §3.6 in one atomic step: record, TRANSFERRED (keeps the slot), tell the
         robot to leave, offer the desk."""
@@ -613,7 +650,7 @@ class SessionService:
             rules.check_transition(S(session.status), S.TRANSFERRED)
             return self._open_transfer(tx, session, request)
 
-        return self.run_on_session(session_id, actor, work)
+        return self.run_on_session(session_id, actor, work, guard)
 
     def _open_transfer(
         self, tx: SlotTx, session: Session, request: TransferRequest
@@ -709,7 +746,8 @@ class SessionService:
 
     # ---- messages ------------------------------------------------------------------
     def record_messages(
-        self, session_id: str, messages: Sequence[LiveMessage], *, actor: str
+        self, session_id: str, messages: Sequence[LiveMessage], *, actor: str,
+        guard: Guard | None = None,
     ) -> MessageOutcome:
         """Store live messages on an ACTIVE or TRANSFERRED session, de-duplicated by id."""
 
@@ -737,7 +775,7 @@ class SessionService:
                 accepted_ids=[m.message_id for m in fresh],
             )
 
-        return self.run_on_session(session_id, actor, work)
+        return self.run_on_session(session_id, actor, work, guard)
 
 
 def raise_already_taken(transfer: Transfer) -> None:

@@ -1,0 +1,262 @@
+"""`/admin/api/...`: the admin API (SPEC §7, §8), admin clients only.
+
+Views translate HTTP into one call of `admin.service` (or of the feature services it
+reuses: clients, agents, imports, deliveries) and render JSON; errors are the same
+RFC 9457 problems as the rest of the API. Every route admits a bearer admin token or
+the console's cookie (+ CSRF header on writes), see `admin.auth`.
+"""
+
+from __future__ import annotations
+
+from typing import IO, Any
+
+from flask import Blueprint, Response, request
+from pydantic import BaseModel, ConfigDict, Field
+
+from admin import service as admin_service
+from admin.auth import admin_client, admin_only
+from app.agents.service import AgentFilters, AgentService
+from app.api.auth import client_service
+from app.api.http import parse_body, parse_query, respond, runtime
+from app.delivery.service import delivery_log, delivery_summary
+from app.errors import ValidationFailed
+from app.imports.service import ImportService
+
+bp = Blueprint("api", __name__, url_prefix="/api")
+
+
+def _page(items: list[Any], following: Any) -> Response:
+    return respond({"items": items, "next": None if following is None else str(following)})
+
+
+# ---- sessions ----------------------------------------------------------------------------
+@bp.get("/sessions")
+@admin_only
+def search_sessions() -> Response:
+    search = parse_query(admin_service.SessionSearch)
+    with runtime().database.read() as db:
+        items, following = admin_service.search_sessions(db, search)
+    return _page(items, following)
+
+
+@bp.get("/sessions/<session_id>")
+@admin_only
+def session_detail(session_id: str) -> Response:
+    with runtime().database.read() as db:
+        return respond(admin_service.session_detail(db, session_id))
+
+
+@bp.post("/sessions/<session_id>/force-close")
+@admin_only
+def force_close(session_id: str) -> Response:
+    action = parse_body(admin_service.OperatorAction)
+    operator = admin_client()
+    outcome = admin_service.force_close(
+        runtime().sessions, session_id, actor=operator.actor, reason=action.reason,
+        operator=operator.name,
+    )
+    return respond(outcome)
+
+
+@bp.get("/sessions/<session_id>/audit/verify")
+@admin_only
+def verify_session_chain(session_id: str) -> Response:
+    with runtime().database.read() as db:
+        return respond(admin_service.verify_session_chain(db, session_id))
+
+
+# ---- audit -------------------------------------------------------------------------------
+@bp.get("/audit")
+@admin_only
+def search_audit() -> Response:
+    search = parse_query(admin_service.AuditSearch)
+    with runtime().database.read() as db:
+        items, following = admin_service.search_audit(db, search)
+    return _page(items, following)
+
+
+@bp.get("/audit/verify")
+@admin_only
+def verify_chains() -> Response:
+    request_range = parse_query(admin_service.VerifyRange)
+    with runtime().database.read() as db:
+        return respond(admin_service.verify_chains(db, request_range))
+
+
+# ---- slots -------------------------------------------------------------------------------
+@bp.get("/slots")
+@admin_only
+def slot_view() -> Response:
+    query = parse_query(admin_service.SlotQuery)
+    with runtime().database.read() as db:
+        return respond(admin_service.slot_view(db, query.account_id, query.shop_id))
+
+
+@bp.post("/slots/release")
+@admin_only
+def release_slot() -> Response:
+    body = parse_body(admin_service.SlotRelease)
+    operator = admin_client()
+    outcome = admin_service.release_slot(
+        runtime().sessions, body.account_id, body.shop_id, actor=operator.actor,
+        reason=body.reason, operator=operator.name,
+    )
+    return respond(outcome)
+
+
+# ---- transfers and agents ------------------------------------------------------------------
+@bp.get("/transfers")
+@admin_only
+def transfer_queue() -> Response:
+    with runtime().database.read() as db:
+        return respond({"items": admin_service.transfer_queue(db), "next": None})
+
+
+@bp.get("/agents")
+@admin_only
+def list_agents() -> Response:
+    filters = parse_query(AgentFilters)
+    items, following = AgentService(runtime().database).list(filters)
+    return _page([a.model_dump(mode="json") for a in items], following)
+
+
+# ---- import jobs ----------------------------------------------------------------------------
+class UploadQuery(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    format: str = Field(default="auto", max_length=8)
+    encoding: str = Field(default="auto", max_length=16)
+
+
+@bp.get("/imports")
+@admin_only
+def list_imports() -> Response:
+    query = parse_query(admin_service.ImportListQuery)
+    items = ImportService(runtime()).list(limit=query.limit + 1, before=query.after,
+                                          status=query.status)
+    more = len(items) > query.limit
+    items = items[: query.limit]
+    return _page([admin_service.import_progress(j) for j in items],
+                 items[-1].job_id if more else None)
+
+
+@bp.post("/imports")
+@admin_only
+def upload_import() -> Response:
+    """The console's upload (also usable with a bearer token): multipart `file` or a raw
+    body, exactly like `POST /api/v1/imports`."""
+    query = parse_query(UploadQuery)
+    stream: IO[bytes]
+    filename = None
+    if request.mimetype == "multipart/form-data":
+        part = request.files.get("file")
+        if part is None:
+            raise ValidationFailed("send the export as the multipart part named 'file'",
+                                   [{"field": "file", "message": "missing"}])
+        stream, filename = part.stream, part.filename
+    else:
+        stream = request.stream
+    job = ImportService(runtime()).create_job(
+        stream, filename=filename, format=query.format, encoding=query.encoding,
+        actor=admin_client().actor,
+    )
+    from tasks.imports import enqueue_import
+
+    enqueue_import(job.job_id)
+    return respond(admin_service.import_progress(job), status=202)
+
+
+@bp.get("/imports/<job_id>")
+@admin_only
+def import_job(job_id: str) -> Response:
+    return respond(admin_service.import_progress(ImportService(runtime()).get(job_id)))
+
+
+@bp.get("/imports/<job_id>/errors")
+@admin_only
+def import_job_errors(job_id: str) -> Response:
+    query = parse_query(admin_service.OffsetQuery)
+    with runtime().database.read() as db:
+        return respond(admin_service.import_job_errors(db, job_id, offset=query.offset,
+                                                       limit=query.limit))
+
+
+@bp.post("/imports/<job_id>/retry")
+@admin_only
+def retry_import(job_id: str) -> Response:
+    retry = parse_body(admin_service.ImportRetry)
+    admin_service.retry_import_job(runtime().database, job_id, retry)
+    from tasks.imports import enqueue_import
+
+    enqueue_import(job_id)
+    return respond(admin_service.import_progress(ImportService(runtime()).get(job_id)),
+                   status=202)
+
+
+# ---- API clients ------------------------------------------------------------------------------
+@bp.get("/clients")
+@admin_only
+def list_clients() -> Response:
+    rows = client_service().list()
+    return respond({"items": [admin_service.client_json(r) for r in rows], "next": None})
+
+
+@bp.post("/clients")
+@admin_only
+def create_client() -> Response:
+    body = parse_body(admin_service.ClientCreate)
+    issued = client_service().create(name=body.name, role=body.role,
+                                     webhook_url=body.webhook_url)
+    return respond(_issued(issued.client_id, issued.token), status=201)
+
+
+@bp.post("/clients/<client_id>/revoke")
+@admin_only
+def revoke_client(client_id: str) -> Response:
+    client_service().revoke(client_id)
+    return respond(_client(client_id))
+
+
+@bp.post("/clients/<client_id>/rotate")
+@admin_only
+def rotate_client(client_id: str) -> Response:
+    issued = client_service().rotate(client_id)
+    return respond(_issued(issued.client_id, issued.token))
+
+
+def _client(client_id: str) -> dict[str, Any]:
+    from app.clients.models import ApiClient
+
+    with runtime().database.read() as db:
+        row = db.get(ApiClient, client_id)
+        assert row is not None
+        return admin_service.client_json(row)
+
+
+def _issued(client_id: str, token: str) -> dict[str, Any]:
+    """The client and its new token: the only answer that ever shows the token."""
+    return {**_client(client_id), "token": token}
+
+
+# ---- webhook deliveries --------------------------------------------------------------------------
+@bp.get("/deliveries")
+@admin_only
+def list_deliveries() -> Response:
+    query = parse_query(admin_service.DeliveryQuery)
+    with runtime().database.read() as db:
+        rows = delivery_log(db, client_id=query.client_id, status=query.status,
+                            session_id=query.session_id, limit=query.limit + 1,
+                            before_id=query.after)
+        summary = delivery_summary(db)
+    page = rows[: query.limit]
+    following = page[-1]["id"] if len(rows) > query.limit else None
+    return respond({"items": page, "next": None if following is None else str(following),
+                    "summary": summary})
+
+
+# ---- statistics ---------------------------------------------------------------------------------
+@bp.get("/stats")
+@admin_only
+def stats() -> Response:
+    with runtime().database.read() as db:
+        return respond(admin_service.statistics(db))

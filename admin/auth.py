@@ -1,0 +1,198 @@
+"""Who may use the admin API and the console, and how the console keeps its log-in.
+
+Two doors, one rule (the caller is an *admin* API client):
+
+- API callers send `Authorization: Bearer <admin token>` (as on every other API).
+- The console logs in once with an admin token. The cookie never holds the token: it
+  holds the client id and the token's SHA-256 (what `api_clients` stores), signed with
+  SECRET_KEY, HTTP-only, SameSite=Lax, path /admin, Secure except on plain-http loopback
+  (a developer's `make run`). Every request re-checks that the client still has that
+  token and is not revoked, so revoking or rotating a token ends its console log-ins at
+  once. A log-in lasts `LOGIN_HOURS` at most.
+- CSRF: every console session has a random token; every state-changing request that
+  authenticates by cookie must echo it, in the form field `csrf_token` or the
+  `X-CSRF-Token` header (what the console's JavaScript sends). Bearer calls need none:
+  a browser never attaches a bearer token by itself.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import ipaddress
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any, cast
+from urllib.parse import urlsplit
+
+from flask import Flask, g, request, session
+from flask.sessions import SecureCookieSessionInterface
+
+from admin.service import client_by_token_hash
+from app.api.auth import authenticate
+from app.api.http import RUNTIME_KEY, runtime
+from app.clients.service import ClientIdentity, ClientRole, hash_token
+from app.errors import Forbidden, Unauthorized
+
+log = logging.getLogger(__name__)
+
+
+COOKIE_NAME = "as_admin"
+COOKIE_PATH = "/admin"
+CSRF_FIELD = "csrf_token"
+CSRF_HEADER = "X-CSRF-Token"
+LOGIN_HOURS = 12
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+LOOPBACK_NAMES = frozenset({"localhost"})
+
+_process_secret: str | None = None
+
+
+class ConsoleSessionInterface(SecureCookieSessionInterface):
+    """Flask's signed-cookie session with the console's cookie attributes."""
+
+    def get_cookie_name(self, app: Flask) -> str:
+        return COOKIE_NAME
+
+    def get_cookie_path(self, app: Flask) -> str:
+        return COOKIE_PATH
+
+    def get_cookie_httponly(self, app: Flask) -> bool:
+        return True
+
+    def get_cookie_samesite(self, app: Flask) -> str:
+        return "Lax"
+
+    def get_cookie_secure(self, app: Flask) -> bool:
+        """Secure, except for plain http to a loopback address (local development and
+        the browser tests); behind a TLS proxy the host is not loopback, so it is set."""
+        return not (request.scheme == "http" and is_loopback(request.host))
+
+
+def is_loopback(host: str) -> bool:
+    """`host` (a Host header: name or address, maybe with a port) is this machine."""
+    name = urlsplit(f"//{host}").hostname or ""
+    if name in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def configure_app(app: Flask) -> None:
+    """Install the console's session cookie and make sure the app has a SECRET_KEY.
+
+    SECRET_KEY comes from the `SECRET_KEY` setting. When it is unset, one random key is
+    generated per process (and a warning logged): console log-ins then end when the
+    process restarts and do not carry across several web processes — set SECRET_KEY in
+    production."""
+    global _process_secret
+    app.session_interface = ConsoleSessionInterface()
+    if app.config.get("SECRET_KEY"):
+        return
+    configured = None
+    rt = app.extensions.get(RUNTIME_KEY)
+    if rt is not None:
+        configured = rt.settings.secret_key
+    else:
+        from app.config import get_settings
+
+        configured = get_settings().secret_key
+    if not configured:
+        if _process_secret is None:
+            _process_secret = secrets.token_urlsafe(32)
+            log.warning("SECRET_KEY is not set: generated a random one for this process; "
+                        "admin console log-ins end when it restarts and do not work across "
+                        "several web processes. Set SECRET_KEY in production.")
+        configured = _process_secret
+    app.config["SECRET_KEY"] = configured
+
+
+# ---- the console's log-in --------------------------------------------------------------------
+def csrf_token() -> str:
+    """This console session's CSRF token (created on first use)."""
+    token = session.get("csrf")
+    if not token:
+        token = secrets.token_urlsafe(32)
+        session["csrf"] = token
+    return token
+
+
+def check_csrf() -> None:
+    expected = session.get("csrf")
+    supplied = request.headers.get(CSRF_HEADER) or request.form.get(CSRF_FIELD)
+    if not expected or not supplied or not hmac.compare_digest(str(expected), str(supplied)):
+        raise Forbidden("missing or wrong CSRF token; reload the page and try again")
+
+
+def log_in(identity: ClientIdentity, token: str) -> None:
+    """Start a console session for `identity` (the caller checked that it is an admin)."""
+    lang = session.get("lang")
+    session.clear()  # nothing from before the log-in survives it (fixation)
+    session["client_id"] = identity.client_id
+    session["token_hash"] = hash_token(token)
+    session["login_at"] = int(time.time())
+    session["csrf"] = secrets.token_urlsafe(32)
+    if lang:
+        session["lang"] = lang
+
+
+def log_out() -> None:
+    lang = session.get("lang")
+    session.clear()
+    if lang:
+        session["lang"] = lang
+
+
+def console_identity() -> ClientIdentity | None:
+    """The admin behind the console cookie, re-checked against the database, or None."""
+    if "console_identity" in g:
+        return cast(ClientIdentity | None, g.console_identity)
+    identity = None
+    client_id = session.get("client_id")
+    token_hash = session.get("token_hash")
+    login_at = session.get("login_at", 0)
+    if client_id and token_hash and time.time() - login_at < LOGIN_HOURS * 3600:
+        with runtime().database.read() as db:
+            row = client_by_token_hash(db, client_id, token_hash)
+        if row is not None and row.role == ClientRole.ADMIN:
+            identity = ClientIdentity(row.client_id, row.name, ClientRole(row.role))
+    if identity is None and client_id:
+        log_out()
+    g.console_identity = identity
+    return identity
+
+
+# ---- the admin API's door ----------------------------------------------------------------------
+def admin_client() -> ClientIdentity:
+    """The admin calling this request (inside an `admin_only` view)."""
+    return cast(ClientIdentity, g.admin_client)
+
+
+def admin_only[F: Callable[..., Any]](view: F) -> F:
+    """Admit admin clients: by bearer token, or by console cookie (+ CSRF on writes).
+
+    401 without credentials, 403 for a non-admin token or a bad CSRF token."""
+
+    @functools.wraps(view)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if request.headers.get("Authorization"):
+            client = authenticate()
+            if client.role != ClientRole.ADMIN:
+                raise Forbidden(f"role {client.role} may not call the admin API (allowed: admin)")
+        else:
+            identity = console_identity()
+            if identity is None:
+                raise Unauthorized("send an admin token as 'Authorization: Bearer <token>' "
+                                   "or log in to the console")
+            if request.method not in SAFE_METHODS:
+                check_csrf()
+            client = identity
+        g.admin_client = client
+        return view(*args, **kwargs)
+
+    wrapper.required_roles = ("admin",)  # type: ignore[attr-defined]
+    return cast(F, wrapper)

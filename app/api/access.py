@@ -1,0 +1,97 @@
+"""Who may see and who may act on a session (SPEC §8 roles and ownership).
+
+Seeing (`app.sessions.queries.visible_to`): admin all; a bot its own sessions; the
+desk human sessions and robot sessions once handed to it.
+
+A session that exists but is not visible answers **404, not 403**: a bot probing
+another client's session ids learns nothing about their existence.
+
+Acting: a live robot session (PENDING, ACTIVE, PAUSED) is controlled by the client
+that created it; a human session, and a robot session once TRANSFERRED, by the desk
+(and admins). Admins may drive any transition, but only the controlling party may
+post live messages: a robot never talks over a human and an operator never talks
+over a robot. Acting without control answers 409 `/problems/not-in-control` (the
+client's role is fine; the session's current state is what refuses it). The check
+runs inside the slot transaction (a service `guard`), so it cannot go stale.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session as DbSession
+from sqlalchemy.orm import object_session
+
+from app.clients.service import ClientIdentity, ClientRole
+from app.errors import Conflict, Forbidden, NotFound
+from app.sessions.enums import SessionStatus, SessionType
+from app.sessions.models import Session
+from app.sessions.queries import Viewer, visible_session, visible_to
+from app.sessions.schemas import SessionView
+from app.sessions.service import Guard
+
+
+class NotInControl(Conflict):
+    type = "/problems/not-in-control"
+    title = "Another party controls this session now"
+
+
+def viewer_of(client: ClientIdentity) -> Viewer:
+    return Viewer(client_id=client.client_id, role=str(client.role))
+
+
+def not_found(session_id: str) -> NotFound:
+    return NotFound(f"session {session_id} not found")
+
+
+def load_visible(db: DbSession, client: ClientIdentity, session_id: str) -> SessionView:
+    row = visible_session(db, session_id, viewer_of(client))
+    if row is None:
+        raise not_found(session_id)
+    return SessionView.model_validate(row)
+
+
+def robot_side(session: Session | SessionView) -> bool:
+    """True while the robot that created the session is the one talking."""
+    return SessionType(session.session_type).is_robot and session.status != (
+        SessionStatus.TRANSFERRED
+    )
+
+
+def in_control(client: ClientIdentity, session: Session | SessionView, *, messages: bool) -> bool:
+    if SessionStatus(session.status).is_terminal:
+        return True  # the state machine gives the precise answer
+    if robot_side(session):
+        if client.client_id == session.client_id:
+            return True
+        return client.is_admin and not messages
+    return client.role in (ClientRole.DESK, ClientRole.ADMIN)
+
+
+def control_guard(client: ClientIdentity, action: str, *, messages: bool = False) -> Guard:
+    """A service guard: visible to `client` and controlled by it, checked in the transaction."""
+
+    def guard(session: Session) -> None:
+        db = object_session(session)
+        assert db is not None
+        visible = db.execute(
+            select(Session.id).where(Session.id == session.id, visible_to(viewer_of(client)))
+        ).first()
+        if visible is None:
+            raise not_found(session.session_id)
+        if not in_control(client, session, messages=messages):
+            holder = "the human desk" if not robot_side(session) else "the robot that created it"
+            raise NotInControl(
+                f"cannot {action} session {session.session_id}: it is {session.status} and "
+                f"controlled by {holder}",
+                current_status=str(session.status),
+            )
+
+    return guard
+
+
+def check_may_create(client: ClientIdentity, session_type: SessionType) -> None:
+    """Bots create robot sessions, the desk human ones, admins both (else 403)."""
+    if client.is_bot and not session_type.is_robot:
+        raise Forbidden(f"a bot client may only create robot sessions, not {session_type}")
+    if client.is_desk and not session_type.is_human:
+        raise Forbidden(f"a desk client may only create human sessions, not {session_type}")

@@ -1,0 +1,33 @@
+"""`GET /api/v1/events`: the cursor feed, scoped to the calling client."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, current_app
+
+from app.api.auth import current_client, require_roles
+from app.api.http import parse_query, respond, runtime
+from app.api.openapi import documented
+from app.db import utcnow
+from app.events.feed import SETTLE_SECONDS, EventPage, EventQuery, read_feed
+
+bp = Blueprint("events", __name__, url_prefix="/api/v1/events")
+
+
+@bp.get("")
+@documented(
+    summary="Events after a cursor (resumable: nothing missed, nothing repeated)",
+    description="A bot sees its own sessions' events, the desk what is addressed to it, "
+    "admins everything. Pass the answer's `next` as `after` to continue.",
+    tags=("events",), query=EventQuery, responses={200: EventPage},
+)
+@require_roles("bot", "desk", "admin")
+def feed() -> Response:
+    query = parse_query(EventQuery)
+    client = current_client()
+    with runtime().database.read() as db:
+        page = read_feed(
+            db, client_id=client.client_id, role=str(client.role), after=query.after,
+            limit=query.limit, now=utcnow(),
+            settle_seconds=current_app.config.get("EVENTS_SETTLE_SECONDS", SETTLE_SECONDS),
+        )
+    return respond(page)

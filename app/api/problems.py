@@ -1,0 +1,141 @@
+"""The one place that turns exceptions into RFC 9457 `application/problem+json` answers.
+
+Every exception family has one mapping here (STYLE lesson 6):
+
+- `AutoSessionError` (the domain tree in `app.errors`): its own status, type, title,
+  detail and extension members (e.g. `occupant`, `allowed`, `errors`).
+- `pydantic.ValidationError` raised while parsing a request: 422 with `errors`, one
+  `{"field": "a.b", "message": "…", "type": "…"}` per bad field.
+- werkzeug `HTTPException` (404 for an unknown URL, 405, 413, …): its status and text.
+- anything else: 500 with a generic detail and a `trace_id`; the exception is logged
+  server-side with that id. No stack trace, SQL or secret ever reaches a client.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from flask import Flask, Response
+from pydantic import ValidationError
+from werkzeug.exceptions import HTTPException
+
+from app.errors import AutoSessionError, ValidationFailed
+
+log = logging.getLogger(__name__)
+
+PROBLEM_JSON = "application/problem+json"
+
+
+def problem_response(
+    status: int,
+    title: str,
+    detail: str,
+    *,
+    type: str = "about:blank",
+    headers: Mapping[str, str] | None = None,
+    **extra: Any,
+) -> Response:
+    """A problem document; extension members go in `extra`."""
+    body: dict[str, Any] = {"type": type, "title": title, "status": status, "detail": detail}
+    body.update(extra)
+    response = Response(
+        json.dumps(body, ensure_ascii=False, default=str), status=status, mimetype=PROBLEM_JSON
+    )
+    for name, value in (headers or {}).items():
+        response.headers[name] = value
+    return response
+
+
+def field_errors(exc: ValidationError, *, prefix: Iterable[str | int] = ()) -> list[dict[str, Any]]:
+    """pydantic errors as `{"field", "message", "type"}` items; the field is a dotted path."""
+    out = []
+    for error in exc.errors(include_url=False, include_context=False, include_input=False):
+        loc = [*prefix, *error["loc"]]
+        out.append(
+            {
+                "field": ".".join(str(part) for part in loc) or "body",
+                "message": error["msg"].removeprefix("Value error, "),
+                "type": error["type"],
+            }
+        )
+    return out
+
+
+def validation_problem(exc: ValidationError, *, where: str = "body") -> ValidationFailed:
+    """A pydantic failure as the domain's 422, naming every bad field."""
+    errors = field_errors(exc)
+    names = ", ".join(sorted({e["field"] for e in errors})) or where
+    return ValidationFailed(f"invalid {where}: {names}", errors=errors)
+
+
+def render_domain_error(exc: AutoSessionError) -> Response:
+    body = exc.problem()
+    headers: dict[str, str] = {}
+    if exc.retryable:
+        headers["Retry-After"] = "1"
+    if exc.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    status = body.pop("status")
+    return problem_response(
+        status,
+        body.pop("title"),
+        body.pop("detail"),
+        type=body.pop("type"),
+        headers=headers,
+        **body,
+    )
+
+
+def render_http_error(exc: HTTPException) -> Response:
+    status = exc.code or 500
+    headers: dict[str, str] = {}
+    valid_methods = getattr(exc, "valid_methods", None)
+    if status == 405 and valid_methods:
+        headers["Allow"] = ", ".join(valid_methods)
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return problem_response(
+        status,
+        exc.name,
+        exc.description or exc.name,
+        type=f"/problems/http-{status}",
+        headers=headers,
+    )
+
+
+def render_unexpected(exc: Exception) -> Response:
+    trace_id = secrets.token_hex(8)
+    log.error("unhandled error (trace_id=%s)", trace_id, exc_info=exc)
+    return problem_response(
+        500,
+        "Internal server error",
+        "the server could not complete the request; it was logged with this trace_id",
+        type="/problems/internal",
+        trace_id=trace_id,
+    )
+
+
+def register_error_handlers(app: Flask) -> None:
+    """Install the mappings above on `app` (the factory calls this once)."""
+
+    @app.errorhandler(AutoSessionError)
+    def _domain(exc: AutoSessionError) -> Response:
+        return render_domain_error(exc)
+
+    @app.errorhandler(ValidationError)
+    def _pydantic(exc: ValidationError) -> Response:
+        return render_domain_error(validation_problem(exc))
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException) -> Response:
+        return render_http_error(exc)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Response:
+        if isinstance(exc, HTTPException):  # pragma: no cover - routed above
+            return render_http_error(exc)
+        return render_unexpected(exc)

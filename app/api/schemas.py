@@ -1,0 +1,76 @@
+"""Request and response bodies of the HTTP API that are not already service models."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.imports.rows import ChatRow
+from app.sessions.schemas import SessionView
+
+
+class FieldError(BaseModel):
+    field: str
+    message: str
+    type: str | None = None
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details; more members may appear depending on `type`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    errors: list[FieldError] | None = None
+
+
+class Page[T](BaseModel):
+    """A page of a list; pass `next` back as `after` for the following page (null: the end)."""
+
+    items: list[T]
+    next: str | None
+
+
+class SessionCreated(SessionView):
+    """The created session, plus the ids of the sessions it displaced (paused/cancelled)."""
+
+    preempted: list[str] = []
+
+
+class TransitionBody(BaseModel):
+    """Optional body of pause / resume / complete / cancel."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str | None = Field(default=None, max_length=255)
+    result: Any | None = Field(default=None, description="complete only: the outcome to keep")
+
+
+class MessagesBody(BaseModel):
+    """Live messages for one session; `session_id` comes from the URL."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    messages: list[ChatRow] = Field(min_length=1, max_length=1000)
+
+
+class MessagesAnswer(BaseModel):
+    accepted: int
+    duplicates: int
+    accepted_ids: list[str]
+    session: SessionView
+
+
+class AcceptBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    agent_id: str = Field(min_length=1, max_length=64)
+
+
+class Health(BaseModel):
+    status: str
+    checks: dict[str, str] = {}

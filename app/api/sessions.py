@@ -1,0 +1,256 @@
+"""`/api/v1/sessions`: create (idempotent), read, list, transitions, transfer, live messages.
+
+Views translate HTTP into one service call; the rules live in `app.sessions.service`
+and who-may-do-what in `app.api.access`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, Response, request
+from pydantic import ValidationError
+
+from app.api.access import check_may_create, control_guard, in_control, load_visible, viewer_of
+from app.api.auth import current_client, require_roles
+from app.api.http import parse_body, parse_query, request_json, respond, runtime
+from app.api.openapi import documented
+from app.api.problems import field_errors
+from app.api.schemas import MessagesAnswer, MessagesBody, Page, SessionCreated, TransitionBody
+from app.clients.idempotency import IdempotencyStore, check_key, request_fingerprint
+from app.clients.service import ClientIdentity
+from app.db import utcnow
+from app.errors import ValidationFailed
+from app.sessions.enums import SenderRole, TransferTrigger
+from app.sessions.queries import SessionFilters, list_sessions
+from app.sessions.schemas import (
+    CreateOutcome,
+    SessionRequest,
+    SessionView,
+    TransferRequest,
+    TransferView,
+)
+from app.sessions.service import LiveMessage
+
+bp = Blueprint("sessions", __name__, url_prefix="/api/v1/sessions")
+
+TAGS = ("sessions",)
+IDEMPOTENCY_HEADER = (
+    "Idempotency-Key",
+    "retry-safe create: the same key and body return the first answer; another body is a 409",
+    False,
+)
+
+
+def _created_body(outcome: CreateOutcome) -> dict[str, Any]:
+    body = SessionCreated(
+        **outcome.session.model_dump(), preempted=[p.session_id for p in outcome.preempted]
+    )
+    return body.model_dump(mode="json")
+
+
+@bp.post("")
+@documented(
+    summary="Ask for a slot: ACTIVE, preempting a lower robot, or PENDING in line",
+    description="Bots create robot session types, the desk human ones, admins both. "
+    "With `on_conflict: reject` an occupied slot answers 409 describing the occupant.",
+    tags=TAGS, body=SessionRequest, responses={201: SessionCreated}, errors=(409, 503),
+    headers=(IDEMPOTENCY_HEADER,),
+)
+@require_roles("bot", "desk", "admin")
+def create_session() -> Response:
+    client = current_client()
+    session_request = parse_body(SessionRequest)
+    check_may_create(client, session_request.session_type)
+    if client.is_bot and session_request.owner_id is None:
+        session_request = session_request.model_copy(update={"owner_id": client.client_id})
+    service = runtime().sessions
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        outcome = service.create(session_request, actor=client.actor, client_id=client.client_id)
+        return respond(_created_body(outcome), status=201)
+
+    key = check_key(key)
+    store = IdempotencyStore(runtime().database)
+    fingerprint = request_fingerprint("POST /api/v1/sessions",
+                                      session_request.model_dump(mode="json"))
+    stored = store.claim(client.client_id, key, fingerprint)
+    if stored is not None:
+        return respond(stored.body, status=stored.status_code,
+                       headers={"Idempotent-Replayed": "true"})
+
+    def keep_answer(db: Any, outcome: CreateOutcome) -> None:
+        store.finish(db, client.client_id, key, 201, _created_body(outcome))
+
+    try:
+        outcome = service.create(session_request, actor=client.actor,
+                                 client_id=client.client_id, in_transaction=keep_answer)
+    except BaseException:
+        store.release(client.client_id, key)
+        raise
+    return respond(_created_body(outcome), status=201)
+
+
+@bp.get("")
+@documented(summary="List sessions (a bot sees its own), newest first", tags=TAGS,
+            query=SessionFilters, responses={200: Page[SessionView]})
+@require_roles("bot", "desk", "admin")
+def list_all() -> Response:
+    filters = parse_query(SessionFilters)
+    with runtime().database.read() as db:
+        items, following = list_sessions(db, filters, viewer_of(current_client()))
+    return respond(Page[SessionView](items=items, next=following))
+
+
+@bp.get("/<session_id>")
+@documented(summary="One session", tags=TAGS, responses={200: SessionView}, errors=(404,))
+@require_roles("bot", "desk", "admin")
+def get_one(session_id: str) -> Response:
+    with runtime().database.read() as db:
+        view = load_visible(db, current_client(), session_id)
+    return respond(view)
+
+
+@bp.post("/<session_id>/heartbeat")
+@documented(summary="Keep the session alive; answers its current status", tags=TAGS,
+            responses={200: SessionView}, errors=(404, 503))
+@require_roles("bot", "desk", "admin")
+def heartbeat(session_id: str) -> Response:
+    client = current_client()
+    with runtime().database.read() as db:
+        view = load_visible(db, client, session_id)
+    if not in_control(client, view, messages=False):
+        # e.g. a bot whose session went to the desk: it learns the status, and its
+        # heartbeat does not keep the human conversation alive.
+        return respond(view)
+    return respond(runtime().sessions.heartbeat(
+        session_id, actor=client.actor, guard=control_guard(client, "heartbeat")))
+
+
+def _transition(session_id: str, action: str) -> Response:
+    client = current_client()
+    body = parse_body(TransitionBody)
+    service = runtime().sessions
+    guard = control_guard(client, action)
+    if action == "pause":
+        view = service.pause(session_id, actor=client.actor, reason=body.reason, guard=guard)
+    elif action == "resume":
+        view = service.resume(session_id, actor=client.actor, reason=body.reason, guard=guard)
+    elif action == "complete":
+        view = service.complete(session_id, actor=client.actor, reason=body.reason,
+                                result=body.result, guard=guard)
+    else:
+        view = service.cancel(session_id, actor=client.actor, reason=body.reason, guard=guard)
+    return respond(view)
+
+
+def _transition_view(action: str, summary: str) -> None:
+    def view(session_id: str) -> Response:
+        return _transition(session_id, action)
+
+    view.__name__ = f"{action}_session"
+    decorated = documented(summary=summary, tags=TAGS, body=TransitionBody,
+                           responses={200: SessionView}, errors=(404, 409, 503))(
+        require_roles("bot", "desk", "admin")(view)
+    )
+    bp.add_url_rule(f"/<session_id>/{action}", endpoint=f"{action}_session",
+                    view_func=decorated, methods=["POST"])
+
+
+_transition_view("pause", "Pause (the slot goes to the next in line until the owner resumes)")
+_transition_view("resume", "Resume a paused session (takes the slot, preempts, or waits)")
+_transition_view("complete", "Complete the session (completes its accepted transfer)")
+_transition_view("cancel", "Cancel the session (cancels its open transfer)")
+
+
+@bp.post("/<session_id>/transfer")
+@documented(summary="Hand the session to the human desk (SPEC 3.6)", tags=TAGS,
+            body=TransferRequest, responses={201: TransferView},
+            errors=(404, 409, 503))
+@require_roles("bot", "desk", "admin")
+def transfer(session_id: str) -> Response:
+    client = current_client()
+    transfer_request = parse_body(TransferRequest)
+    if "trigger" not in transfer_request.model_fields_set and not client.is_bot:
+        transfer_request = transfer_request.model_copy(
+            update={"trigger": TransferTrigger.OPERATOR})
+    view = runtime().sessions.transfer(session_id, transfer_request, actor=client.actor,
+                                       guard=control_guard(client, "transfer"))
+    return respond(view, status=201)
+
+
+@bp.post("/<session_id>/messages")
+@documented(
+    summary="Live messages of the session (while ACTIVE or TRANSFERRED, from its controller)",
+    description="Rows as in the history import; `session_id` comes from the URL. A row "
+    "without `sender_role` is `robot` from a bot and `human` from the desk; a row without "
+    "`sent_at` is stamped with the receipt time. De-duplicated by `message_id` (a stable "
+    "hash of the row when absent).",
+    tags=TAGS, body=MessagesBody, responses={200: MessagesAnswer}, errors=(404, 409, 503),
+)
+@require_roles("bot", "desk", "admin")
+def post_messages(session_id: str) -> Response:
+    client = current_client()
+    rt = runtime()
+    with rt.database.read() as db:
+        session = load_visible(db, client, session_id)
+    rows = _parse_message_rows(client, session, request_json(), tz=rt.settings.tz)
+    outcome = rt.sessions.record_messages(
+        session_id, rows, actor=client.actor,
+        guard=control_guard(client, "post messages to", messages=True),
+    )
+    return respond(MessagesAnswer(accepted=outcome.accepted, duplicates=outcome.duplicates,
+                                  accepted_ids=outcome.accepted_ids, session=outcome.session))
+
+
+def _parse_message_rows(
+    client: ClientIdentity, session: SessionView, data: Any, *, tz: Any
+) -> list[LiveMessage]:
+    if isinstance(data, dict) and isinstance(data.get("messages"), list):
+        now = utcnow().isoformat()
+        for row in data["messages"]:
+            if isinstance(row, dict):
+                row.setdefault("session_id", session.session_id)
+                if "sent_at" not in row and "timestamp" not in row:
+                    row["sent_at"] = now
+    default_role = SenderRole.ROBOT if client.is_bot else SenderRole.HUMAN
+    try:
+        body = MessagesBody.model_validate(data, context={"tz": tz, "default_role": default_role})
+    except ValidationError as exc:
+        errors = field_errors(exc)
+        raise ValidationFailed(
+            "invalid messages: " + ", ".join(sorted({e["field"] for e in errors})), errors=errors
+        ) from None
+    problems = []
+    forbidden_role = SenderRole.HUMAN if client.is_bot else (
+        SenderRole.ROBOT if client.is_desk else None)
+    for index, row in enumerate(body.messages):
+        where = f"messages.{index}"
+        if row.session_id != session.session_id:
+            problems.append({"field": f"{where}.session_id",
+                             "message": f"must be {session.session_id} (the URL's session)"})
+        if row.account_id is not None and row.account_id != session.account_id:
+            problems.append({"field": f"{where}.account_id",
+                             "message": f"the session's account is {session.account_id}"})
+        if row.shop_id is not None and row.shop_id != session.shop_id:
+            problems.append({"field": f"{where}.shop_id",
+                             "message": f"the session's shop is {session.shop_id}"})
+        if forbidden_role is not None and row.sender_role == forbidden_role:
+            problems.append({"field": f"{where}.sender_role",
+                             "message": f"a {client.role} client may not send {forbidden_role} "
+                             "messages"})
+    if problems:
+        raise ValidationFailed(
+            "invalid messages: " + ", ".join(p["field"] for p in problems), errors=problems
+        )
+    return [
+        LiveMessage(
+            message_id=str(row.message_id),
+            sender_role=SenderRole(row.sender_role),
+            content=row.content,
+            sent_at=row.sent_at,
+            sender_id=row.sender_id,
+            message_type=row.message_type,
+        )
+        for row in body.messages
+    ]

@@ -1,0 +1,199 @@
+"""Transfer detection on counterpart messages of ACTIVE robot sessions (SPEC §5).
+
+Rules first, always: a hit transfers the session at once through
+`SessionService.transfer` (trigger keyword / robot_failure, actor
+`system:detector`) with the full context of §3.6. With no hit and an LLM
+configured, the caller is asked to schedule the LLM analysis (a Celery task in
+production); its verdict can transfer the session too (trigger llm). Each message
+is judged once: a per-session mark remembers the last message examined.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+
+from app.db import utcnow
+from app.detection import llm
+from app.detection.models import DetectionMark
+from app.detection.rules import ChatLine, RuleVerdict, judge_conversation
+from app.errors import Conflict, NotFound
+from app.messages.models import Message
+from app.runtime import Runtime
+from app.sessions.enums import SenderRole, SessionStatus, SessionType, TransferTrigger
+from app.sessions.models import Session
+from app.sessions.schemas import TransferRequest, TransferView
+
+log = logging.getLogger(__name__)
+
+ACTOR = "system:detector"
+RECENT = 20  # messages of context for repetition and for the LLM
+NEW_LIMIT = 200  # new messages judged per run (an import can add many at once)
+
+
+@dataclass
+class DetectionOutcome:
+    session_id: str
+    examined: int = 0
+    verdict: RuleVerdict | None = None
+    transfer: TransferView | None = None
+    llm_requested: bool = False
+    skipped: str | None = None  # why nothing was judged
+
+
+def _is_watched(session: Session) -> bool:
+    return session.status == SessionStatus.ACTIVE and SessionType(session.session_type).is_robot
+
+
+def _lines(rows: Sequence[Message]) -> list[ChatLine]:
+    return [ChatLine(pk=m.id, message_id=m.message_id, sender_role=str(m.sender_role),
+                     content=m.content, sender_id=m.sender_id) for m in rows]
+
+
+def _recent(db: Any, session_pk: int) -> list[ChatLine]:
+    rows = db.execute(
+        select(Message).where(Message.session_pk == session_pk)
+        .order_by(Message.id.desc()).limit(RECENT)
+    ).scalars().all()
+    return _lines(list(reversed(rows)))
+
+
+def _advance_mark(runtime: Runtime, session_pk: int, last_pk: int) -> None:
+    """Remember `last_pk` as examined (never moving the mark backwards)."""
+    with runtime.database.unit_of_work() as uow:
+        changed = uow.session.execute(
+            update(DetectionMark)
+            .where(DetectionMark.session_pk == session_pk,
+                   DetectionMark.last_message_pk < last_pk)
+            .values(last_message_pk=last_pk, updated_at=utcnow())
+        ).rowcount
+        if not changed and uow.session.get(DetectionMark, session_pk) is None:
+            uow.session.add(DetectionMark(session_pk=session_pk, last_message_pk=last_pk,
+                                          updated_at=utcnow()))
+        # IntegrityError: another run created the mark at the same time; it is as far.
+        with contextlib.suppress(IntegrityError):
+            uow.commit()
+
+
+def transfer_request(
+    session: Session, *, reason: str, urgency: int, trigger: TransferTrigger,
+    suggestion: str | None, details: dict[str, Any], recent: Sequence[ChatLine],
+) -> TransferRequest:
+    """The §3.6 context: reason, trigger, urgency, the robot's task state, counterpart
+    info and a suggestion (the service adds the conversation history itself)."""
+    counterpart_ids = sorted({line.sender_id for line in recent
+                              if line.sender_role == SenderRole.COUNTERPART and line.sender_id})
+    return TransferRequest(
+        reason=reason[:2000],
+        urgency=urgency,
+        trigger=trigger,
+        task_state={"task_type": str(session.task_type), "owner_id": session.owner_id,
+                    "context": session.context, "detection": details},
+        customer_info={"account_id": session.account_id, "shop_id": session.shop_id,
+                       "counterpart_ids": counterpart_ids},
+        suggestion=(suggestion or None) and suggestion[:4000],
+    )
+
+
+def _transfer(runtime: Runtime, session: Session, request: TransferRequest) -> TransferView | None:
+    try:
+        return runtime.sessions.transfer(session.session_id, request, actor=ACTOR)
+    except (Conflict, NotFound) as exc:  # paused, completed or transferred meanwhile
+        log.info("detector: %s not transferred: %s", session.session_id, exc)
+        return None
+
+
+def detect_session(
+    runtime: Runtime,
+    session_id: str,
+    *,
+    request_llm: Callable[[str], None] | None = None,
+) -> DetectionOutcome:
+    """Judge the session's messages that arrived since the last run."""
+    outcome = DetectionOutcome(session_id)
+    with runtime.database.read() as db:
+        session = db.execute(
+            select(Session).where(Session.session_id == session_id)
+        ).scalar_one_or_none()
+        if session is None or not _is_watched(session):
+            outcome.skipped = "not an ACTIVE robot session"
+            return outcome
+        mark = db.get(DetectionMark, session.id)
+        after = mark.last_message_pk if mark else 0
+        new = _lines(db.execute(
+            select(Message).where(Message.session_pk == session.id, Message.id > after)
+            .order_by(Message.id).limit(NEW_LIMIT)
+        ).scalars().all())
+        recent = _recent(db, session.id)
+    outcome.examined = len(new)
+    if not new:
+        return outcome
+    verdict = judge_conversation(new, recent)
+    outcome.verdict = verdict
+    if verdict is not None:
+        log.info("detector: %s hits %s (%r)", session_id, verdict.rule_id, verdict.matched)
+        outcome.transfer = _transfer(runtime, session, transfer_request(
+            session, reason=verdict.reason, urgency=verdict.urgency, trigger=verdict.trigger,
+            suggestion=verdict.suggestion, details=verdict.as_details(), recent=recent,
+        ))
+    elif request_llm is not None and llm_configured(runtime) and any(
+        line.sender_role == SenderRole.COUNTERPART for line in new
+    ):
+        request_llm(session_id)
+        outcome.llm_requested = True
+    _advance_mark(runtime, session.id, max(line.pk for line in new))
+    return outcome
+
+
+def llm_configured(runtime: Runtime) -> bool:
+    return bool(runtime.settings.llm_base_url and runtime.settings.llm_model)
+
+
+def analyse_with_llm(runtime: Runtime, session_id: str) -> DetectionOutcome:
+    """Ask the LLM about the session's recent conversation; transfer if it says so.
+
+    Any failure is logged and leaves the rules' verdict (no transfer) standing."""
+    outcome = DetectionOutcome(session_id)
+    settings = runtime.settings
+    if not llm_configured(runtime):
+        outcome.skipped = "LLM not configured"
+        return outcome
+    with runtime.database.read() as db:
+        session = db.execute(
+            select(Session).where(Session.session_id == session_id)
+        ).scalar_one_or_none()
+        if session is None or not _is_watched(session):
+            outcome.skipped = "not an ACTIVE robot session"
+            return outcome
+        recent = _recent(db, session.id)
+    outcome.examined = len(recent)
+    try:
+        verdict = llm.analyse(
+            recent, base_url=settings.llm_base_url or "", model=settings.llm_model or "",
+            api_key=settings.llm_api_key, timeout=settings.llm_timeout,
+        )
+    except llm.LlmUnavailable as exc:
+        log.warning("detector: LLM gave no verdict for %s, rules' verdict stands: %s",
+                    session_id, exc)
+        outcome.skipped = f"LLM unavailable: {exc}"
+        return outcome
+    if not verdict.need_human:
+        return outcome
+    outcome.verdict = RuleVerdict(
+        rule_id="llm", intent="llm", trigger=TransferTrigger.LLM, urgency=verdict.urgency,
+        reason=verdict.reason or "LLM: a human should take over",
+        suggestion=verdict.suggestion or "", matched="", message_id=None,
+    )
+    outcome.transfer = _transfer(runtime, session, transfer_request(
+        session, reason=outcome.verdict.reason, urgency=verdict.urgency,
+        trigger=TransferTrigger.LLM, suggestion=verdict.suggestion,
+        details={"analyser": "llm", "model": settings.llm_model,
+                 "verdict": verdict.model_dump()}, recent=recent,
+    ))
+    return outcome

@@ -1,0 +1,309 @@
+"""Reading chat exports as a stream of records, each with its 1-based line number.
+
+Formats: a JSON array, NDJSON (one object per line) or CSV with a header; text in
+UTF-8, UTF-8 with a BOM or GBK; optionally gzip-compressed. Nothing here holds
+more than one block of the file in memory, so memory stays flat as files grow.
+
+Lines are counted on `\\n` only. A bare `\\r` is not a line break: real exports
+carry stray carriage returns inside unquoted CSV fields, and Python's `csv`
+module would split the record there.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import io
+import json
+import re
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import IO, Any
+
+BLOCK = 1 << 16
+MAX_ELEMENT_CHARS = 1 << 20  # a JSON element bigger than this is malformed, not unfinished
+GZIP_MAGIC = b"\x1f\x8b"
+UTF8_BOM = codecs.BOM_UTF8
+CR_STAND_IN = "\U0010fffd"  # a private-use code point that stands for a bare \r in CSV
+_BARE_CR = re.compile(r"\r(?!\n)")
+_SURROGATE = re.compile("[\udc80-\udcff]")
+
+OpenBinary = Callable[[], IO[bytes]]
+
+
+class ImportFormat(StrEnum):
+    JSON = "json"
+    NDJSON = "ndjson"
+    CSV = "csv"
+
+
+ENCODINGS = ("utf-8", "utf-8-sig", "gbk")
+
+
+class UnreadableUpload(ValueError):
+    """The upload as a whole cannot be read (not a row-level problem)."""
+
+
+@dataclass(slots=True)
+class Record:
+    """One record of the export: its fields, or why it could not be read."""
+
+    line: int
+    fields: dict[str, Any] | None
+    error: str | None = None
+
+
+# ---- bytes → text -------------------------------------------------------------------
+def is_gzip(head: bytes) -> bool:
+    return head[:2] == GZIP_MAGIC
+
+
+def open_decompressed(open_binary: OpenBinary) -> IO[bytes]:
+    """The upload's bytes, gunzipped on the fly when it starts with the gzip magic."""
+    raw = open_binary()
+    buffered = raw if isinstance(raw, io.BufferedReader) else io.BufferedReader(raw, BLOCK)  # type: ignore[arg-type]
+    if is_gzip(buffered.peek(2)[:2]):
+        import gzip
+
+        return gzip.GzipFile(fileobj=buffered, mode="rb")  # type: ignore[return-value]
+    return buffered  # type: ignore[return-value]
+
+
+def detect_encoding(open_binary: OpenBinary) -> str:
+    """UTF-8 with a BOM, else UTF-8 if every byte decodes as UTF-8, else GBK.
+
+    The whole stream is checked (incrementally), so a GBK character deep in a file
+    that starts in ASCII is still found."""
+    stream = open_decompressed(open_binary)
+    try:
+        head = stream.read(len(UTF8_BOM))
+        if head == UTF8_BOM:
+            return "utf-8-sig"
+        decoder = codecs.getincrementaldecoder("utf-8")("strict")
+        try:
+            decoder.decode(head)
+            while block := stream.read(BLOCK):
+                decoder.decode(block)
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            return "gbk"
+        return "utf-8"
+    finally:
+        stream.close()
+
+
+def open_text(open_binary: OpenBinary, encoding: str) -> IO[str]:
+    """Decoded text, split into lines on `\\n` only; undecodable bytes become
+    surrogates so that the row holding them is reported, not the whole file."""
+    return io.TextIOWrapper(
+        open_decompressed(open_binary), encoding=encoding, errors="surrogateescape",
+        newline="\n",
+    )
+
+
+def detect_format(filename: str | None, open_binary: OpenBinary, encoding: str) -> ImportFormat:
+    """From the file name when it says (`.csv`, `.json`, `.ndjson`/`.jsonl`, with or
+    without `.gz`), else from the first non-blank character: `[` JSON, `{` NDJSON,
+    anything else CSV."""
+    name = (filename or "").lower().removesuffix(".gz").removesuffix(".gzip")
+    for suffix, fmt in ((".csv", ImportFormat.CSV), (".ndjson", ImportFormat.NDJSON),
+                        (".jsonl", ImportFormat.NDJSON), (".json", ImportFormat.JSON)):
+        if name.endswith(suffix):
+            return fmt
+    with open_text(open_binary, encoding) as text:
+        head = text.read(4096).lstrip("\ufeff \t\r\n")
+    if head.startswith("["):
+        return ImportFormat.JSON
+    if head.startswith("{"):
+        return ImportFormat.NDJSON
+    return ImportFormat.CSV
+
+
+# ---- text → records -----------------------------------------------------------------
+def iter_records(text: IO[str], fmt: ImportFormat) -> Iterator[Record]:
+    if fmt is ImportFormat.CSV:
+        return iter_csv(text)
+    if fmt is ImportFormat.NDJSON:
+        return iter_ndjson(text)
+    return iter_json_array(text)
+
+
+def normalize_key(key: str) -> str:
+    return key.strip().lstrip("\ufeff").strip().lower().replace(" ", "_").replace("-", "_")
+
+
+def has_undecodable(fields: dict[str, Any]) -> bool:
+    return any(isinstance(v, str) and _SURROGATE.search(v) for v in fields.values())
+
+
+def _checked(record: Record, encoding_note: str) -> Record:
+    if record.fields is not None and has_undecodable(record.fields):
+        return Record(record.line, None, f"the row holds bytes that are not valid {encoding_note}")
+    return record
+
+
+def iter_csv(text: IO[str]) -> Iterator[Record]:
+    """CSV with a header row; quoted fields may span lines (the record's line is where
+    it starts); a bare \\r inside a field is kept as part of the field."""
+    encoding = getattr(text, "encoding", "utf-8")
+
+    def lines() -> Iterator[str]:
+        for line in text:
+            yield _BARE_CR.sub(CR_STAND_IN, line) if "\r" in line else line
+
+    reader = csv.reader(lines(), strict=False)
+    consumed = 0
+    header: list[str] | None = None
+    while True:
+        start = consumed + 1
+        try:
+            values = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            consumed = reader.line_num
+            yield Record(start, None, f"unreadable CSV record: {exc}")
+            continue
+        consumed = reader.line_num
+        if not values or (len(values) == 1 and not values[0].strip()):
+            continue  # blank line
+        if any(CR_STAND_IN in v for v in values):
+            values = [v.replace(CR_STAND_IN, "\r") for v in values]
+        if header is None:
+            header = [normalize_key(h) for h in values]
+            if not any(header):
+                raise UnreadableUpload("line 1: the CSV header is empty")
+            continue
+        if len(values) != len(header):
+            yield Record(start, None,
+                         f"the record has {len(values)} fields, the header has {len(header)}")
+            continue
+        fields = {k: v for k, v in zip(header, values, strict=True) if k}
+        yield _checked(Record(start, fields), encoding)
+    # unreachable
+
+
+def iter_ndjson(text: IO[str]) -> Iterator[Record]:
+    encoding = getattr(text, "encoding", "utf-8")
+    for number, line in enumerate(text, start=1):
+        body = line.strip().lstrip("\ufeff")
+        if not body:
+            continue
+        try:
+            value = json.loads(body)
+        except ValueError as exc:
+            yield Record(number, None, f"not valid JSON: {_json_error(exc)}")
+            continue
+        yield _checked(_as_object(number, value), encoding)
+
+
+def iter_json_array(text: IO[str]) -> Iterator[Record]:
+    """The elements of a top-level JSON array, decoded one at a time from a moving
+    window; a malformed element is reported and skipped up to the next element."""
+    encoding = getattr(text, "encoding", "utf-8")
+    decoder = json.JSONDecoder()
+    buf = ""
+    pos = 0
+    line = 1
+    eof = False
+
+    def fill() -> bool:
+        nonlocal buf, pos, eof
+        if eof:
+            return False
+        block = text.read(BLOCK)
+        if not block:
+            eof = True
+            return False
+        if pos > BLOCK:
+            buf = buf[pos:]
+            pos = 0
+        buf += block
+        return True
+
+    def skip_space() -> None:
+        nonlocal pos, line
+        while True:
+            end = len(buf)
+            start = pos
+            while pos < end and buf[pos] in " \t\r\n\ufeff":
+                pos += 1
+            line += buf.count("\n", start, pos)
+            if pos < end or not fill():
+                return
+
+    skip_space()
+    if pos >= len(buf):
+        return
+    if buf[pos] != "[":
+        raise UnreadableUpload(f"line {line}: a JSON upload must be an array of message objects")
+    pos += 1
+    expect_value = True
+    while True:
+        skip_space()
+        if pos >= len(buf):
+            raise UnreadableUpload(f"line {line}: the JSON array is not closed (file truncated?)")
+        char = buf[pos]
+        if char == "]":
+            return
+        if not expect_value:
+            if char != ",":
+                raise UnreadableUpload(f"line {line}: expected ',' or ']' between elements")
+            pos += 1
+            expect_value = True
+            continue
+        try:
+            value, end = decoder.raw_decode(buf, pos)
+        except ValueError as exc:
+            if not eof and len(buf) - pos < MAX_ELEMENT_CHARS and fill():
+                continue  # probably unfinished: read more and decode again
+            yield Record(line, None, f"not valid JSON: {_json_error(exc)}")
+            if not _resync(buf, pos):
+                raise UnreadableUpload(
+                    f"line {line}: malformed JSON, and no further element could be found"
+                ) from None
+            new_pos = _resync(buf, pos)
+            line += buf.count("\n", pos, new_pos)
+            pos = new_pos
+            expect_value = True
+            continue
+        yield _checked(_as_object(line, value), encoding)
+        line += buf.count("\n", pos, end)
+        pos = end
+        expect_value = False
+
+
+def _resync(buf: str, pos: int) -> int:
+    """Where the next element seems to start after a malformed one: a `{` that opens a
+    line (pretty-printed or one-per-line arrays)."""
+    match = re.compile(r"\n\s*,?\s*\{").search(buf, pos + 1)
+    if match is None:
+        return 0
+    return match.end() - 1
+
+
+def _as_object(line: int, value: Any) -> Record:
+    if not isinstance(value, dict):
+        return Record(line, None, f"expected a JSON object, got {type(value).__name__}")
+    return Record(line, {normalize_key(str(k)): v for k, v in value.items()})
+
+
+def _json_error(exc: Exception) -> str:
+    return str(exc).split(": line", 1)[0]
+
+
+# ---- staged row pieces (compressed JSON lines) -----------------------------------------
+def pack_rows(rows: list[tuple[int, dict[str, Any]]]) -> bytes:
+    body = "\n".join(json.dumps([line, fields], ensure_ascii=False, separators=(",", ":"),
+                                default=str) for line, fields in rows)
+    return zlib.compress(body.encode("utf-8", "surrogatepass"), 1)
+
+
+def unpack_rows(payload: bytes) -> Iterator[tuple[int, dict[str, Any]]]:
+    text = zlib.decompress(payload).decode("utf-8", "surrogatepass")
+    for line in text.split("\n"):
+        if line:
+            number, fields = json.loads(line)
+            yield number, fields

@@ -1,0 +1,821 @@
+"""Grouping imported messages into sessions: SPEC §4 steps 2–7, one slot at a time.
+
+For every slot (account_id, shop_id) of a batch:
+
+1. drop messages already stored or repeated in the batch (by message_id),
+2. order by time and cut into segments at gaps over SESSION_GAP (`split_at_gaps`,
+   a replaceable step: any `Segmenter`),
+3. plan each segment (`plan_slot`, pure): attach it to an existing session it
+   overlaps or continues within the gap, or create a session (`origin=import`,
+   typed by our side's first sender; a robot→staff segment is a hand-off with a
+   transfer record, trigger `history`), or — staff talking on a slot whose robot
+   session is ACTIVE — the seed's "人工自由" case 1,
+4. apply the plan. Slots whose plan only touches the past (closed segments,
+   ended sessions) are written in bulk in the caller's transaction, without
+   events. Slots with anything live (a segment that ended less than SESSION_GAP
+   ago, an open session, a conflict) go through `SessionService.run_on_slot`, so
+   the slot lock, the fence and the §3.5 rules apply exactly as for a request.
+
+Every session touched gets an audit row by `system:import`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+
+from pydantic import ValidationError
+from sqlalchemy import insert, select
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session as DbSession
+
+from app.audit.models import Operation
+from app.audit.trail import operation_values, record_operation
+from app.db import UnitOfWork, is_retryable_db_error, utcnow
+from app.ids import new_id
+from app.imports.rows import ChatRow, row_error_text
+from app.messages.models import Message
+from app.sessions import rules
+from app.sessions.enums import (
+    Origin,
+    Priority,
+    SenderRole,
+    SessionStatus,
+    SessionType,
+    TaskType,
+    TransferStatus,
+    TransferTrigger,
+)
+from app.sessions.models import Session
+from app.sessions.schemas import TransferRequest
+from app.transfers.models import Transfer
+
+log = logging.getLogger(__name__)
+
+ACTOR = "system:import"
+MAX_CONTENT_BYTES = 65535  # MySQL TEXT; longer rows are refused, never truncated
+ID_BATCH = 500
+BULK_ATTEMPTS = 5
+S = SessionStatus
+OUR_SIDE = (SenderRole.ROBOT, SenderRole.HUMAN)
+Slot = tuple[str, str]
+
+
+# ---- values ---------------------------------------------------------------------------
+@dataclass
+class ImportCounts:
+    """What a batch did; `inserted + duplicates + invalid` is every row it was given."""
+
+    inserted: int = 0
+    duplicates: int = 0
+    invalid: int = 0
+    sessions_created: int = 0
+    sessions_updated: int = 0
+    conflicts: int = 0
+    errors: list[dict[str, Any]] = field(default_factory=list)
+
+    COUNTERS = ("inserted", "duplicates", "invalid", "sessions_created", "sessions_updated",
+                "conflicts")
+
+    def add(self, other: ImportCounts) -> None:
+        for name in self.COUNTERS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.errors.extend(other.errors)
+
+    def error(self, line: int, text: str) -> None:
+        self.invalid += 1
+        self.errors.append({"line": line, "error": text})
+
+    def as_dict(self, max_errors: int = 100) -> dict[str, Any]:
+        body: dict[str, Any] = {name: getattr(self, name) for name in self.COUNTERS}
+        body["errors"] = sorted(self.errors, key=lambda e: e["line"])[:max_errors]
+        return body
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ImportCounts:
+        counts = cls(**{name: int(data.get(name, 0)) for name in cls.COUNTERS})
+        counts.errors = list(data.get("errors") or [])
+        return counts
+
+
+@dataclass(slots=True)
+class Msg:
+    """A validated row on its way to the messages table."""
+
+    line: int
+    message_id: str
+    account_id: str
+    shop_id: str
+    sender_role: SenderRole
+    sender_id: str | None
+    content: str
+    message_type: str
+    sent_at: datetime
+    session_id: str | None
+    task_type: TaskType | None
+
+    @classmethod
+    def from_row(cls, line: int, row: ChatRow) -> Msg:
+        return cls(
+            line=line, message_id=row.message_id or "", account_id=row.account_id or "",
+            shop_id=row.shop_id or "", sender_role=SenderRole(row.sender_role),
+            sender_id=row.sender_id, content=row.content, message_type=row.message_type,
+            sent_at=row.sent_at, session_id=row.session_id, task_type=row.task_type,
+        )
+
+
+def validate_row(line: int, fields: dict[str, Any], tz: Any) -> Msg | str:
+    """A `Msg`, or the reason the row is refused (naming the field)."""
+    try:
+        row = ChatRow.model_validate(fields, context={"tz": tz})
+    except ValidationError as exc:
+        return row_error_text(exc)
+    except (TypeError, ValueError) as exc:
+        return str(exc)
+    return check_msg(Msg.from_row(line, row))
+
+
+def check_msg(msg: Msg) -> Msg | str:
+    if len(msg.content) * 4 > MAX_CONTENT_BYTES and (
+        len(msg.content.encode("utf-8", "surrogatepass")) > MAX_CONTENT_BYTES
+    ):
+        return f"content: longer than {MAX_CONTENT_BYTES} bytes in UTF-8"
+    if not msg.account_id or not msg.shop_id:
+        return "account_id and shop_id are required (or a session_id naming a known session)"
+    return msg
+
+
+# ---- segmentation (replaceable) ---------------------------------------------------------
+class Segmenter(Protocol):
+    def __call__(self, messages: Sequence[Msg], gap: timedelta) -> list[list[Msg]]: ...
+
+
+def split_at_gaps(messages: Sequence[Msg], gap: timedelta) -> list[list[Msg]]:
+    """SPEC §4 step 4: a new segment wherever two consecutive messages are more than
+    `gap` apart. `messages` are in time order."""
+    segments: list[list[Msg]] = []
+    for msg in messages:
+        if segments and msg.sent_at - segments[-1][-1].sent_at <= gap:
+            segments[-1].append(msg)
+        else:
+            segments.append([msg])
+    return segments
+
+
+# ---- planning (pure) -------------------------------------------------------------------
+@dataclass(slots=True)
+class Known:
+    """The facts about an existing session that grouping needs."""
+
+    pk: int
+    session_id: str
+    session_type: SessionType
+    status: SessionStatus
+    start: datetime
+    end: datetime | None  # None while the session is open (it runs until now)
+    holds_slot: bool
+
+    @classmethod
+    def of(cls, session: Session) -> Known:
+        status = S(session.status)
+        start = session.first_message_at or session.activated_at or session.created_at
+        end: datetime | None = None
+        if status.is_terminal:
+            candidates = [t for t in (session.ended_at, session.last_message_at) if t]
+            end = max(candidates) if candidates else start
+        return cls(pk=session.id, session_id=session.session_id,
+                   session_type=SessionType(session.session_type), status=status,
+                   start=start, end=end, holds_slot=bool(session.holds_slot))
+
+    @property
+    def is_open(self) -> bool:
+        return self.end is None
+
+
+@dataclass
+class NewSession:
+    messages: list[Msg]
+    session_type: SessionType
+    task_type: TaskType
+    owner_id: str | None
+    unanswered: bool
+    handoff_at: int | None  # index of the first staff message after the robot's
+    closed: bool
+
+    @property
+    def start(self) -> datetime:
+        return self.messages[0].sent_at
+
+    @property
+    def end(self) -> datetime:
+        return self.messages[-1].sent_at
+
+
+@dataclass
+class Attach:
+    target: Known
+    messages: list[Msg]
+
+
+@dataclass
+class FreeChat:
+    """Staff wrote on a slot whose robot session is ACTIVE (seed "人工自由", case 1)."""
+
+    robot: Known
+    before: list[Msg]  # the segment's messages before the first staff message
+    human: NewSession
+
+
+Step = NewSession | Attach | FreeChat
+
+
+def plan_slot(
+    messages: Sequence[Msg],
+    sessions: Sequence[Known],
+    *,
+    now: datetime,
+    gap: timedelta,
+    segmenter: Segmenter = split_at_gaps,
+) -> list[Step]:
+    """Decide what happens to a slot's new messages (time-ordered, de-duplicated)."""
+    steps: list[Step] = []
+    by_id = {k.session_id: k for k in sessions}
+    loose: list[Msg] = []
+    pinned: dict[str, list[Msg]] = defaultdict(list)
+    for msg in messages:
+        if msg.session_id and msg.session_id in by_id:
+            pinned[msg.session_id].append(msg)
+        else:
+            loose.append(msg)
+    for session_id, msgs in pinned.items():
+        steps.append(Attach(by_id[session_id], msgs))
+    for segment in segmenter(loose, gap):
+        target = choose_target(segment, sessions, now=now, gap=gap)
+        closed = segment[-1].sent_at < now - gap
+        if target is None:
+            steps.append(new_session(segment, closed=closed))
+            continue
+        first_staff = next(
+            (i for i, m in enumerate(segment) if m.sender_role == SenderRole.HUMAN), None
+        )
+        if (target.status == S.ACTIVE and target.session_type.is_robot
+                and first_staff is not None):
+            human = new_session(segment[first_staff:], closed=closed, force_human=True)
+            steps.append(FreeChat(target, segment[:first_staff], human))
+        else:
+            steps.append(Attach(target, segment))
+    return steps
+
+
+def choose_target(
+    segment: Sequence[Msg], sessions: Sequence[Known], *, now: datetime, gap: timedelta
+) -> Known | None:
+    """The session a segment overlaps or continues within `gap`: the slot's occupant
+    first, else the one that ends last."""
+    start, end = segment[0].sent_at, segment[-1].sent_at
+    candidates = [
+        k for k in sessions
+        if k.start - gap <= end and start <= (k.end or now) + gap
+    ]
+    if not candidates:
+        return None
+    for k in candidates:
+        if k.holds_slot:
+            return k
+    return max(candidates, key=lambda k: k.end or now)
+
+
+def new_session(segment: list[Msg], *, closed: bool, force_human: bool = False) -> NewSession:
+    """Type a new session by our side's first sender (SPEC §4 step 5)."""
+    task = next((m.task_type for m in segment if m.task_type), None)
+    ours = [(i, m) for i, m in enumerate(segment) if m.sender_role in OUR_SIDE]
+    handoff: int | None = None
+    if not ours or force_human or ours[0][1].sender_role == SenderRole.HUMAN:
+        kind = rules.DEFAULT_HUMAN_TYPE_BY_TASK.get(task, SessionType.MANUAL_CUSTOMER_SERVICE) \
+            if task else SessionType.MANUAL_CUSTOMER_SERVICE
+    else:
+        kind = rules.DEFAULT_ROBOT_TYPE_BY_TASK[task] if task else SessionType.AUTO_BARGAIN
+        handoff = next((i for i, m in ours if m.sender_role == SenderRole.HUMAN), None)
+    owner = ours[0][1].sender_id if ours else None
+    return NewSession(
+        messages=segment, session_type=kind, task_type=task or rules.DEFAULT_TASK_BY_TYPE[kind],
+        owner_id=owner, unanswered=not ours, handoff_at=handoff, closed=closed,
+    )
+
+
+def needs_slot_lock(steps: Iterable[Step]) -> bool:
+    """Anything live goes through the slot rules; only the past is written in bulk."""
+    for step in steps:
+        if isinstance(step, FreeChat):
+            return True
+        if isinstance(step, Attach) and step.target.is_open:
+            return True
+        if isinstance(step, NewSession) and not step.closed:
+            return True
+    return False
+
+
+# ---- reading what is stored -------------------------------------------------------------
+def stored_ids(db: DbSession, ids: Sequence[str]) -> set[str]:
+    found: set[str] = set()
+    for i in range(0, len(ids), ID_BATCH):
+        batch = ids[i:i + ID_BATCH]
+        found.update(db.execute(
+            select(Message.message_id).where(Message.message_id.in_(batch))
+        ).scalars())
+    return found
+
+
+def known_sessions(db: DbSession, slots: Iterable[Slot], *, lock: bool = False
+                   ) -> dict[Slot, list[Session]]:
+    wanted = set(slots)
+    result: dict[Slot, list[Session]] = defaultdict(list)
+    if not wanted:
+        return result
+    accounts = sorted({a for a, _ in wanted})
+    shops = sorted({s for _, s in wanted})
+    for i in range(0, len(shops), ID_BATCH):
+        stmt = select(Session).where(Session.account_id.in_(accounts),
+                                     Session.shop_id.in_(shops[i:i + ID_BATCH]))
+        if lock:
+            stmt = stmt.with_for_update()
+        for session in db.execute(stmt).scalars():
+            if session.slot in wanted:
+                result[session.slot].append(session)
+    return result
+
+
+def fresh_messages(db: DbSession, slots: dict[Slot, list[Msg]], counts: ImportCounts
+                   ) -> dict[Slot, list[Msg]]:
+    """Step 2 and 3: drop what is stored or repeated, order each slot by time."""
+    seen: set[str] = set()
+    ids = [m.message_id for msgs in slots.values() for m in msgs]
+    stored = stored_ids(db, ids)
+    result: dict[Slot, list[Msg]] = {}
+    for slot, msgs in slots.items():
+        keep = []
+        for msg in sorted(msgs, key=lambda m: m.line):
+            if msg.message_id in stored or msg.message_id in seen:
+                counts.duplicates += 1
+                continue
+            seen.add(msg.message_id)
+            keep.append(msg)
+        if keep:
+            keep.sort(key=lambda m: (m.sent_at, m.line))
+            result[slot] = keep
+    return result
+
+
+# ---- writing ------------------------------------------------------------------------
+def message_values(msg: Msg, session_pk: int, now: datetime, job_id: str | None
+                   ) -> dict[str, Any]:
+    return {
+        "message_id": msg.message_id, "session_pk": session_pk, "account_id": msg.account_id,
+        "shop_id": msg.shop_id, "sender_role": str(msg.sender_role), "sender_id": msg.sender_id,
+        "content": msg.content, "message_type": msg.message_type, "sent_at": msg.sent_at,
+        "received_at": now, "import_job_id": job_id,
+    }
+
+
+def count_roles(messages: Sequence[Msg]) -> dict[SenderRole, int]:
+    counts = dict.fromkeys(SenderRole, 0)
+    for m in messages:
+        counts[m.sender_role] += 1
+    return counts
+
+
+def add_to_session(session: Session, messages: Sequence[Msg]) -> None:
+    """Counters and message times of `session` after `messages` were stored on it."""
+    roles = count_roles(messages)
+    session.message_count = (session.message_count or 0) + len(messages)
+    session.robot_message_count = (session.robot_message_count or 0) + roles[SenderRole.ROBOT]
+    session.human_message_count = (session.human_message_count or 0) + roles[SenderRole.HUMAN]
+    session.counterpart_message_count = (
+        (session.counterpart_message_count or 0) + roles[SenderRole.COUNTERPART]
+    )
+    first = min(m.sent_at for m in messages)
+    last = max(m.sent_at for m in messages)
+    if session.first_message_at is None or first < session.first_message_at:
+        session.first_message_at = first
+    if session.last_message_at is None or last > session.last_message_at:
+        session.last_message_at = last
+    if session.origin == Origin.IMPORT and S(session.status).is_terminal and (
+        session.ended_at is None or last > session.ended_at
+    ):
+        session.ended_at = last
+
+
+class Writer:
+    """Collects one transaction's rows and writes them with a few bulk statements."""
+
+    def __init__(self, db: DbSession, *, now: datetime, actor: str, job_id: str | None) -> None:
+        self.db = db
+        self.now = now
+        self.actor = actor
+        self.job_id = job_id
+        self.counts = ImportCounts()
+        self._sessions: list[tuple[dict[str, Any], NewSession]] = []
+        self._messages: list[tuple[Msg, int | str]] = []  # session pk, or public id if new
+        self._attached: dict[int, list[Msg]] = defaultdict(list)
+
+    # closed (historical) sessions: no slot, no events
+    def closed_session(self, plan: NewSession) -> None:
+        msgs = plan.messages
+        roles = count_roles(msgs)
+        public = new_id("ses")
+        first = msgs[0]
+        values = {
+            "session_id": public, "account_id": first.account_id, "shop_id": first.shop_id,
+            "session_type": str(plan.session_type), "task_type": str(plan.task_type),
+            "priority": int(rules.default_priority(plan.session_type, plan.task_type)),
+            "status": str(S.COMPLETED), "holds_slot": None, "pause_cause": None,
+            "owner_id": plan.owner_id,
+            "assigned_agent_id": plan.owner_id if plan.session_type.is_human else None,
+            "origin": str(Origin.IMPORT), "created_at": plan.start, "requested_at": plan.start,
+            "activated_at": plan.start, "ended_at": plan.end, "last_activity_at": plan.end,
+            "deadline_at": None, "message_count": len(msgs),
+            "robot_message_count": roles[SenderRole.ROBOT],
+            "human_message_count": roles[SenderRole.HUMAN],
+            "counterpart_message_count": roles[SenderRole.COUNTERPART],
+            "first_message_at": plan.start, "last_message_at": plan.end,
+            "end_reason": "history import", "unanswered": plan.unanswered,
+            "reason": "history import",
+        }
+        self._sessions.append((values, plan))
+        self._messages.extend((m, public) for m in msgs)
+        self.counts.sessions_created += 1
+
+    def attach_closed(self, target: Known, messages: list[Msg]) -> None:
+        self._attached[target.pk].extend(messages)
+
+    def flush(self) -> None:
+        db = self.db
+        public_to_pk: dict[str, int] = {}
+        if self._sessions:
+            db.execute(insert(Session), [values for values, _ in self._sessions])
+            ids = [values["session_id"] for values, _ in self._sessions]
+            for i in range(0, len(ids), ID_BATCH):
+                public_to_pk.update(dict(db.execute(
+                    select(Session.session_id, Session.id)
+                    .where(Session.session_id.in_(ids[i:i + ID_BATCH]))
+                ).all()))
+            audits, transfers = [], []
+            for values, plan in self._sessions:
+                pk = public_to_pk[values["session_id"]]
+                details: dict[str, Any] = {
+                    "job_id": self.job_id, "messages": len(plan.messages),
+                    "first_message_at": plan.start.isoformat(),
+                    "last_message_at": plan.end.isoformat(),
+                }
+                if plan.unanswered:
+                    details["unanswered"] = True
+                if plan.handoff_at is not None:
+                    transfer = handoff_transfer(values, pk, plan, self.now, closed=True)
+                    transfers.append(transfer)
+                    details["transfer_id"] = transfer["transfer_id"]
+                audits.append(operation_values(
+                    session_pk=pk, session_id=values["session_id"], operation="import",
+                    from_status=None, to_status=S.COMPLETED, actor=self.actor, at=self.now,
+                    prev_hash=None, reason="history import", details=details,
+                ))
+            db.execute(insert(Operation), audits)
+            if transfers:
+                db.execute(insert(Transfer), transfers)
+        if self._attached:
+            pks = sorted(self._attached)
+            rows = {s.id: s for s in db.execute(
+                select(Session).where(Session.id.in_(pks)).with_for_update()
+            ).scalars()}
+            for pk in pks:
+                session, msgs = rows[pk], self._attached[pk]
+                self._messages.extend((m, pk) for m in msgs)
+                add_to_session(session, msgs)
+                record_operation(db, session, operation="import-messages",
+                                 from_status=session.status, to_status=session.status,
+                                 actor=self.actor, at=self.now, reason="history import",
+                                 details={"job_id": self.job_id, "messages": len(msgs)})
+                self.counts.sessions_updated += 1
+        if self._messages:
+            values = [
+                message_values(m, public_to_pk[ref] if isinstance(ref, str) else ref,
+                               self.now, self.job_id)
+                for m, ref in self._messages
+            ]
+            db.execute(insert(Message), values)
+            self.counts.inserted += len(values)
+        db.flush()
+
+
+def handoff_transfer(session: dict[str, Any] | Session, session_pk: int, plan: NewSession,
+                     now: datetime, *, closed: bool) -> dict[str, Any]:
+    """The transfer record of a robot→staff hand-off found in history (trigger `history`)."""
+    assert plan.handoff_at is not None
+    staff = plan.messages[plan.handoff_at]
+    public = session["session_id"] if isinstance(session, dict) else session.session_id
+    recent = plan.messages[max(0, plan.handoff_at - 10):plan.handoff_at]
+    return {
+        "transfer_id": new_id("trf"), "session_pk": session_pk, "session_id": public,
+        "status": str(TransferStatus.COMPLETED if closed else TransferStatus.ACCEPTED),
+        "urgency": int(Priority.HIGH), "reason": "hand-off found in imported history",
+        "trigger": str(TransferTrigger.HISTORY), "requested_agent_id": None,
+        "offered_agent_id": staff.sender_id, "agent_id": staff.sender_id,
+        "history": {"recent": [
+            {"message_id": m.message_id, "sender_role": str(m.sender_role),
+             "content": m.content[:500], "sent_at": m.sent_at.isoformat()} for m in recent
+        ]},
+        "task_state": None, "customer_info": None, "suggestion": None, "escalations": 0,
+        "previous_transfer_id": None, "created_at": staff.sent_at, "offered_at": staff.sent_at,
+        "expires_at": None, "accepted_at": staff.sent_at,
+        "ended_at": plan.end if closed else None,
+    }
+
+
+# ---- the live path: one slot under its lock --------------------------------------------
+def apply_live_slot(tx: Any, steps: list[Step], *, job_id: str | None,
+                    counts: ImportCounts) -> None:
+    """Apply a slot's plan inside `SessionService.run_on_slot` (a SlotTx)."""
+    writer = Writer(tx.db, now=tx.now, actor=tx.actor, job_id=job_id)
+    for step in steps:
+        if isinstance(step, NewSession):
+            if step.closed:
+                writer.closed_session(step)
+            else:
+                _live_session(tx, writer, step, counts)
+        elif isinstance(step, Attach):
+            if step.target.is_open:
+                _attach_open(tx, writer, step.target.pk, step.messages, counts)
+            else:
+                writer.attach_closed(step.target, step.messages)
+        else:
+            if step.before:
+                _attach_open(tx, writer, step.robot.pk, step.before, counts)
+            _free_chat(tx, writer, step, counts)
+    writer.flush()
+    counts.add(writer.counts)
+
+
+def _store_on(tx: Any, writer: Writer, session: Session, msgs: list[Msg]) -> None:
+    tx.db.execute(insert(Message), [message_values(m, session.id, tx.now, writer.job_id)
+                                    for m in msgs])
+    add_to_session(session, msgs)
+    writer.counts.inserted += len(msgs)
+
+
+def _attach_open(tx: Any, writer: Writer, pk: int, msgs: list[Msg],
+                 counts: ImportCounts) -> None:
+    session = tx.db.get(Session, pk)
+    _store_on(tx, writer, session, msgs)
+    last = max(m.sent_at for m in msgs)
+    if last > session.last_activity_at:
+        session.last_activity_at = last
+        session.deadline_at = tx.service.deadline_for(session, tx.now)
+    tx.audit(session, "import-messages", from_status=session.status, reason="history import",
+             details={"job_id": writer.job_id, "messages": len(msgs)})
+    counts.sessions_updated += 1
+    if (session.status == S.ACTIVE and SessionType(session.session_type).is_robot
+            and any(m.sender_role == SenderRole.COUNTERPART for m in msgs)
+            and session.session_id not in tx.counterpart_sessions):
+        tx.counterpart_sessions.append(session.session_id)
+
+
+def _new_live_row(tx: Any, plan: NewSession, job_id: str | None) -> Session:
+    session = Session(
+        session_id=new_id("ses"), account_id=tx.account_id, shop_id=tx.shop_id,
+        session_type=plan.session_type, task_type=plan.task_type,
+        priority=int(rules.default_priority(plan.session_type, plan.task_type)),
+        status=S.PENDING, owner_id=plan.owner_id,
+        assigned_agent_id=plan.owner_id if plan.session_type.is_human else None,
+        origin=Origin.IMPORT, created_at=plan.start, requested_at=tx.now,
+        last_activity_at=plan.end, reason="history import", message_count=0,
+        robot_message_count=0, human_message_count=0, counterpart_message_count=0,
+        unanswered=plan.unanswered,
+    )
+    session.deadline_at = tx.service.deadline_for(session, tx.now)
+    tx.db.add(session)
+    tx.db.flush()
+    tx.audit(session, "create", from_status=None, reason="history import",
+             details={"job_id": job_id, "origin": "import",
+                      "first_message_at": plan.start.isoformat()})
+    return session
+
+
+def _live_session(tx: Any, writer: Writer, plan: NewSession, counts: ImportCounts) -> None:
+    """A segment still going on joins the slot rules like any request (§3.5)."""
+    session = _new_live_row(tx, plan, writer.job_id)
+    occupant = tx.occupant()
+    tx.claim_or_wait(session)
+    if occupant is not None:
+        counts.conflicts += 1
+    _store_on(tx, writer, session, plan.messages)
+    if session.status == S.ACTIVE:
+        session.last_activity_at = max(plan.end, session.activated_at or plan.end)
+    session.deadline_at = tx.service.deadline_for(session, tx.now)
+    if session.status == S.PENDING:
+        tx.event("session.queued", session, {"origin": "import",
+                                              "occupant_session_id": occupant.session_id
+                                              if occupant else None})
+    if plan.handoff_at is not None and session.status == S.ACTIVE:
+        tx.service._open_transfer(tx, session, TransferRequest(
+            reason="hand-off found in imported history", urgency=Priority.HIGH,
+            trigger=TransferTrigger.HISTORY,
+            agent_id=plan.messages[plan.handoff_at].sender_id,
+        ))
+    counts.sessions_created += 1
+    if (session.status == S.ACTIVE and SessionType(session.session_type).is_robot
+            and any(m.sender_role == SenderRole.COUNTERPART for m in plan.messages)):
+        tx.counterpart_sessions.append(session.session_id)
+
+
+def _free_chat(tx: Any, writer: Writer, step: FreeChat, counts: ImportCounts) -> None:
+    """Case 1 for staff found talking during an ACTIVE robot session: the robot is
+    paused (and told, through the outbox), a human session is recorded; if the staff
+    conversation is already over, that human session completes and the robot resumes."""
+    plan = step.human
+    human = _new_live_row(tx, plan, writer.job_id)
+    tx.claim_or_wait(human)  # human outranks robot: the robot is preempted (PAUSED)
+    counts.conflicts += 1
+    _store_on(tx, writer, human, plan.messages)
+    human.last_activity_at = plan.end
+    human.deadline_at = tx.service.deadline_for(human, tx.now)
+    robot = tx.db.get(Session, step.robot.pk)
+    tx.audit(robot, "import-conflict", from_status=robot.status,
+             reason="staff messages found in history while the robot session was active",
+             details={"human_session_id": human.session_id, "job_id": writer.job_id})
+    counts.sessions_created += 1
+    counts.sessions_updated += 1
+    if plan.closed and S(human.status).occupies_slot:
+        tx.leave_slot(human, S.COMPLETED, operation="complete", event="session.completed",
+                      reason="history import: staff conversation already over")
+
+
+# ---- the entry point for a batch -------------------------------------------------------
+@dataclass
+class BatchContext:
+    """Where a batch comes from; the job pipeline passes its chunk's markers."""
+
+    job_id: str | None = None
+    chunk_pk: int | None = None
+    segmenter: Segmenter = split_at_gaps
+    # Runs inside the bulk transaction before its commit (the chunk's 'done' marker).
+    before_commit: Callable[[DbSession, ImportCounts], None] | None = None
+    # Test hook: called after the bulk rows are written, before the commit.
+    after_write: Callable[[], None] | None = None
+    live_marks: Callable[[DbSession], dict[Slot, ImportCounts]] | None = None
+    mark_slot: Callable[[DbSession, Slot, ImportCounts], None] | None = None
+
+
+def import_rows(
+    runtime: Any,
+    rows: Sequence[tuple[int, ChatRow]],
+    *,
+    actor: str = ACTOR,
+) -> ImportCounts:
+    """Group validated rows into sessions and store them (the Python API's door)."""
+    counts = ImportCounts()
+    msgs: list[Msg] = []
+    resolved = resolve_session_slots(runtime, [row.session_id for _, row in rows
+                                               if row.session_id and not row.account_id])
+    for line, row in rows:
+        msg = Msg.from_row(line, row)
+        if msg.session_id and (not msg.account_id or not msg.shop_id):
+            slot = resolved.get(msg.session_id)
+            if slot:
+                msg.account_id, msg.shop_id = slot
+        checked = check_msg(msg)
+        if isinstance(checked, str):
+            counts.error(line, checked)
+        else:
+            msgs.append(checked)
+    counts.add(import_messages(runtime, msgs, actor=actor, context=BatchContext()))
+    return counts
+
+
+def resolve_session_slots(runtime: Any, session_ids: Sequence[str]) -> dict[str, Slot]:
+    if not session_ids:
+        return {}
+    found: dict[str, Slot] = {}
+    with runtime.database.read() as db:
+        unique = sorted(set(session_ids))
+        for i in range(0, len(unique), ID_BATCH):
+            for sid, account, shop in db.execute(
+                select(Session.session_id, Session.account_id, Session.shop_id)
+                .where(Session.session_id.in_(unique[i:i + ID_BATCH]))
+            ):
+                found[sid] = (account, shop)
+    return found
+
+
+class SlotsBecameLive(Exception):
+    """Raised inside the bulk transaction: these slots need the slot lock instead."""
+
+    def __init__(self, slots: list[Slot]) -> None:
+        super().__init__(f"{len(slots)} slots need the slot lock")
+        self.slots = slots
+
+
+def import_messages(
+    runtime: Any, msgs: Sequence[Msg], *, actor: str, context: BatchContext
+) -> ImportCounts:
+    """Steps 2–7 for validated messages of any number of slots (all of each slot's rows).
+
+    Everything that only touches the past is written in one bulk transaction; a slot
+    with anything live is taken out of it and applied in its own slot transaction
+    (`run_on_slot`, with a mark when a chunk is given). The bulk transaction is
+    retried on a duplicate key or a deadlock caused by a concurrent writer."""
+    gap = timedelta(seconds=runtime.settings.session_gap)
+    by_slot: dict[Slot, list[Msg]] = defaultdict(list)
+    for msg in msgs:
+        by_slot[(msg.account_id, msg.shop_id)].append(msg)
+    total = ImportCounts()
+    if context.live_marks:
+        with runtime.database.read() as db:
+            marks = context.live_marks(db)
+        for slot, counts in marks.items():
+            if slot in by_slot:
+                total.add(counts)
+                del by_slot[slot]
+
+    last_error: Exception | None = None
+    attempt = 0
+    while attempt < BULK_ATTEMPTS:
+        try:
+            with runtime.database.unit_of_work() as uow:
+                counts = _bulk(uow, by_slot, actor, context, gap)
+                if context.after_write:
+                    context.after_write()
+                if context.before_commit:
+                    context.before_commit(uow.session, _sum(total, counts))
+                uow.commit()
+            total.add(counts)
+            return total
+        except SlotsBecameLive as live:
+            for slot in live.slots:
+                total.add(_run_live_slot(runtime, slot, by_slot.pop(slot), actor, context, gap))
+        except (IntegrityError, OperationalError) as exc:
+            if isinstance(exc, OperationalError) and not is_retryable_db_error(exc):
+                raise
+            last_error = exc
+            attempt += 1
+            log.info("import batch retried after %s (attempt %d)", type(exc).__name__, attempt)
+    assert last_error is not None
+    raise last_error
+
+
+def _sum(a: ImportCounts, b: ImportCounts) -> ImportCounts:
+    c = ImportCounts()
+    c.add(a)
+    c.add(b)
+    return c
+
+
+def _bulk(uow: UnitOfWork, slots: dict[Slot, list[Msg]], actor: str,
+          context: BatchContext, gap: timedelta) -> ImportCounts:
+    db = uow.session
+    counts = ImportCounts()
+    fresh = fresh_messages(db, slots, counts)
+    known = known_sessions(db, fresh)
+    now = utcnow()
+    writer = Writer(db, now=now, actor=actor, job_id=context.job_id)
+    live: list[Slot] = []
+    plans: list[list[Step]] = []
+    for slot, msgs in fresh.items():
+        steps = plan_slot(msgs, [Known.of(s) for s in known.get(slot, [])], now=now, gap=gap,
+                          segmenter=context.segmenter)
+        if needs_slot_lock(steps):
+            live.append(slot)
+        plans.append(steps)
+    if live:
+        raise SlotsBecameLive(live)
+    for steps in plans:
+        for step in steps:
+            if isinstance(step, NewSession):
+                writer.closed_session(step)
+            elif isinstance(step, Attach):
+                writer.attach_closed(step.target, step.messages)
+    writer.flush()
+    counts.add(writer.counts)
+    return counts
+
+
+def _run_live_slot(runtime: Any, slot: Slot, msgs: list[Msg], actor: str,
+                   context: BatchContext, gap: timedelta) -> ImportCounts:
+    def work(tx: Any) -> ImportCounts:
+        counts = ImportCounts()
+        if context.live_marks:
+            marks = context.live_marks(tx.db)
+            if slot in marks:
+                return marks[slot]
+        fresh = fresh_messages(tx.db, {slot: msgs}, counts)
+        sessions = [Known.of(s) for s in known_sessions(tx.db, [slot]).get(slot, [])]
+        steps = plan_slot(fresh.get(slot, []), sessions, now=tx.now, gap=gap,
+                          segmenter=context.segmenter)
+        apply_live_slot(tx, steps, job_id=context.job_id, counts=counts)
+        if context.mark_slot:
+            context.mark_slot(tx.db, slot, counts)
+        return counts
+
+    return runtime.sessions.run_on_slot(slot[0], slot[1], actor, work)

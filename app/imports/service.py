@@ -1,0 +1,630 @@
+"""The history import pipeline (SPEC §4), as plain Python over the database.
+
+    create_job   stage the raw upload in the database (pieces of 1 MiB); job `queued`
+    prepare      read the staged upload as a stream: count records, then split them into
+                 chunks of about BATCH_SIZE rows, all rows of a slot in one chunk
+    process_chunk  validate, de-duplicate, group and store one chunk in one transaction
+                 whose commit also marks the chunk done (a retry is harmless)
+    finish       add up the chunks, keep the first row errors, emit `import.finished`
+
+The task layer (`tasks.imports`) runs these steps on Celery workers: prepare, then
+a chord of chunks, then finish. Nothing here imports Celery or Flask.
+"""
+
+from __future__ import annotations
+
+import heapq
+import io
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import IO, Any
+
+from pydantic import BaseModel
+from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy.orm import Session as DbSession
+
+from app.db import Database, utcnow
+from app.errors import NotFound, ValidationFailed
+from app.events.outbox import Audience, record_event
+from app.ids import new_id
+from app.imports import formats
+from app.imports.chunking import ChunkSpool, StagedRow, chunk_count, slot_of
+from app.imports.formats import ENCODINGS, ImportFormat, UnreadableUpload
+from app.imports.grouping import (
+    ACTOR,
+    BatchContext,
+    ImportCounts,
+    Msg,
+    Segmenter,
+    Slot,
+    import_messages,
+    resolve_session_slots,
+    split_at_gaps,
+    validate_row,
+)
+from app.imports.models import (
+    ImportChunk,
+    ImportChunkPart,
+    ImportJob,
+    ImportSlotMark,
+    ImportUploadPart,
+)
+
+log = logging.getLogger(__name__)
+
+UPLOAD_PIECE = 1 << 20
+MAX_ERRORS = 100
+TERMINAL = ("succeeded", "partially_succeeded", "failed")
+
+
+class JobStatus:
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    PARTIALLY_SUCCEEDED = "partially_succeeded"
+    FAILED = "failed"
+
+
+class RowError(BaseModel):
+    line: int
+    error: str
+
+
+class ImportJobView(BaseModel):
+    """An import job as clients see it (SPEC §8 field names)."""
+
+    job_id: str
+    status: str
+    phase: str
+    filename: str | None
+    format: str | None
+    encoding: str | None
+    size_bytes: int
+    total_rows: int | None
+    processed: int
+    inserted: int
+    duplicates: int
+    invalid: int
+    sessions_created: int
+    sessions_updated: int
+    conflicts: int
+    errors: list[RowError]
+    chunks: int
+    chunks_done: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    detail: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in TERMINAL
+
+
+class AlreadyApplied(Exception):
+    """The chunk's 'done' marker was committed by another run."""
+
+
+@dataclass
+class PrepareOutcome:
+    job_id: str
+    chunk_pks: list[int]
+    ready_to_finish: bool
+
+
+class UploadReader(io.RawIOBase):
+    """The staged upload as a binary stream, one piece in memory at a time."""
+
+    def __init__(self, database: Database, job_pk: int, parts: int) -> None:
+        self._database = database
+        self._job_pk = job_pk
+        self._parts = parts
+        self._next = 0
+        self._piece = b""
+        self._offset = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while self._offset >= len(self._piece):
+            if self._next >= self._parts:
+                return 0
+            with self._database.engine.connect() as conn:
+                self._piece = conn.execute(
+                    select(ImportUploadPart.data).where(
+                        ImportUploadPart.job_pk == self._job_pk,
+                        ImportUploadPart.seq == self._next,
+                    )
+                ).scalar_one()
+            self._next += 1
+            self._offset = 0
+        size = min(len(buffer), len(self._piece) - self._offset)
+        buffer[:size] = self._piece[self._offset:self._offset + size]
+        self._offset += size
+        return size
+
+
+class ImportService:
+    """Every step of an import job; each one safe to run twice."""
+
+    def __init__(self, runtime: Any, *, segmenter: Segmenter = split_at_gaps) -> None:
+        self.runtime = runtime
+        self.database: Database = runtime.database
+        self.settings = runtime.settings
+        self.segmenter = segmenter
+
+    # ---- upload -------------------------------------------------------------------------
+    def create_job(
+        self,
+        stream: IO[bytes],
+        *,
+        filename: str | None = None,
+        format: str | None = None,
+        encoding: str | None = None,
+        actor: str = ACTOR,
+    ) -> ImportJobView:
+        """Stage an upload in the database and queue it. The caller starts the pipeline
+        (`tasks.imports.enqueue_import`) once this has returned (i.e. committed)."""
+        fmt = _choice("format", format, [f.value for f in ImportFormat])
+        enc = _choice("encoding", encoding, list(ENCODINGS))
+        with self.database.unit_of_work() as uow:
+            job = ImportJob(
+                job_id=new_id("imp"), status=JobStatus.QUEUED, phase="queued",
+                filename=(filename or "")[:255] or None, format=fmt, encoding=enc,
+                batch_size=self.settings.batch_size, actor=actor[:80], created_at=utcnow(),
+                size_bytes=0, upload_parts=0, staged_rows=0, chunk_count=0,
+                prepare_invalid=0, processed=0, inserted=0, duplicates=0, invalid=0,
+                sessions_created=0, sessions_updated=0, conflicts=0,
+            )
+            uow.session.add(job)
+            uow.session.flush()
+            size = parts = 0
+            while piece := stream.read(UPLOAD_PIECE):
+                uow.session.execute(insert(ImportUploadPart),
+                                    [{"job_pk": job.id, "seq": parts, "data": piece}])
+                size += len(piece)
+                parts += 1
+            if size == 0:
+                raise ValidationFailed("the upload is empty",
+                                       [{"field": "file", "error": "no bytes received"}])
+            job.size_bytes, job.upload_parts = size, parts
+            job.compression = "gzip" if _first_bytes(uow.session, job.id).startswith(
+                formats.GZIP_MAGIC) else None
+            uow.commit()
+            return self._view(uow.session, job)
+
+    # ---- split ----------------------------------------------------------------------------
+    def prepare(self, job_id: str) -> PrepareOutcome:
+        """Split the staged upload into chunks. On a job already split, answer its
+        pending chunks (so a lost dispatch is recovered by running this again)."""
+        with self.database.unit_of_work() as uow:
+            job = self._job(uow.session, job_id, lock=True)
+            if job.status in TERMINAL:
+                return PrepareOutcome(job_id, [], False)
+            if job.phase in ("chunks", "finishing"):
+                pending = self._pending_chunks(uow.session, job.id)
+                return PrepareOutcome(job_id, pending, not pending)
+            job.status, job.phase = JobStatus.RUNNING, "splitting"
+            job.started_at = job.started_at or utcnow()
+            job.staged_rows = 0
+            # Leftovers of an earlier attempt that died while splitting
+            uow.session.execute(delete(ImportChunkPart).where(ImportChunkPart.job_pk == job.id))
+            uow.commit()
+            job_pk, parts, batch = job.id, job.upload_parts, job.batch_size
+            filename, fmt_name, encoding = job.filename, job.format, job.encoding
+
+        def opener() -> IO[bytes]:
+            return UploadReader(self.database, job_pk, parts)  # type: ignore[return-value]
+
+        try:
+            encoding = encoding or formats.detect_encoding(opener)
+            fmt = ImportFormat(fmt_name) if fmt_name else formats.detect_format(
+                filename, opener, encoding)
+            with formats.open_text(opener, encoding) as text:
+                total = sum(1 for _ in formats.iter_records(text, fmt))
+            outcome = self._split(job_pk, opener, fmt, encoding, total, batch)
+        except UnreadableUpload as exc:
+            self._fail(job_id, str(exc), encoding=encoding)
+            return PrepareOutcome(job_id, [], False)
+        except (UnicodeDecodeError, OSError, EOFError) as exc:  # e.g. a truncated gzip
+            self._fail(job_id, f"the upload cannot be read: {exc}", encoding=encoding)
+            return PrepareOutcome(job_id, [], False)
+        with self.database.unit_of_work() as uow:
+            job = self._job(uow.session, job_id, lock=True)
+            for bucket, rows in sorted(outcome.rows_per_bucket.items()):
+                uow.session.add(ImportChunk(
+                    job_pk=job_pk, bucket=bucket, row_count=rows, status="pending",
+                    attempts=0, inserted=0, duplicates=0, invalid=0, sessions_created=0,
+                    sessions_updated=0, conflicts=0,
+                ))
+            job.format, job.encoding = fmt.value, encoding
+            job.total_rows = total
+            job.staged_rows = sum(outcome.rows_per_bucket.values())
+            job.chunk_count = len(outcome.rows_per_bucket)
+            job.prepare_invalid = outcome.invalid
+            job.prepare_errors = outcome.errors
+            job.phase = "chunks"
+            uow.session.flush()
+            pending = self._pending_chunks(uow.session, job_pk)
+            uow.commit()
+        return PrepareOutcome(job_id, pending, not pending)
+
+    @dataclass
+    class _Split:
+        rows_per_bucket: dict[int, int]
+        invalid: int
+        errors: list[dict[str, Any]]
+
+    def _split(self, job_pk: int, opener: Callable[[], IO[bytes]], fmt: ImportFormat,
+               encoding: str, total: int, batch: int) -> ImportService._Split:
+        buckets = chunk_count(total, batch)
+        seqs: dict[int, int] = {}
+
+        def write_batch(bucket: int, rows: list[StagedRow]) -> None:
+            pending.append((bucket, rows))
+
+        pending: list[tuple[int, list[StagedRow]]] = []
+        spool = ChunkSpool(buckets, write_batch,
+                           spool_rows=max(5_000, min(20_000, batch * 10)))
+        invalid = 0
+        errors: list[dict[str, Any]] = []
+        unresolved: list[tuple[int, dict[str, Any]]] = []
+
+        def bad(line: int, text: str) -> None:
+            nonlocal invalid
+            invalid += 1
+            if len(errors) < MAX_ERRORS:
+                errors.append({"line": line, "error": text})
+
+        def resolve(batch_rows: list[tuple[int, dict[str, Any]]]) -> None:
+            slots = resolve_session_slots(self.runtime, [
+                str(f.get("session_id")) for _, f in batch_rows])
+            for line, fields in batch_rows:
+                slot = slots.get(str(fields.get("session_id")))
+                if slot is None:
+                    bad(line, f"session_id: no session {fields.get('session_id')!r}, and no "
+                              "account_id/shop_id given")
+                    continue
+                fields["account_id"], fields["shop_id"] = slot
+                spool.add(slot, line, fields)
+
+        def flush_pending() -> None:
+            if not pending:
+                return
+            with self.database.unit_of_work() as uow:
+                values = []
+                for bucket, rows in pending:
+                    seq = seqs.get(bucket, 0)
+                    seqs[bucket] = seq + 1
+                    values.append({"job_pk": job_pk, "bucket": bucket, "seq": seq,
+                                   "row_count": len(rows), "payload": formats.pack_rows(rows)})
+                uow.session.execute(insert(ImportChunkPart), values)
+                rows_now = sum(len(rows) for _, rows in pending)
+                uow.session.execute(update(ImportJob).where(ImportJob.id == job_pk).values(
+                    staged_rows=ImportJob.staged_rows + rows_now))
+                uow.commit()
+            pending.clear()
+
+        with formats.open_text(opener, encoding) as text:
+            for record in formats.iter_records(text, fmt):
+                if record.fields is None:
+                    bad(record.line, record.error or "unreadable record")
+                    continue
+                slot = slot_of(record.fields)
+                if slot is None:
+                    if record.fields.get("session_id") not in (None, ""):
+                        unresolved.append((record.line, record.fields))
+                        if len(unresolved) >= 500:
+                            resolve(unresolved)
+                            unresolved.clear()
+                        continue
+                    missing = "account_id" if slot_of(
+                        {**record.fields, "account_id": "x"}) else "shop_id"
+                    if not record.fields.get("shop_id") and missing == "account_id":
+                        missing = "account_id, shop_id"
+                    bad(record.line, f"{missing}: is missing (required unless session_id "
+                                     "is given)")
+                    continue
+                spool.add(slot, record.line, record.fields)
+                if pending:
+                    flush_pending()
+        if unresolved:
+            resolve(unresolved)
+        spool.flush()
+        flush_pending()
+        return ImportService._Split(dict(spool.rows_per_bucket), invalid, errors)
+
+    # ---- one chunk --------------------------------------------------------------------------
+    def process_chunk(
+        self, chunk_pk: int, *, after_write: Callable[[], None] | None = None
+    ) -> ImportCounts | None:
+        """Validate, group and store one chunk; None if it was already done."""
+        with self.database.read() as db:
+            chunk = db.get(ImportChunk, chunk_pk)
+            if chunk is None:
+                raise NotFound(f"import chunk {chunk_pk} not found")
+            if chunk.status != "pending":
+                return None
+            job = db.get(ImportJob, chunk.job_pk)
+            assert job is not None
+            job_id = job.job_id
+            payloads = list(db.execute(
+                select(ImportChunkPart.payload)
+                .where(ImportChunkPart.job_pk == chunk.job_pk,
+                       ImportChunkPart.bucket == chunk.bucket)
+                .order_by(ImportChunkPart.seq)
+            ).scalars())
+        with self.database.unit_of_work() as uow:  # count the attempt (visible on crashes)
+            uow.session.execute(update(ImportChunk).where(ImportChunk.id == chunk_pk)
+                                .values(attempts=ImportChunk.attempts + 1))
+            uow.commit()
+        checked = ImportCounts()
+        msgs: list[Msg] = []
+        tz = self.settings.tz
+        for payload in payloads:
+            for line, fields in formats.unpack_rows(payload):
+                result = validate_row(line, fields, tz)
+                if isinstance(result, str):
+                    checked.error(line, result)
+                else:
+                    msgs.append(result)
+        del payloads
+
+        def mark_done(db: DbSession, counts: ImportCounts) -> None:
+            final = ImportCounts()
+            final.add(checked)
+            final.add(counts)
+            body = final.as_dict(MAX_ERRORS)
+            result = db.execute(
+                update(ImportChunk)
+                .where(ImportChunk.id == chunk_pk, ImportChunk.status == "pending")
+                .values(status="done", done_at=utcnow(), **body)
+            )
+            if result.rowcount != 1:
+                raise AlreadyApplied(f"chunk {chunk_pk} was committed by another run")
+
+        context = BatchContext(
+            job_id=job_id, chunk_pk=chunk_pk, segmenter=self.segmenter,
+            before_commit=mark_done, after_write=after_write,
+            live_marks=lambda db: self._slot_marks(db, chunk_pk),
+            mark_slot=lambda db, slot, counts: self._mark_slot(db, chunk_pk, slot, counts),
+        )
+        try:
+            counts = import_messages(self.runtime, msgs, actor=ACTOR, context=context)
+        except AlreadyApplied:
+            return None
+        counts.add(checked)
+        return counts
+
+    @staticmethod
+    def _slot_marks(db: DbSession, chunk_pk: int) -> dict[Slot, ImportCounts]:
+        return {
+            (m.account_id, m.shop_id): ImportCounts.from_dict(m.counts)
+            for m in db.execute(
+                select(ImportSlotMark).where(ImportSlotMark.chunk_pk == chunk_pk)
+            ).scalars()
+        }
+
+    @staticmethod
+    def _mark_slot(db: DbSession, chunk_pk: int, slot: Slot, counts: ImportCounts) -> None:
+        db.add(ImportSlotMark(chunk_pk=chunk_pk, account_id=slot[0], shop_id=slot[1],
+                              counts=counts.as_dict(MAX_ERRORS)))
+        db.flush()
+
+    def fail_chunk(self, chunk_pk: int, detail: str) -> None:
+        """A chunk that cannot be applied (after its retries): its rows count as invalid,
+        with one error naming the chunk, and the job goes on with the other chunks."""
+        with self.database.unit_of_work() as uow:
+            chunk = uow.session.get(ImportChunk, chunk_pk, with_for_update=True)
+            if chunk is None or chunk.status != "pending":
+                return
+            lines = self._chunk_first_line(uow.session, chunk)
+            chunk.status = "failed"
+            chunk.invalid = chunk.row_count
+            chunk.errors = [{"line": lines, "error": f"chunk of {chunk.row_count} rows "
+                                                     f"failed: {detail}"[:500]}]
+            chunk.detail = detail[:2000]
+            chunk.done_at = utcnow()
+            uow.commit()
+
+    @staticmethod
+    def _chunk_first_line(db: DbSession, chunk: ImportChunk) -> int:
+        payload = db.execute(
+            select(ImportChunkPart.payload).where(
+                ImportChunkPart.job_pk == chunk.job_pk, ImportChunkPart.bucket == chunk.bucket)
+            .order_by(ImportChunkPart.seq).limit(1)
+        ).scalar_one_or_none()
+        if payload is None:
+            return 0
+        return min((line for line, _ in formats.unpack_rows(payload)), default=0)
+
+    def chunks_left(self, job_id: str) -> int:
+        with self.database.read() as db:
+            job = self._job(db, job_id)
+            return len(self._pending_chunks(db, job.id))
+
+    # ---- close ----------------------------------------------------------------------------
+    def finish(self, job_id: str) -> ImportJobView:
+        """Close the job once every chunk is done (safe to call early or twice)."""
+        with self.database.unit_of_work() as uow:
+            db = uow.session
+            job = self._job(db, job_id, lock=True)
+            if job.status in TERMINAL or job.phase != "chunks" or self._pending_chunks(
+                    db, job.id):
+                return self._view(db, job)
+            totals = ImportCounts(invalid=job.prepare_invalid)
+            failed = 0
+            for chunk in db.execute(select(ImportChunk).where(ImportChunk.job_pk == job.id)
+                                    ).scalars():
+                totals.add(ImportCounts(
+                    inserted=chunk.inserted, duplicates=chunk.duplicates, invalid=chunk.invalid,
+                    sessions_created=chunk.sessions_created,
+                    sessions_updated=chunk.sessions_updated, conflicts=chunk.conflicts,
+                ))
+                failed += chunk.status == "failed"
+            job.inserted, job.duplicates, job.invalid = (
+                totals.inserted, totals.duplicates, totals.invalid)
+            job.sessions_created, job.sessions_updated, job.conflicts = (
+                totals.sessions_created, totals.sessions_updated, totals.conflicts)
+            job.processed = totals.inserted + totals.duplicates + totals.invalid
+            job.errors = self._first_errors(db, job)
+            stored = totals.inserted + totals.duplicates
+            if not job.total_rows:
+                job.status, job.detail = JobStatus.FAILED, "the upload holds no rows"
+            elif stored == 0:
+                job.status = JobStatus.FAILED
+                job.detail = job.detail or "no row could be imported"
+            elif totals.invalid or failed:
+                job.status = JobStatus.PARTIALLY_SUCCEEDED
+                if failed:
+                    job.detail = f"{failed} chunk(s) failed; their rows are counted as invalid"
+            else:
+                job.status = JobStatus.SUCCEEDED
+            job.phase = "finished"
+            job.finished_at = utcnow()
+            self._announce(db, job)
+            # The staged upload has served its purpose; counts and errors stay on the job.
+            db.execute(delete(ImportChunkPart).where(ImportChunkPart.job_pk == job.id))
+            db.execute(delete(ImportUploadPart).where(ImportUploadPart.job_pk == job.id))
+            uow.commit()
+            view = self._view(db, job)
+        self._events_written()
+        return view
+
+    def _first_errors(self, db: DbSession, job: ImportJob) -> list[dict[str, Any]]:
+        sources: list[list[dict[str, Any]]] = [job.prepare_errors or []]
+        sources.extend(
+            errors or [] for errors in db.execute(
+                select(ImportChunk.errors).where(ImportChunk.job_pk == job.id,
+                                                 ImportChunk.invalid > 0)
+            ).scalars()
+        )
+        merged = heapq.nsmallest(MAX_ERRORS, (e for source in sources for e in source),
+                                 key=lambda e: (e.get("line", 0), e.get("error", "")))
+        return [{"line": int(e["line"]), "error": str(e["error"])} for e in merged]
+
+    def _announce(self, db: DbSession, job: ImportJob) -> None:
+        record_event(db, type="import.finished", at=job.finished_at or utcnow(),
+                     audience=Audience.ADMIN, data={
+                         "job_id": job.job_id, "status": job.status,
+                         "total_rows": job.total_rows, "inserted": job.inserted,
+                         "duplicates": job.duplicates, "invalid": job.invalid,
+                         "sessions_created": job.sessions_created,
+                         "sessions_updated": job.sessions_updated, "conflicts": job.conflicts,
+                     })
+
+    def _events_written(self) -> None:
+        try:
+            self.runtime.hooks.events_written()
+        except Exception:  # the event is committed; delivery catches up
+            log.exception("events_written hook failed")
+
+    def _fail(self, job_id: str, detail: str, *, encoding: str | None = None) -> None:
+        with self.database.unit_of_work() as uow:
+            job = self._job(uow.session, job_id, lock=True)
+            if job.status in TERMINAL:
+                return
+            job.status, job.phase, job.detail = JobStatus.FAILED, "finished", detail[:2000]
+            job.encoding = job.encoding or encoding
+            job.finished_at = utcnow()
+            job.errors = job.errors or []
+            self._announce(uow.session, job)
+            uow.session.execute(delete(ImportChunkPart).where(ImportChunkPart.job_pk == job.id))
+            uow.commit()
+        self._events_written()
+
+    # ---- reads ----------------------------------------------------------------------------
+    def get(self, job_id: str) -> ImportJobView:
+        with self.database.read() as db:
+            return self._view(db, self._job(db, job_id))
+
+    def list(self, *, limit: int = 50, before: str | None = None,
+             status: str | None = None) -> list[ImportJobView]:
+        """Newest first; `before` is a job_id to continue after."""
+        with self.database.read() as db:
+            stmt = select(ImportJob).order_by(ImportJob.id.desc()).limit(limit)
+            if before:
+                anchor = self._job(db, before)
+                stmt = stmt.where(ImportJob.id < anchor.id)
+            if status:
+                stmt = stmt.where(ImportJob.status == status.lower())
+            return [self._view(db, job) for job in db.execute(stmt).scalars()]
+
+    def unfinished(self) -> list[str]:
+        """Jobs not closed yet (for recovery after a worker died)."""
+        with self.database.read() as db:
+            return list(db.execute(
+                select(ImportJob.job_id).where(ImportJob.status.in_(
+                    [JobStatus.QUEUED, JobStatus.RUNNING])).order_by(ImportJob.id)
+            ).scalars())
+
+    def _view(self, db: DbSession, job: ImportJob) -> ImportJobView:
+        counts = {name: getattr(job, name) for name in ImportCounts.COUNTERS}
+        errors = job.errors or []
+        done = job.chunk_count if job.status in TERMINAL else 0
+        processed = job.processed
+        if job.status not in TERMINAL and job.phase == "chunks":
+            row = db.execute(
+                select(
+                    func.count(), func.coalesce(func.sum(ImportChunk.row_count), 0),
+                    *[func.coalesce(func.sum(getattr(ImportChunk, n)), 0)
+                      for n in ImportCounts.COUNTERS],
+                ).where(ImportChunk.job_pk == job.id, ImportChunk.status != "pending")
+            ).one()
+            done = int(row[0])
+            counts = {n: int(v) for n, v in zip(ImportCounts.COUNTERS, row[2:], strict=True)}
+            counts["invalid"] += job.prepare_invalid
+            processed = int(row[1]) + job.prepare_invalid
+            errors = self._first_errors(db, job)
+        elif job.status not in TERMINAL:
+            counts["invalid"] = job.prepare_invalid
+            errors = job.prepare_errors or []
+        return ImportJobView(
+            job_id=job.job_id, status=job.status, phase=job.phase, filename=job.filename,
+            format=job.format, encoding=job.encoding, size_bytes=job.size_bytes,
+            total_rows=job.total_rows, processed=processed, errors=errors,
+            chunks=job.chunk_count, chunks_done=done, created_at=job.created_at,
+            started_at=job.started_at, finished_at=job.finished_at, detail=job.detail,
+            **counts,
+        )
+
+    @staticmethod
+    def _job(db: DbSession, job_id: str, *, lock: bool = False) -> ImportJob:
+        stmt = select(ImportJob).where(ImportJob.job_id == job_id)
+        if lock:
+            stmt = stmt.with_for_update()
+        job = db.execute(stmt).scalar_one_or_none()
+        if job is None:
+            raise NotFound(f"import job {job_id} not found")
+        return job
+
+    @staticmethod
+    def _pending_chunks(db: DbSession, job_pk: int) -> list[int]:
+        return list(db.execute(
+            select(ImportChunk.id).where(ImportChunk.job_pk == job_pk,
+                                         ImportChunk.status == "pending")
+            .order_by(ImportChunk.id)
+        ).scalars())
+
+
+def _first_bytes(db: DbSession, job_pk: int) -> bytes:
+    data = db.execute(select(ImportUploadPart.data).where(
+        ImportUploadPart.job_pk == job_pk, ImportUploadPart.seq == 0)).scalar_one_or_none()
+    return (data or b"")[:4]
+
+
+def _choice(name: str, value: str | None, allowed: list[str]) -> str | None:
+    if value is None or value == "" or value == "auto":
+        return None
+    text = value.strip().lower()
+    if text == "utf8":
+        text = "utf-8"
+    if text in ("utf-8-bom", "utf8-sig", "utf-8-sig"):
+        text = "utf-8-sig"
+    if text not in allowed:
+        raise ValidationFailed(
+            f"unknown {name} {value!r}", [{"field": name, "error": f"use one of {allowed}"}])
+    return text

@@ -1,0 +1,100 @@
+"""HTTP doors of the history import (SPEC §8), admin only.
+
+    POST /api/v1/imports            multipart `file`, or the raw JSON/NDJSON/CSV (or gzip)
+                                    body; `?format=` and `?encoding=` override detection.
+                                    202 with the job (status `queued`).
+    GET  /api/v1/imports/<job_id>   status, counts, first row errors, times
+    GET  /api/v1/imports            jobs, newest first (`limit`, `after`, `status`)
+
+The body is streamed into the database in 1 MiB pieces; the workers take it from
+there, so the web server's disk is never part of the pipeline.
+"""
+
+from __future__ import annotations
+
+from typing import IO, Literal
+
+from flask import Blueprint, Response, request, url_for
+from pydantic import BaseModel, Field
+
+from app.api.auth import current_client, require_roles
+from app.api.http import parse_query, respond, runtime
+from app.api.openapi import documented
+from app.errors import ValidationFailed
+from app.imports.service import ImportJobView, ImportService
+
+bp = Blueprint("imports", __name__)
+
+
+class UploadQuery(BaseModel):
+    format: Literal["auto", "json", "ndjson", "csv"] = "auto"
+    encoding: Literal["auto", "utf-8", "utf-8-sig", "gbk"] = "auto"
+    filename: str | None = Field(default=None, max_length=255)
+
+
+class JobListQuery(BaseModel):
+    limit: int = Field(default=50, ge=1, le=500)
+    after: str | None = None
+    status: str | None = None
+
+
+class JobList(BaseModel):
+    items: list[ImportJobView]
+    next: str | None
+
+
+@bp.post("/api/v1/imports")
+@documented(
+    summary="Upload a chat export for history import",
+    description="multipart/form-data with a `file` part, or the file itself as the body "
+                "(JSON array, NDJSON, CSV with header; UTF-8, UTF-8 BOM or GBK; optionally "
+                "gzip). Answers at once; follow the job with GET /api/v1/imports/{job_id}.",
+    tags=("imports",), query=UploadQuery, responses={202: ImportJobView},
+    body_content_types=("multipart/form-data", "application/json", "application/x-ndjson",
+                        "text/csv", "application/gzip"),
+    errors=(401, 403, 413, 422),
+)
+@require_roles("admin")
+def upload() -> Response:
+    query = parse_query(UploadQuery)
+    stream: IO[bytes]
+    filename = query.filename
+    if request.mimetype == "multipart/form-data":
+        part = request.files.get("file")
+        if part is None:
+            raise ValidationFailed("send the export as the multipart part named 'file'",
+                                   [{"field": "file", "error": "missing"}])
+        stream = part.stream
+        filename = filename or part.filename
+    else:
+        stream = request.stream
+    service = ImportService(runtime())
+    job = service.create_job(stream, filename=filename, format=query.format,
+                             encoding=query.encoding,
+                             actor=f"client:{current_client().client_id}")
+    from tasks.imports import enqueue_import
+
+    enqueue_import(job.job_id)
+    location = url_for("imports.get_job", job_id=job.job_id)
+    return respond(job, status=202, headers={"Location": location})
+
+
+@bp.get("/api/v1/imports/<job_id>")
+@documented(summary="An import job: status, counts, first row errors", tags=("imports",),
+            responses={200: ImportJobView}, errors=(401, 403, 404))
+@require_roles("admin")
+def get_job(job_id: str) -> Response:
+    return respond(ImportService(runtime()).get(job_id))
+
+
+@bp.get("/api/v1/imports")
+@documented(summary="Import jobs, newest first", tags=("imports",), query=JobListQuery,
+            responses={200: JobList}, errors=(401, 403))
+@require_roles("admin")
+def list_jobs() -> Response:
+    query = parse_query(JobListQuery)
+    items = ImportService(runtime()).list(limit=query.limit + 1, before=query.after,
+                                          status=query.status)
+    more = len(items) > query.limit
+    items = items[:query.limit]
+    return respond(JobList(items=items, next=items[-1].job_id if more else None))

@@ -1,0 +1,262 @@
+"""The batched timeout path: expire many sessions in one fenced transaction.
+
+`SessionService.expire` costs one lock, one transaction and a handful of queries
+per session; a sweep that finds 100,000 stale sessions needs something cheaper
+that keeps the same rules. Per batch, with the batch's slot locks held:
+
+1. re-read the due rows (the authoritative read, under the locks);
+2. leave to the per-session path every slot with something to do beyond a plain
+   timeout — sessions waiting on the slot (promotion), open transfers (cancel
+   events), a missing slot row;
+3. for the rest: one conditional `UPDATE` per former status (refused unless every
+   row is still in that status and past its deadline), one fence bump per slot
+   conditioned on the fence value read, and the audit rows (hash-chained exactly
+   as `record_operation` does) and `session.timeout` events inserted in bulk —
+   all in one transaction that commits or not as a whole.
+
+A count that does not match (a stale holder slipped in) rolls the batch back and
+hands its sessions to the per-session path, which re-checks each under its lock.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, insert, select, tuple_, update
+
+from app.audit.models import Operation
+from app.audit.trail import _digest
+from app.events.models import Event
+from app.events.outbox import Audience
+from app.sessions.enums import SessionStatus, SessionType, TransferStatus
+from app.sessions.models import Session, Slot
+from app.sessions.service import SessionService
+from app.sessions.slot import SlotKey
+from app.sweeps.locks import hold_slots
+from app.transfers.models import Transfer
+
+log = logging.getLogger(__name__)
+S = SessionStatus
+ACTOR = "system:sweep"
+
+_COLUMNS = (
+    Session.id, Session.session_id, Session.account_id, Session.shop_id,
+    Session.session_type, Session.status, Session.priority, Session.owner_id,
+    Session.origin, Session.client_id, Session.deadline_at, Session.holds_slot,
+)
+
+
+class _BatchRefused(Exception):
+    """The batch's conditional writes did not all apply; roll back, go one by one."""
+
+
+@dataclass
+class BatchOutcome:
+    expired: list[str] = field(default_factory=list)  # session ids timed out in bulk
+    one_by_one: list[str] = field(default_factory=list)  # left to SessionService.expire
+    busy: list[str] = field(default_factory=list)  # slot lock held by someone else
+    not_due: int = 0  # a heartbeat or message moved the deadline meanwhile
+
+
+@dataclass(frozen=True)
+class DueSession:
+    """What the sweep's index read gives for one due session."""
+
+    pk: int
+    session_id: str
+    account_id: str
+    shop_id: str
+
+
+def expire_batch(
+    service: SessionService,
+    session_ids: Sequence[str],
+    now: datetime,
+    *,
+    found: Sequence[DueSession] | None = None,
+) -> BatchOutcome:
+    """Time out the given sessions (all due at `now` when they were found), in bulk where
+    safe. `found` spares a lookup when the caller already read the rows' slots."""
+    outcome = BatchOutcome()
+    if not session_ids:
+        return outcome
+    if found is None:
+        with service.database.read() as db:
+            found = [DueSession(*row) for row in db.execute(
+                select(Session.id, Session.session_id, Session.account_id, Session.shop_id)
+                .where(Session.session_id.in_(list(session_ids)))
+            ).all()]
+    slot_of = {r.session_id: (r.account_id, r.shop_id) for r in found}
+    pk_of = {r.session_id: r.pk for r in found}
+    with hold_slots(service.locks, slot_of.values()) as held:
+        outcome.busy = [sid for sid, slot in slot_of.items() if slot not in held]
+        mine = [sid for sid, slot in slot_of.items() if slot in held]
+        if mine:
+            try:
+                _expire_held(service, [pk_of[sid] for sid in mine], now, outcome)
+            except _BatchRefused as exc:
+                log.info("bulk timeout batch refused (%s); expiring one by one", exc)
+                outcome.expired = []
+                outcome.one_by_one = list(mine)
+    if outcome.expired:
+        try:
+            service.hooks.events_written()
+        except Exception:  # committed already; the delivery safety net catches up
+            log.exception("after-commit hook failed")
+    return outcome
+
+
+def _expire_held(
+    service: SessionService, pks: list[int], now: datetime, outcome: BatchOutcome
+) -> None:
+    with service.database.unit_of_work() as uow:
+        db = uow.session
+        rows = db.execute(select(*_COLUMNS).where(Session.id.in_(pks))).all()
+        due = [
+            r for r in rows
+            if not S(r.status).is_terminal and r.deadline_at is not None and r.deadline_at <= now
+        ]
+        outcome.not_due = len(rows) - len(due)
+        if not due:
+            return
+        slots = list({(r.account_id, r.shop_id) for r in due})
+        fences = _fences(db, slots)
+        complicated = _slots_with_waiters(db, due) | _slots_with_open_transfers(db, due)
+        complicated |= {slot for slot in slots if slot not in fences}
+        one_by_one = [r for r in due if (r.account_id, r.shop_id) in complicated]
+        simple = [r for r in due if (r.account_id, r.shop_id) not in complicated]
+        outcome.one_by_one = [r.session_id for r in one_by_one]
+        if not simple:
+            return
+
+        for status in {S(r.status) for r in simple}:
+            ids = [r.id for r in simple if r.status == status]
+            changed = db.execute(
+                update(Session)
+                .where(Session.id.in_(ids), Session.status == status,
+                       Session.deadline_at <= now)
+                .values(status=S.TIMEOUT, holds_slot=None, ended_at=now, end_reason="timeout",
+                        deadline_at=None)
+                .execution_options(synchronize_session=False)
+            ).rowcount
+            if changed != len(ids):
+                raise _BatchRefused(f"{changed} of {len(ids)} {status} sessions changed")
+
+        _advance_fences(db, simple, fences, now)
+        _write_audit(db, simple, now)
+        db.connection().execute(insert(Event.__table__), [_event_row(r, now) for r in simple])
+        uow.commit()
+        outcome.expired = [r.session_id for r in simple]
+
+
+def _fences(db: Any, slots: list[SlotKey]) -> dict[SlotKey, int]:
+    rows = db.execute(
+        select(Slot.account_id, Slot.shop_id, Slot.fence)
+        .where(tuple_(Slot.account_id, Slot.shop_id).in_(slots))
+    ).all()
+    return {(r.account_id, r.shop_id): r.fence for r in rows}
+
+
+def _slots_with_waiters(db: Any, due: Sequence[Any]) -> set[SlotKey]:
+    """Slots this batch vacates where another session waits (PENDING or PAUSED): freeing
+    them means a promotion, which the per-session path does."""
+    vacated = list({(r.account_id, r.shop_id) for r in due if r.holds_slot})
+    if not vacated:
+        return set()
+    due_ids = {r.id for r in due}
+    rows = db.execute(
+        select(Session.id, Session.account_id, Session.shop_id)
+        # A two-column IN plus a status list is an index range read on MariaDB and
+        # MySQL; a three-column IN is not.
+        .where(tuple_(Session.account_id, Session.shop_id).in_(vacated),
+               Session.status.in_([S.PENDING, S.PAUSED]))
+    ).all()
+    return {(r.account_id, r.shop_id) for r in rows if r.id not in due_ids}
+
+
+def _slots_with_open_transfers(db: Any, due: Sequence[Any]) -> set[SlotKey]:
+    transferred = [r.id for r in due if r.status == S.TRANSFERRED]
+    if not transferred:
+        return set()
+    pks = set(db.execute(
+        select(Transfer.session_pk).where(
+            Transfer.session_pk.in_(transferred),
+            Transfer.status.in_([TransferStatus.PENDING, TransferStatus.ACCEPTED]),
+        )
+    ).scalars())
+    return {(r.account_id, r.shop_id) for r in due if r.id in pks}
+
+
+def _advance_fences(
+    db: Any, sessions: Sequence[Any], fences: dict[SlotKey, int], now: datetime
+) -> None:
+    """Bump each slot's fence iff it still has the value read under the lock."""
+    left = {(r.account_id, r.shop_id) for r in sessions if r.holds_slot}
+    for vacated in (True, False):
+        keys = [
+            (a, s, fences[(a, s)])
+            for a, s in sorted({(r.account_id, r.shop_id) for r in sessions})
+            if ((a, s) in left) == vacated
+        ]
+        if not keys:
+            continue
+        values: dict[str, Any] = {"fence": Slot.fence + 1, "updated_at": now}
+        if vacated:
+            values["occupant_session_id"] = None
+        changed = db.execute(
+            update(Slot)
+            .where(tuple_(Slot.account_id, Slot.shop_id, Slot.fence).in_(keys))
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        if changed != len(keys):
+            raise _BatchRefused(f"fence moved on {len(keys) - changed} slots")
+
+
+def _write_audit(db: Any, sessions: Sequence[Any], now: datetime) -> None:
+    """Append one `timeout` row per session, chained to its last row like record_operation."""
+    pks = [r.id for r in sessions]
+    last_ids = select(func.max(Operation.id)).where(Operation.session_pk.in_(pks)).group_by(
+        Operation.session_pk
+    )
+    prev = dict(db.execute(
+        select(Operation.session_pk, Operation.row_hash).where(Operation.id.in_(last_ids))
+    ).all())
+    rows = []
+    for r in sessions:
+        details = {"deadline_at": r.deadline_at.isoformat(), "status_before": str(r.status)}
+        prev_hash = prev.get(r.id)
+        fields = {
+            "session_id": r.session_id, "operation": "timeout", "from_status": str(r.status),
+            "to_status": str(S.TIMEOUT), "actor": ACTOR, "reason": "timeout",
+            "details": details, "created_at": now,
+        }
+        rows.append({
+            **fields, "session_pk": r.id, "prev_hash": prev_hash,
+            "row_hash": _digest(prev_hash=prev_hash, **fields),
+        })
+    db.connection().execute(insert(Operation.__table__), rows)
+
+
+def _event_row(r: Any, now: datetime) -> dict[str, Any]:
+    """The `session.timeout` event exactly as `SlotTx.set_status` writes it."""
+    human = SessionType(r.session_type).is_human
+    return {
+        "type": "session.timeout",
+        "session_id": r.session_id,
+        "account_id": r.account_id,
+        "shop_id": r.shop_id,
+        "client_id": r.client_id,
+        "audience": Audience.DESK if human else Audience.OWNER,
+        "occurred_at": now,
+        "data": {
+            "session_id": r.session_id, "account_id": r.account_id, "shop_id": r.shop_id,
+            "session_type": str(r.session_type), "status": str(S.TIMEOUT),
+            "priority": r.priority, "owner_id": r.owner_id, "origin": str(r.origin),
+            "previous_status": str(r.status), "reason": "timeout",
+        },
+    }

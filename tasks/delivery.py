@@ -1,0 +1,48 @@
+"""Webhook delivery task (SPEC §6): started after commits that wrote events, by a
+scheduled retry when a delivery waits for its backoff, and by beat as a safety net."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app.config import get_settings
+from app.delivery.service import deliver_webhooks
+from app.runtime import get_runtime
+from tasks.celery_app import celery
+
+TIME_BUDGET = 60.0
+
+
+@celery.task(name="delivery.deliver", acks_late=True, time_limit=int(TIME_BUDGET) + 90,
+             soft_time_limit=int(TIME_BUDGET) + 60)
+def deliver_webhooks_task(client_id: str | None = None) -> dict[str, Any]:
+    runtime = get_runtime()
+    report = deliver_webhooks(runtime, client_id=client_id, time_budget=TIME_BUDGET)
+    if report.next_due_in is not None and not celery.conf.task_always_eager:
+        _schedule_retry(runtime, report.next_due_in)
+    return {"clients": report.clients, "fanned_out": report.fanned_out,
+            "delivered": report.delivered, "failed_attempts": report.failed_attempts,
+            "given_up": report.given_up, "next_due_in": report.next_due_in}
+
+
+def _schedule_retry(runtime: Any, seconds: float) -> None:
+    """One scheduled retry run at a time (a marker key with the same lifetime)."""
+    countdown = max(0.5, seconds)
+    key = f"{runtime.settings.redis_key_prefix}:delivery:retry-scheduled"
+    if runtime.redis is not None and not runtime.redis.set(
+        key, "1", nx=True, px=int(countdown * 1000)
+    ):
+        return
+    deliver_webhooks_task.apply_async(countdown=countdown)
+
+
+def _install_beat_schedule() -> None:
+    interval = get_settings().delivery_interval
+    celery.conf.beat_schedule = {
+        **(celery.conf.beat_schedule or {}),
+        "deliver-webhooks": {"task": "delivery.deliver", "schedule": interval,
+                             "options": {"expires": interval}},
+    }
+
+
+_install_beat_schedule()

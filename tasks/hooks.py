@@ -1,0 +1,56 @@
+"""Wire the service's after-commit hooks to the tasks (called by the runtime).
+
+- events written → start webhook delivery, only if some client has a webhook;
+- counterpart messages on sessions → transfer detection on those sessions.
+
+With real workers these send Celery tasks. On the embedded default (tasks run
+in-process) delivery runs in a background thread, so a request never waits for a
+receiver's HTTP answer, and detection runs inline on the runtime that committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from app.delivery.service import any_webhook, deliver_webhooks
+from app.detection.service import analyse_with_llm, detect_session
+from app.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+def install_hooks(runtime: Runtime) -> None:
+    from tasks.celery_app import celery
+    from tasks.delivery import TIME_BUDGET, deliver_webhooks_task
+    from tasks.detection import detect_transfers_task
+
+    def deliver_in_thread() -> None:
+        try:
+            deliver_webhooks(runtime, time_budget=TIME_BUDGET)
+        except Exception:
+            log.exception("in-process webhook delivery failed")
+
+    def events_written() -> None:
+        with runtime.database.read() as db:
+            if not any_webhook(db):
+                return
+        if celery.conf.task_always_eager:
+            threading.Thread(target=deliver_in_thread, name="webhook-delivery",
+                             daemon=True).start()
+        else:
+            deliver_webhooks_task.delay()
+
+    def counterpart_messages(session_ids: list[str]) -> None:
+        unique = list(dict.fromkeys(session_ids))
+        if not unique:
+            return
+        if celery.conf.task_always_eager:
+            for session_id in unique:
+                detect_session(runtime, session_id,
+                               request_llm=lambda sid: analyse_with_llm(runtime, sid))
+        else:
+            detect_transfers_task.delay(unique)
+
+    runtime.hooks.events_written = events_written
+    runtime.hooks.counterpart_messages = counterpart_messages

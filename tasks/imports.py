@@ -1,0 +1,156 @@
+"""History import tasks (SPEC §4): prepare → a chord of chunks → finish.
+
+Every task takes ids, re-reads its state and is safe to run twice: prepare on a
+split job re-dispatches the pending chunks, a chunk already marked done is a
+no-op, finish closes a job once. A worker killed mid-chunk loses its transaction;
+the chunk is redelivered (acks_late + reject on worker loss), or re-dispatched by
+`resume_unfinished_imports` when a worker starts.
+
+On the embedded default (no Redis) Celery runs eagerly in-process; the upload
+then runs the pipeline on a background thread so that it still answers at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from celery import chord
+from celery.signals import worker_ready
+from sqlalchemy.exc import OperationalError
+
+from app.errors import ServiceUnavailable
+from app.imports.service import ImportService
+from app.runtime import get_runtime
+from tasks.celery_app import celery
+
+log = logging.getLogger(__name__)
+
+# Test-only: "<seconds>:<marker file>" makes a chunk sleep after writing its rows and
+# before committing, after touching the marker file (the worker-kill test uses it).
+PAUSE_ENV = "AUTO_SESSION_IMPORT_PAUSE_BEFORE_COMMIT"
+RETRYABLE = (OperationalError, ServiceUnavailable)
+
+
+def service() -> ImportService:
+    return ImportService(get_runtime())
+
+
+@celery.task(name="imports.prepare", bind=True, acks_late=True, time_limit=3600,
+             soft_time_limit=3500, autoretry_for=RETRYABLE, retry_backoff=True,
+             max_retries=5)
+def prepare_import_task(self: Any, job_id: str) -> dict[str, Any]:
+    """Split the staged upload into chunks, then run them as a chord ending in finish."""
+    outcome = service().prepare(job_id)
+    dispatch_chunks(job_id, outcome.chunk_pks, ready_to_finish=outcome.ready_to_finish)
+    return {"job_id": job_id, "chunks": len(outcome.chunk_pks)}
+
+
+@celery.task(name="imports.chunk", bind=True, acks_late=True, time_limit=900,
+             soft_time_limit=840, max_retries=5)
+def import_chunk_task(self: Any, job_id: str, chunk_pk: int) -> dict[str, Any]:
+    """One chunk in one transaction. Infrastructure errors are retried with backoff;
+    anything else (or too many retries) marks the chunk failed so the job can close."""
+    svc = service()
+    try:
+        counts = svc.process_chunk(chunk_pk, after_write=_test_pause())
+    except RETRYABLE as exc:
+        if self.request.retries < self.max_retries and not celery.conf.task_always_eager:
+            raise self.retry(exc=exc, countdown=min(60, 2 ** self.request.retries)) from exc
+        svc.fail_chunk(chunk_pk, f"{type(exc).__name__}: {exc}")
+        counts = None
+    except Exception as exc:
+        log.exception("import chunk %s failed", chunk_pk)
+        svc.fail_chunk(chunk_pk, f"{type(exc).__name__}: {exc}")
+        counts = None
+    if svc.chunks_left(job_id) == 0:
+        # The chord's callback normally closes the job; doing it here too covers
+        # chunks re-dispatched outside the chord after a crash (finish is idempotent).
+        finish_import_task.delay(job_id=job_id)
+    return {"chunk": chunk_pk, "inserted": counts.inserted if counts else None}
+
+
+@celery.task(name="imports.finish", acks_late=True, time_limit=600, soft_time_limit=540,
+             autoretry_for=RETRYABLE, retry_backoff=True, max_retries=5)
+def finish_import_task(*_results: Any, job_id: str | None = None) -> dict[str, Any]:
+    """Add up the chunks and close the job (chord callback; safe to call again)."""
+    assert job_id is not None
+    view = service().finish(job_id)
+    return {"job_id": job_id, "status": view.status}
+
+
+@celery.task(name="imports.resume", acks_late=True, time_limit=600, soft_time_limit=540)
+def resume_unfinished_imports() -> list[str]:
+    """Re-dispatch every unfinished job: a queued job is split, a running one gets its
+    pending chunks sent again (harmless if they are still queued: done is done)."""
+    jobs = service().unfinished()
+    for job_id in jobs:
+        prepare_import_task.delay(job_id)
+    return jobs
+
+
+def dispatch_chunks(job_id: str, chunk_pks: list[int], *, ready_to_finish: bool) -> None:
+    if chunk_pks:
+        header = [import_chunk_task.si(job_id, pk) for pk in chunk_pks]
+        chord(header)(finish_import_task.s(job_id=job_id))
+    elif ready_to_finish:
+        finish_import_task.delay(job_id=job_id)
+
+
+def enqueue_import(job_id: str) -> None:
+    """Start a staged job (call after the job's transaction committed)."""
+    if celery.conf.task_always_eager:
+        thread = threading.Thread(target=_run_eagerly, args=(job_id,), daemon=True,
+                                  name=f"import-{job_id}")
+        thread.start()
+        _eager_threads[job_id] = thread
+        return
+    prepare_import_task.delay(job_id)
+
+
+def wait_eager(job_id: str, timeout: float | None = None) -> None:
+    """Embedded default: wait for the in-process pipeline of `job_id` (CLI, tests)."""
+    thread = _eager_threads.get(job_id)
+    if thread is not None:
+        thread.join(timeout)
+
+
+_eager_threads: dict[str, threading.Thread] = {}
+
+
+def _run_eagerly(job_id: str) -> None:
+    try:
+        prepare_import_task.apply(args=(job_id,), throw=True)
+        service().finish(job_id)
+    except Exception:
+        log.exception("import %s failed in-process", job_id)
+    finally:
+        _eager_threads.pop(job_id, None)
+
+
+def _test_pause() -> Callable[[], None] | None:
+    setting = os.environ.get(PAUSE_ENV)
+    if not setting:
+        return None
+    seconds, _, marker = setting.partition(":")
+
+    def pause() -> None:
+        if marker:
+            Path(marker).write_text(str(os.getpid()))
+        time.sleep(float(seconds))
+
+    return pause
+
+
+@worker_ready.connect
+def _resume_on_start(**_kwargs: Any) -> None:
+    """A worker that starts picks up jobs left unfinished by a worker that died."""
+    try:
+        resume_unfinished_imports.delay()
+    except Exception:  # the broker may not be ready; the next start or a manual run will
+        log.exception("could not schedule the import resume")

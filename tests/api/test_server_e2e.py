@@ -1,0 +1,110 @@
+"""End to end over real HTTP: gunicorn on MariaDB + Redis, a robot → human → robot story."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def new_token(env: dict[str, str], role: str) -> str:
+    out = subprocess.run([str(BIN / "auto-session"), "clients", "create", "--name", f"e2e-{role}",
+                          "--role", role, "--json"], env=env, cwd=ROOT, check=True,
+                         capture_output=True, text=True, timeout=60)
+    return json.loads(out.stdout)["token"]
+
+
+@pytest.fixture
+def server(runtime, backend):  # type: ignore[no-untyped-def]
+    port = free_port()
+    env = backend.env()
+    proc = subprocess.Popen(
+        [str(BIN / "gunicorn"), "--workers", "2", "--threads", "4", "--bind", f"127.0.0.1:{port}",
+         "--no-control-socket", "--graceful-timeout", "5", "app.wsgi:app"],
+        env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(150):
+            try:
+                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None:
+                raise RuntimeError(proc.stderr.read().decode() if proc.stderr else "died")
+            time.sleep(0.2)
+        else:
+            raise RuntimeError("gunicorn did not become ready")
+        yield base, env
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+@pytest.mark.services
+def test_robot_human_robot_story_over_real_http(server):
+    base, env = server
+    bot = httpx.Client(base_url=base, timeout=10,
+                       headers={"Authorization": f"Bearer {new_token(env, 'bot')}"})
+    desk = httpx.Client(base_url=base, timeout=10,
+                        headers={"Authorization": f"Bearer {new_token(env, 'desk')}"})
+    with bot, desk:
+        assert desk.put("/api/v1/agents/li", json={"presence": "online",
+                                                   "skills": ["negotiation"]}).status_code == 201
+        body = {"account_id": "acc", "shop_id": 7, "session_type": "AUTO_BARGAIN",
+                "task_type": "negotiation"}
+        created = bot.post("/api/v1/sessions", json=body, headers={"Idempotency-Key": "e2e-1"})
+        assert created.status_code == 201 and created.json()["status"] == "ACTIVE"
+        sid = created.json()["session_id"]
+        replay = bot.post("/api/v1/sessions", json=body, headers={"Idempotency-Key": "e2e-1"})
+        assert replay.json()["session_id"] == sid
+        talk = bot.post(f"/api/v1/sessions/{sid}/messages", json={"messages": [
+            {"message_id": "e1", "sender_role": "counterpart", "content": "I want a refund"},
+            {"message_id": "e2", "content": "Let me check"}]})
+        assert talk.json()["accepted"] == 2
+
+        # robot → human: the robot hands over, the routed agent accepts
+        transfer = bot.post(f"/api/v1/sessions/{sid}/transfer",
+                            json={"reason": "refund request", "urgency": 2}).json()
+        assert transfer["offered_agent_id"] == "li"
+        queue = desk.get("/api/v1/transfers").json()["items"]
+        assert [t["transfer_id"] for t in queue] == [transfer["transfer_id"]]
+        url = f"/api/v1/transfers/{transfer['transfer_id']}/accept"
+        assert desk.post(url, json={"agent_id": "li"}).status_code == 200
+        assert desk.post(url, json={"agent_id": "wang"}).status_code == 409
+        assert bot.post(f"/api/v1/sessions/{sid}/messages",
+                        json={"messages": [{"content": "me again"}]}).status_code == 409
+        assert desk.post(f"/api/v1/sessions/{sid}/messages",
+                         json={"messages": [{"content": "refund done"}]}).json()["accepted"] == 1
+        assert desk.post(f"/api/v1/sessions/{sid}/complete").json()["status"] == "COMPLETED"
+
+        # human → robot: the bot gets the slot again for a follow-up
+        follow = bot.post("/api/v1/sessions", json={**body, "session_type": "AUTO_FOLLOW_UP",
+                                                    "task_type": "follow_up"}).json()
+        assert follow["status"] == "ACTIVE"
+        events = bot.get("/api/v1/events", params={"limit": 100}).json()["items"]
+        types = [e["type"] for e in events if e["session_id"] == sid]
+        assert types[0] == "session.activated" and "session.transferred" in types
+        assert "transfer.accepted" in types
+        assert bot.get("/api/v1/sessions", params={"status": "completed"}).json()["items"][0][
+            "session_id"] == sid

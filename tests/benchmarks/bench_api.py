@@ -1,0 +1,185 @@
+"""HTTP API throughput under gunicorn on MariaDB + Redis (run by hand, not by pytest).
+
+    .venv/bin/python tests/benchmarks/bench_api.py [--seconds 10] [--threads 16]
+
+Starts gunicorn on a free 127.0.0.1 port against a scratch database
+(`auto_session_bench_api`) and Redis db 1, then measures with a threaded httpx load
+generator on loopback, in the same run:
+
+1. GET /healthz: requests per second, p50 / p99 latency (the baseline);
+2. POST /api/v1/sessions on distinct slots: creations per second, p50 / p99, and the
+   ratio to the healthz rate (aim: >= 0.35);
+3. 200 concurrent creations on ONE slot: exactly one occupant afterwards; p99.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import sqlalchemy as sa
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+DB_SERVER = os.environ.get("BENCH_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/")
+DB_NAME = "auto_session_bench_api"
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/1")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prepare_database() -> str:
+    server = sa.engine.make_url(DB_SERVER)
+    engine = sa.create_engine(server)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"DROP DATABASE IF EXISTS `{DB_NAME}`")
+        conn.exec_driver_sql(f"CREATE DATABASE `{DB_NAME}` CHARACTER SET utf8mb4")
+    engine.dispose()
+    url = server.set(database=DB_NAME).render_as_string(hide_password=False)
+    from app import migrate
+
+    migrate.upgrade(url)
+    import redis
+
+    redis.Redis.from_url(REDIS_URL).flushdb()
+    return url
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+
+def run_load(base: str, headers: dict[str, str], seconds: float, threads: int,
+             request) -> tuple[float, list[float], Counter]:  # type: ignore[no-untyped-def]
+    latencies: list[float] = []
+    codes: Counter = Counter()
+    lock = threading.Lock()
+    stop = time.monotonic() + seconds
+    counter = itertools.count()
+
+    def worker() -> None:
+        with httpx.Client(base_url=base, headers=headers, timeout=30) as client:
+            while time.monotonic() < stop:
+                n = next(counter)
+                started = time.perf_counter()
+                response = request(client, n)
+                elapsed = time.perf_counter() - started
+                with lock:
+                    latencies.append(elapsed)
+                    codes[response.status_code] += 1
+
+    began = time.monotonic()
+    pool = [threading.Thread(target=worker) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    return len(latencies) / (time.monotonic() - began), latencies, codes
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--threads", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+
+    url = prepare_database()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "REDIS_"))}
+    env.update(DATABASE_URL=url, REDIS_URL=REDIS_URL, REDIS_KEY_PREFIX="as-bench")
+    token = json.loads(subprocess.run(
+        [str(BIN / "auto-session"), "clients", "create", "--name", "bench", "--role", "bot",
+         "--json"], env=env, cwd=ROOT, check=True, capture_output=True, text=True).stdout)["token"]
+    port = free_port()
+    server = subprocess.Popen(
+        [str(BIN / "gunicorn"), "--workers", str(args.workers), "--threads", "8",
+         "--bind", f"127.0.0.1:{port}", "--no-control-socket", "app.wsgi:app"],
+        env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    headers = {"Authorization": f"Bearer {token}"}
+    try:
+        for _ in range(100):
+            try:
+                if httpx.get(f"{base}/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        # warm every worker's pools
+        run_load(base, headers, 1.0, args.threads, lambda c, n: c.get("/healthz"))
+        run_load(base, headers, 1.0, args.threads, lambda c, n: c.post(
+            "/api/v1/sessions", json={"account_id": "warm", "shop_id": f"w{n}",
+                                      "session_type": "AUTO_BARGAIN"}))
+
+        h_rate, h_lat, h_codes = run_load(base, headers, args.seconds, args.threads,
+                                          lambda c, n: c.get("/healthz"))
+        c_rate, c_lat, c_codes = run_load(
+            base, headers, args.seconds, args.threads,
+            lambda c, n: c.post("/api/v1/sessions", json={
+                "account_id": "bench", "shop_id": f"shop-{n}", "session_type": "AUTO_BARGAIN"}))
+
+        # 200 concurrent creations on one slot
+        one_lat: list[float] = []
+        one_codes: Counter = Counter()
+        barrier = threading.Barrier(200)
+        lock = threading.Lock()
+
+        def one(n: int) -> None:
+            with httpx.Client(base_url=base, headers=headers, timeout=60) as client:
+                barrier.wait()
+                started = time.perf_counter()
+                response = client.post("/api/v1/sessions", json={
+                    "account_id": "hot", "shop_id": "one-slot",
+                    "session_type": "AUTO_BARGAIN" if n % 2 else "AUTO_FOLLOW_UP"})
+                with lock:
+                    one_lat.append(time.perf_counter() - started)
+                    one_codes[response.status_code] += 1
+
+        pool = [threading.Thread(target=one, args=(n,)) for n in range(200)]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+        engine = sa.create_engine(url)
+        with engine.connect() as conn:
+            occupants = conn.exec_driver_sql(
+                "SELECT COUNT(*) FROM sessions WHERE account_id='hot' AND shop_id='one-slot' "
+                "AND status IN ('ACTIVE','TRANSFERRED')").scalar_one()
+            statuses = dict(conn.exec_driver_sql(
+                "SELECT status, COUNT(*) FROM sessions WHERE account_id='hot' "
+                "GROUP BY status").all())
+        engine.dispose()
+    finally:
+        server.terminate()
+        server.wait(15)
+
+    print(f"gunicorn {args.workers} workers x 8 threads; load: {args.threads} threads, "
+          f"{args.seconds:.0f} s per phase (MariaDB + Redis, loopback)")
+    print(f"GET /healthz        {h_rate:8.1f} req/s  p50 {percentile(h_lat, .5):6.1f} ms  "
+          f"p99 {percentile(h_lat, .99):6.1f} ms  {dict(h_codes)}")
+    print(f"POST /sessions      {c_rate:8.1f} req/s  p50 {percentile(c_lat, .5):6.1f} ms  "
+          f"p99 {percentile(c_lat, .99):6.1f} ms  {dict(c_codes)}")
+    print(f"creations / healthz  {c_rate / h_rate:.2f}  (aim >= 0.35)")
+    print(f"200 on one slot:    occupants {occupants}  statuses {statuses}  codes "
+          f"{dict(one_codes)}  p50 {percentile(one_lat, .5):6.1f} ms  "
+          f"p99 {percentile(one_lat, .99):6.1f} ms")
+    return 0 if occupants == 1 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
