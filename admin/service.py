@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, field_validator
-from sqlalchemy import delete, distinct, func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session as DbSession
 
 from app.audit.models import Operation
@@ -367,7 +367,7 @@ def verify_session_chain(db: DbSession, session_id: str) -> dict[str, Any]:
 def verify_chains(db: DbSession, request: VerifyRange) -> dict[str, Any]:
     """Verify every session with audit rows in the range (up to `limit`), or a random
     `sample` of them. Answers which chains are broken and where."""
-    stmt = select(distinct(Operation.session_pk))
+    stmt = select(Operation.session_pk).distinct()
     if request.created_from is not None:
         stmt = stmt.where(Operation.created_at >= request.created_from)
     if request.created_to is not None:

@@ -1,9 +1,20 @@
 """The WSGI entry point for gunicorn (`Procfile`: `gunicorn 'app.wsgi:app'`).
 
 Settings come from the environment; the runtime (database pool, Redis) is built
-lazily in each worker on its first request.
+lazily in each worker on its first request. On the embedded default there is no
+beat process, so the periodic work (timeout sweeps, transfer escalation, the
+webhook safety net) runs in a thread of this (single) worker instead.
 """
 
+import threading
+
+from app.config import get_settings
 from app.factory import create_app
 
 app = create_app()
+
+if get_settings().embedded:
+    from tasks.sweeps import start_in_process_beat
+
+    in_process_beat_stop = threading.Event()
+    start_in_process_beat(in_process_beat_stop)

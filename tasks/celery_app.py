@@ -48,7 +48,6 @@ def configure(app: Celery, settings: Settings) -> Celery:
         broker_transport_options={"visibility_timeout": 3600},
         result_backend_transport_options={"global_keyprefix": f"{settings.redis_key_prefix}:"},
         task_default_queue="auto-session",
-        worker_hijack_root_logger=False,
     )
     return app
 

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from app.delivery.service import any_webhook, deliver_webhooks
 from app.detection.service import analyse_with_llm, detect_session
 from app.runtime import Runtime
 
 log = logging.getLogger(__name__)
+
+WEBHOOK_PRESENCE_TTL = 2.0  # seconds
 
 
 def install_hooks(runtime: Runtime) -> None:
@@ -31,10 +34,21 @@ def install_hooks(runtime: Runtime) -> None:
         except Exception:
             log.exception("in-process webhook delivery failed")
 
+    webhooks_seen = {"at": -1e9, "any": False}
+
+    def some_client_has_a_webhook() -> bool:
+        # Asked after every committed change: remember the answer for a moment. A webhook
+        # registered meanwhile is served by the next kick or the beat's safety-net run.
+        now = time.monotonic()
+        if now - webhooks_seen["at"] > WEBHOOK_PRESENCE_TTL:
+            with runtime.database.read() as db:
+                webhooks_seen["any"] = any_webhook(db)
+            webhooks_seen["at"] = now
+        return bool(webhooks_seen["any"])
+
     def events_written() -> None:
-        with runtime.database.read() as db:
-            if not any_webhook(db):
-                return
+        if not some_client_has_a_webhook():
+            return
         if celery.conf.task_always_eager:
             threading.Thread(target=deliver_in_thread, name="webhook-delivery",
                              daemon=True).start()

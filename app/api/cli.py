@@ -54,9 +54,9 @@ def serve(host: str | None, port: int | None, workers: int, threads: int) -> Non
                 "--bind", f"{host}:{port}", "--access-logfile", "-", "--no-control-socket",
                 "app.wsgi:app"]
         os.execv(gunicorn, args)
-    from app.factory import create_app
+    from app.wsgi import app
 
-    create_app().run(host=host, port=port, threaded=True)
+    app.run(host=host, port=port, threaded=True)
 
 
 def _venv_gunicorn() -> str | None:

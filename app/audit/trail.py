@@ -11,7 +11,7 @@ import json
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session as DbSession
 
 from app.audit.models import Operation
@@ -50,6 +50,9 @@ def _digest(
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
+UNKNOWN: object = object()  # "look the previous hash up in the database"
+
+
 def _last_hash(db: DbSession, session_pk: int) -> str | None:
     stmt = (
         select(Operation.row_hash)
@@ -71,11 +74,19 @@ def record_operation(
     at: datetime,
     reason: str | None = None,
     details: dict[str, Any] | None = None,
+    prev_hash: str | None | object = UNKNOWN,
 ) -> Operation:
-    """Append one audit row for `session`, chained to its previous row."""
+    """Append one audit row for `session`, chained to its previous row.
+
+    A caller that already knows the session's last hash (a slot transaction that
+    wrote it, or a session it just created: None) passes it as `prev_hash` and
+    saves the look-up; the row is then flushed with the rest of the transaction."""
     if session.id is None:
         db.flush()
-    prev_hash = _last_hash(db, session.id)
+    known = prev_hash is not UNKNOWN
+    if not known:
+        prev_hash = _last_hash(db, session.id)
+    assert prev_hash is None or isinstance(prev_hash, str)
     row = Operation(
         session_pk=session.id,
         session_id=session.session_id,
@@ -100,7 +111,8 @@ def record_operation(
         created_at=at,
     )
     db.add(row)
-    db.flush()
+    if not known:
+        db.flush()
     return row
 
 
@@ -164,3 +176,19 @@ def operation_values(
         reason=reason, details=details, created_at=at,
     )
     return values
+
+
+def last_hashes(db: DbSession, session_pks: list[int]) -> dict[int, str]:
+    """The last row hash of each session in `session_pks` (as `record_operation` chains
+    to), in a few queries, for bulk writers; sessions without audit rows are absent."""
+    found: dict[int, str] = {}
+    for i in range(0, len(session_pks), 500):
+        latest = (
+            select(func.max(Operation.id))
+            .where(Operation.session_pk.in_(session_pks[i:i + 500]))
+            .group_by(Operation.session_pk)
+        )
+        found.update({pk: row_hash for pk, row_hash in db.execute(
+            select(Operation.session_pk, Operation.row_hash).where(Operation.id.in_(latest))
+        ).all()})
+    return found

@@ -20,7 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session as DbSession
 
-from app.audit.trail import record_operation
+from app.audit.trail import UNKNOWN, record_operation
 from app.config import Settings
 from app.db import Database, UnitOfWork, is_retryable_db_error, utcnow
 from app.errors import (
@@ -64,6 +64,7 @@ Guard = Callable[[Session], None]
 MAX_ATTEMPTS = 6
 HISTORY_SNAPSHOT = 50
 S = SessionStatus
+UNREAD: object = object()
 
 
 @dataclass
@@ -117,16 +118,26 @@ class SlotTx:
         self.fence = SlotFence(self.db, account_id, shop_id)
         self.events_written = 0
         self.counterpart_sessions: list[str] = []
+        self._occupant: Session | None | object = UNREAD
+        self._chain: dict[int, str | None] = {}  # last audit hash per session, as written here
 
     # ---- reads -------------------------------------------------------------------
     def occupant(self) -> Session | None:
-        return self.db.execute(
-            select(Session).where(
-                Session.account_id == self.account_id,
-                Session.shop_id == self.shop_id,
-                Session.holds_slot.is_(True),
-            )
-        ).scalar_one_or_none()
+        """The session holding the slot. Read once per transaction, then kept current by
+        `set_status` — the only place that changes `holds_slot` inside a slot transaction."""
+        if self._occupant is UNREAD:
+            self._occupant = self.db.execute(
+                select(Session).where(
+                    Session.account_id == self.account_id,
+                    Session.shop_id == self.shop_id,
+                    Session.holds_slot.is_(True),
+                )
+            ).scalar_one_or_none()
+        return self._occupant  # type: ignore[return-value]
+
+    def created(self, session: Session) -> None:
+        """Note a session inserted (and flushed) in this transaction: it has no audit rows yet."""
+        self._chain[session.id] = None
 
     def waiting(self) -> list[Session]:
         """Sessions waiting for the slot, highest precedence first (owner-paused ones excluded)."""
@@ -159,7 +170,9 @@ class SlotTx:
         details: dict[str, Any] | None = None,
         actor: str | None = None,
     ) -> None:
-        record_operation(
+        """Append an audit row. Within a slot transaction, audit a session only through
+        here, so the remembered chain head stays right."""
+        row = record_operation(
             self.db,
             session,
             operation=operation,
@@ -169,7 +182,9 @@ class SlotTx:
             at=self.now,
             reason=reason,
             details=details,
+            prev_hash=self._chain.get(session.id, UNKNOWN),
         )
+        self._chain[session.id] = row.row_hash
 
     def event(
         self,
@@ -201,8 +216,11 @@ class SlotTx:
             session.pause_cause = None
             if session.activated_at is None:
                 session.activated_at = self.now
+            self._occupant = session
         else:
             session.holds_slot = None
+            if self._occupant is session:
+                self._occupant = None
         if target.is_terminal:
             session.ended_at = self.now
             session.end_reason = reason or session.end_reason
@@ -497,6 +515,7 @@ class SessionService:
             session.deadline_at = self.deadline_for(session, tx.now)
             tx.db.add(session)
             tx.db.flush()
+            tx.created(session)
             tx.audit(session, "create", from_status=None, reason=request.reason,
                      details={"on_conflict": request.on_conflict, "priority": int(priority)})
             displaced = tx.claim_or_wait(session, on_conflict=request.on_conflict)

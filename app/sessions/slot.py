@@ -132,6 +132,7 @@ class SlotFence:
             try:
                 with bind.connect() as conn, conn.begin():
                     conn.execute(sa_insert(Slot).values(**row))
+                return 0  # ours, just committed: nobody can have advanced it under our lock
             except IntegrityError:
                 pass  # created concurrently; read theirs
         return self.db.execute(stmt).scalar_one()
