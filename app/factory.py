@@ -58,9 +58,9 @@ def create_app(runtime: Runtime | None = None, **config: Any) -> Flask:
     for blueprint in CORE_BLUEPRINTS:
         app.register_blueprint(blueprint)
     for target in OPTIONAL_BLUEPRINTS:
-        blueprint = load_optional_blueprint(target)
-        if blueprint is not None:
-            app.register_blueprint(blueprint)
+        optional = load_optional_blueprint(target)
+        if optional is not None:
+            app.register_blueprint(optional)
     return app
 
 

@@ -147,7 +147,8 @@ class AutoSessionManager:
                 "context": context,
             })
         except ValidationError as exc:
-            raise ValidationFailed(row_error_text(exc), exc.errors(include_url=False)) from None
+            errors = [dict(e) for e in exc.errors(include_url=False)]
+            raise ValidationFailed(row_error_text(exc), errors) from None
         return self.service.create(request, actor=self.actor).session
 
     def get_session(self, session_id: str) -> SessionView:
@@ -220,7 +221,7 @@ class AutoSessionManager:
             if row.session_id:
                 by_session[row.session_id].append(LiveMessage(
                     message_id=row.message_id or "",
-                    sender_role=SenderRole(row.sender_role),
+                    sender_role=SenderRole(row.sender_role or SenderRole.COUNTERPART),
                     content=row.content,
                     sent_at=row.sent_at,
                     sender_id=row.sender_id,

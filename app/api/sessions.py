@@ -246,7 +246,7 @@ def _parse_message_rows(
     return [
         LiveMessage(
             message_id=str(row.message_id),
-            sender_role=SenderRole(row.sender_role),
+            sender_role=SenderRole(str(row.sender_role)),
             content=row.content,
             sent_at=row.sent_at,
             sender_id=row.sender_id,

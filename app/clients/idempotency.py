@@ -29,7 +29,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session as DbSession
 
 from app.clients.models import IdempotencyRecord
-from app.db import Database, utcnow
+from app.db import Database, affected_rows, utcnow
 from app.errors import Conflict, IdempotencyMismatch, ServiceUnavailable, ValidationFailed
 
 IN_PROGRESS = 0
@@ -124,7 +124,7 @@ class IdempotencyStore:
                     .execution_options(synchronize_session=False)
                 )
                 uow.commit()
-                if taken.rowcount == 1:
+                if affected_rows(taken) == 1:
                     return None
             return StoredAnswer(IN_PROGRESS, None)
 
@@ -139,7 +139,7 @@ class IdempotencyStore:
             .values(status_code=status_code, response=body)
             .execution_options(synchronize_session=False)
         )
-        if stored.rowcount != 1:
+        if affected_rows(stored) != 1:
             raise Conflict(
                 f"Idempotency-Key {key!r} was taken over by another request; retry",
                 key=key,
@@ -166,4 +166,4 @@ class IdempotencyStore:
                 )
             )
             uow.commit()
-            return int(result.rowcount or 0)
+            return affected_rows(result)

@@ -19,14 +19,20 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
-from app.db import utcnow
+from app.db import affected_rows, utcnow
 from app.detection import llm
 from app.detection.models import DetectionMark
 from app.detection.rules import ChatLine, RuleVerdict, judge_conversation
 from app.errors import Conflict, NotFound
 from app.messages.models import Message
 from app.runtime import Runtime
-from app.sessions.enums import SenderRole, SessionStatus, SessionType, TransferTrigger
+from app.sessions.enums import (
+    Priority,
+    SenderRole,
+    SessionStatus,
+    SessionType,
+    TransferTrigger,
+)
 from app.sessions.models import Session
 from app.sessions.schemas import TransferRequest, TransferView
 
@@ -67,12 +73,12 @@ def _recent(db: Any, session_pk: int) -> list[ChatLine]:
 def _advance_mark(runtime: Runtime, session_pk: int, last_pk: int) -> None:
     """Remember `last_pk` as examined (never moving the mark backwards)."""
     with runtime.database.unit_of_work() as uow:
-        changed = uow.session.execute(
+        changed = affected_rows(uow.session.execute(
             update(DetectionMark)
             .where(DetectionMark.session_pk == session_pk,
                    DetectionMark.last_message_pk < last_pk)
             .values(last_message_pk=last_pk, updated_at=utcnow())
-        ).rowcount
+        ))
         if not changed and uow.session.get(DetectionMark, session_pk) is None:
             uow.session.add(DetectionMark(session_pk=session_pk, last_message_pk=last_pk,
                                           updated_at=utcnow()))
@@ -91,7 +97,7 @@ def transfer_request(
                               if line.sender_role == SenderRole.COUNTERPART and line.sender_id})
     return TransferRequest(
         reason=reason[:2000],
-        urgency=urgency,
+        urgency=Priority(urgency),
         trigger=trigger,
         task_state={"task_type": str(session.task_type), "owner_id": session.owner_id,
                     "context": session.context, "detection": details},
@@ -113,7 +119,7 @@ def detect_session(
     runtime: Runtime,
     session_id: str,
     *,
-    request_llm: Callable[[str], None] | None = None,
+    request_llm: Callable[[str], object] | None = None,
 ) -> DetectionOutcome:
     """Judge the session's messages that arrived since the last run."""
     outcome = DetectionOutcome(session_id)

@@ -20,10 +20,11 @@ import redis
 from redis.exceptions import LockError, LockNotOwnedError, RedisError
 from sqlalchemy import insert as sa_insert
 from sqlalchemy import select, update
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session as DbSession
 
-from app.db import utcnow
+from app.db import affected_rows, utcnow
 from app.errors import FenceRejected, SlotBusy, SlotLockUnavailable
 from app.sessions.models import Slot
 
@@ -122,6 +123,7 @@ class SlotFence:
         row = {"account_id": self.account_id, "shop_id": self.shop_id, "fence": 0,
                "updated_at": utcnow()}
         bind = self.db.get_bind()
+        assert isinstance(bind, Engine)
         if bind.dialect.name == "sqlite":
             # One writer at a time on SQLite: create it inside our own transaction.
             with self.db.begin_nested():
@@ -153,7 +155,7 @@ class SlotFence:
             )
             .execution_options(synchronize_session=False)
         )
-        if result.rowcount != 1:
+        if affected_rows(result) != 1:
             raise FenceRejected(
                 f"slot ({self.account_id}, {self.shop_id}) was changed by another holder; "
                 "the operation was not applied, retry it"

@@ -26,7 +26,8 @@ def agent_loads(db: DbSession, agent_ids: list[str]) -> dict[str, int]:
         .group_by(Session.assigned_agent_id)
     )
     for agent_id, count in handling:
-        loads[agent_id] += count
+        if agent_id is not None:
+            loads[agent_id] += count
     offered = db.execute(
         select(Transfer.offered_agent_id, func.count())
         .where(
@@ -36,7 +37,8 @@ def agent_loads(db: DbSession, agent_ids: list[str]) -> dict[str, int]:
         .group_by(Transfer.offered_agent_id)
     )
     for agent_id, count in offered:
-        loads[agent_id] += count
+        if agent_id is not None:
+            loads[agent_id] += count
     return loads
 
 

@@ -30,11 +30,11 @@ from app.runtime import Runtime
 from app.sessions.enums import SenderRole, SessionType
 from app.sessions.schemas import SessionRequest, TransferRequest
 from app.sessions.service import LiveMessage
+from tests.shared_data import TWCS_CSV
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-TWCS = Path(__file__).resolve().parents[3] / "shared" / "data" / (
-    "twcs_customer_support_twitter_first5000.csv")
+TWCS = TWCS_CSV
 SHOTS_ENV = "ADMIN_SCREENSHOT_DIR"  # set it to keep a copy of the screenshots for a human
 
 if IN_CI:

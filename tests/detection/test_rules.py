@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import csv
 import io
-from pathlib import Path
 
 import pytest
 
 from app.detection.rules import ChatLine, default_rules, judge_conversation, judge_text, parse_rules
+from tests.shared_data import TWCS_CSV
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
-TWCS = DATA / "twcs_customer_support_twitter_first5000.csv"
+TWCS = TWCS_CSV
 
 
 @pytest.mark.parametrize(("text", "intent", "urgency"), [
