@@ -134,14 +134,45 @@ def normalize_key(key: str) -> str:
     return key.strip().lstrip("\ufeff").strip().lower().replace(" ", "_").replace("-", "_")
 
 
+# An export repeats the same dozen keys on every row: normalise each spelling once.
+_normalized_keys: dict[str, str] = {}
+
+
+def _normal_key(key: str) -> str:
+    normal = _normalized_keys.get(key)
+    if normal is None:
+        normal = normalize_key(key)
+        if len(_normalized_keys) < 4096:
+            _normalized_keys[key] = normal
+    return normal
+
+
 def has_undecodable(fields: dict[str, Any]) -> bool:
     return any(isinstance(v, str) and _SURROGATE.search(v) for v in fields.values())
 
 
-def _checked(record: Record, encoding_note: str) -> Record:
-    if record.fields is not None and has_undecodable(record.fields):
+def may_hold_undecodable(raw: str) -> bool:
+    """False when the record's source text can hold no lone surrogate: neither an
+    undecodable byte (decoded as a surrogate) nor a JSON `\\u` escape (that could
+    spell one). Lets the per-field check be skipped for the usual clean row."""
+    return "\\u" in raw or _SURROGATE.search(raw) is not None
+
+
+def _checked(record: Record, encoding_note: str, raw: str | None = None) -> Record:
+    if record.fields is not None and (raw is None or may_hold_undecodable(raw)) and (
+            has_undecodable(record.fields)):
         return Record(record.line, None, f"the row holds bytes that are not valid {encoding_note}")
     return record
+
+
+def count_records(text: IO[str], fmt: ImportFormat) -> int:
+    """How many records `iter_records` yields (rows and unreadable records alike).
+
+    NDJSON holds one record per non-blank line, so its lines are counted without
+    decoding them; the other formats are parsed."""
+    if fmt is ImportFormat.NDJSON:
+        return sum(1 for line in text if line.strip().lstrip("\ufeff"))
+    return sum(1 for _ in iter_records(text, fmt))
 
 
 def iter_csv(text: IO[str]) -> Iterator[Record]:
@@ -196,7 +227,7 @@ def iter_ndjson(text: IO[str]) -> Iterator[Record]:
         except ValueError as exc:
             yield Record(number, None, f"not valid JSON: {_json_error(exc)}")
             continue
-        yield _checked(_as_object(number, value), encoding)
+        yield _checked(_as_object(number, value), encoding, body)
 
 
 def iter_json_array(text: IO[str]) -> Iterator[Record]:
@@ -269,7 +300,7 @@ def iter_json_array(text: IO[str]) -> Iterator[Record]:
             pos = new_pos
             expect_value = True
             continue
-        yield _checked(_as_object(line, value), encoding)
+        yield _checked(_as_object(line, value), encoding, buf[pos:end])
         line += buf.count("\n", pos, end)
         pos = end
         expect_value = False
@@ -287,22 +318,29 @@ def _resync(buf: str, pos: int) -> int:
 def _as_object(line: int, value: Any) -> Record:
     if not isinstance(value, dict):
         return Record(line, None, f"expected a JSON object, got {type(value).__name__}")
-    return Record(line, {normalize_key(str(k)): v for k, v in value.items()})
+    return Record(line, {_normal_key(str(k)): v for k, v in value.items()})
 
 
 def _json_error(exc: Exception) -> str:
     return str(exc).split(": line", 1)[0]
 
 
-# ---- staged row pieces (compressed JSON lines) -----------------------------------------
+# ---- staged row pieces (compressed JSON) -----------------------------------------------
 def pack_rows(rows: list[tuple[int, dict[str, Any]]]) -> bytes:
-    body = "\n".join(json.dumps([line, fields], ensure_ascii=False, separators=(",", ":"),
-                                default=str) for line, fields in rows)
+    """One JSON array `[[line, {field: value}], …]`, zlib-compressed: a single encoder
+    call per piece rather than one per row."""
+    body = json.dumps(rows, ensure_ascii=False, separators=(",", ":"), default=str)
     return zlib.compress(body.encode("utf-8", "surrogatepass"), 1)
 
 
 def unpack_rows(payload: bytes) -> Iterator[tuple[int, dict[str, Any]]]:
+    """The rows of a piece; also reads pieces staged as JSON lines (one `[line, fields]`
+    per line) by earlier versions, so a job split before an upgrade still runs."""
     text = zlib.decompress(payload).decode("utf-8", "surrogatepass")
+    if text.startswith("[[") or text == "[]":
+        for number, fields in json.loads(text):
+            yield number, fields
+        return
     for line in text.split("\n"):
         if line:
             number, fields = json.loads(line)

@@ -104,7 +104,7 @@ class ImportChunk(Base):
 
 
 class ImportChunkPart(Base):
-    """Rows staged for one chunk: zlib-compressed JSON lines `[line, {field: value}]`."""
+    """Rows staged for one chunk: a zlib-compressed JSON array of `[line, {field: value}]`."""
 
     __tablename__ = "import_chunk_parts"
     __table_args__ = (Index("ix_import_chunk_parts_bucket", "job_pk", "bucket", "seq"),)

@@ -224,7 +224,7 @@ class ImportService:
             fmt = ImportFormat(fmt_name) if fmt_name else formats.detect_format(
                 filename, opener, encoding)
             with formats.open_text(opener, encoding) as text:
-                total = sum(1 for _ in formats.iter_records(text, fmt))
+                total = formats.count_records(text, fmt)
             outcome = self._split(job_pk, opener, fmt, encoding, total, batch)
         except UnreadableUpload as exc:
             self._fail(job_id, str(exc), encoding=encoding)

@@ -14,7 +14,8 @@
 4. Prints messages/s of both, the ratio, and the peak RSS (VmHWM) of the web and
    worker processes.
 
-Uses its own database (`auto_session_bench`) and Redis db 2 with prefix `as-bench`.
+Uses its own database (`auto_session_bench[_$TEST_DB_SUFFIX]`) and Redis db 2 (or
+$TEST_REDIS_URL) with prefix `as-bench`; $BENCH_PORT moves the web server's port.
 """
 
 from __future__ import annotations
@@ -39,9 +40,11 @@ import sqlalchemy as sa
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 SERVER = "mysql+pymysql://root@127.0.0.1:3306/"
-DB = "auto_session_bench"
-REDIS_URL = "redis://127.0.0.1:6379/2"
-PORT = 18321
+# TEST_DB_SUFFIX / TEST_REDIS_URL keep concurrent runs apart, as for the tests.
+DB = "auto_session_bench" + (f"_{os.environ['TEST_DB_SUFFIX']}"
+                             if os.environ.get("TEST_DB_SUFFIX") else "")
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/2")
+PORT = int(os.environ.get("BENCH_PORT", "18321"))
 
 
 def generate(path: Path, rows: int, slots: int, seed: int = 7) -> dict[str, int]:

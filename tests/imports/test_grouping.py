@@ -110,6 +110,13 @@ def test_reupload_changes_nothing_and_new_messages_join_the_session_they_continu
     assert session.last_message_at == T0 + minutes(21)
     assert [o.operation for o in audit_rows(runtime, session.session_id)] == [
         "import", "import-messages"]
+    fourth = imported(runtime, more + conversation("s", T0 + minutes(40), "c"))
+    assert (fourth.inserted, fourth.sessions_updated) == (1, 1)
+    ops = audit_rows(runtime, session.session_id)
+    assert [o.operation for o in ops] == ["import", "import-messages", "import-messages"]
+    assert ops[2].prev_hash == ops[1].row_hash and ops[1].prev_hash == ops[0].row_hash
+    with runtime.database.read() as db:
+        assert verify_chain(db, session.id) == (True, None, 3)
 
 
 def test_duplicates_inside_one_upload_are_counted_once(runtime):

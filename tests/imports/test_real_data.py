@@ -1,4 +1,4 @@
-"""Real exports (/work/shared/data, see SOURCE.md) mapped to the import format.
+"""Real exports (shared/data beside the checkout, see SOURCE.md) mapped to the import format.
 
 Twitter customer support: the brand's tweets are our staff (`human`), the customer's
 are the counterpart; one fixed account, shop_id = the customer. The mapped CSV keeps
@@ -24,10 +24,10 @@ from app.imports.formats import ImportFormat
 from app.messages.models import Message
 from app.sessions.models import Session
 from tests.imports.helpers import run_job
+from tests.shared_data import TWCS_CSV, UBUNTU_CSV
 
-DATA = Path("/work/shared/data")
-TWITTER = DATA / "twcs_customer_support_twitter_first5000.csv"
-UBUNTU = DATA / "ubuntu_dialogue_corpus_3turn_sample_9999.csv"
+TWITTER = TWCS_CSV
+UBUNTU = UBUNTU_CSV
 GAP = timedelta(minutes=30)
 MENTION = re.compile(r"@(\d+)")
 
