@@ -4,15 +4,22 @@
 per session; a sweep that finds 100,000 stale sessions needs something cheaper
 that keeps the same rules. Per batch, with the batch's slot locks held:
 
-1. re-read the due rows (the authoritative read, under the locks);
+1. re-read the due rows (the authoritative read, under the locks) in one query that
+   also gives each row's slot fence and whether another session waits on its slot;
 2. leave to the per-session path every slot with something to do beyond a plain
    timeout — sessions waiting on the slot (promotion), open transfers (cancel
    events), a missing slot row;
 3. for the rest: one conditional `UPDATE` per former status (refused unless every
    row is still in that status and past its deadline), one fence bump per slot
    conditioned on the fence value read, and the audit rows (hash-chained exactly
-   as `record_operation` does) and `session.timeout` events inserted in bulk —
-   all in one transaction that commits or not as a whole.
+   as `record_operation` does, to the last hash read with the row) and
+   `session.timeout` events inserted as multi-row Core inserts — all in one
+   transaction that commits or not as a whole.
+
+Everything runs on the unit of work's Core connection (no ORM identity map or
+unit-of-work bookkeeping for rows nobody loads as objects), with primary-key lists
+rendered inline; at 2,000 sessions a batch the per-row Python cost otherwise
+outweighs the database's own work.
 
 A count that does not match (a stale holder slipped in) rolls the batch back and
 hands its sessions to the per-session path, which re-checks each under its lock.
@@ -26,7 +33,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, insert, select, tuple_, update
+from sqlalchemy import and_, insert, literal_column, select, tuple_, update
+from sqlalchemy.orm import aliased
 
 from app.audit.models import Operation
 from app.audit.trail import _digest
@@ -110,12 +118,52 @@ def expire_batch(
     return outcome
 
 
+# Statements carrying inline id lists differ every batch: keep them out of the
+# compiled-statement cache instead of evicting the statements that do repeat.
+_UNCACHED = {"compiled_cache": None}
+
+
+def _pk_in(column: Any, pks: Sequence[int]) -> Any:
+    """`column IN (1, 2, …)` rendered inline: primary keys are ints, and a 2,000-item
+    list bound one parameter at a time costs more Python than the query itself."""
+    listed = ", ".join(str(int(pk)) for pk in pks)
+    return column.op("IN")(literal_column(f"({listed})"))
+
+
 def _expire_held(
     service: SessionService, pks: list[int], now: datetime, outcome: BatchOutcome
 ) -> None:
     with service.database.unit_of_work() as uow:
-        db = uow.session
-        rows = db.execute(select(*_COLUMNS).where(Session.id.in_(pks))).all()
+        conn = uow.session.connection()
+        # One read gives the rows, their slot's fence (NULL: no slot row), through the
+        # slot index whether another session waits on the slot, and through the audit
+        # index the last row hash each new audit row chains to (no writer of this
+        # session's audit rows can run while we hold its slot lock).
+        waiter = aliased(Session)
+        waiting = (
+            select(waiter.id)
+            .where(waiter.account_id == Session.account_id, waiter.shop_id == Session.shop_id,
+                   waiter.status.in_([S.PENDING, S.PAUSED]), waiter.id != Session.id)
+            .correlate(Session)
+            .exists()
+        )
+        ops = Operation.__table__.c
+        last_hash = (
+            select(ops.row_hash)
+            .where(ops.session_pk == Session.id)
+            .order_by(ops.id.desc())
+            .limit(1)
+            .correlate(Session)
+            .scalar_subquery()
+        )
+        rows = conn.execute(
+            select(*_COLUMNS, Slot.fence, waiting.label("has_waiters"),
+                   last_hash.label("last_hash"))
+            .outerjoin(Slot, and_(Slot.account_id == Session.account_id,
+                                  Slot.shop_id == Session.shop_id))
+            .where(_pk_in(Session.id, pks)),
+            execution_options=_UNCACHED,
+        ).all()
         due = [
             r for r in rows
             if not S(r.status).is_terminal and r.deadline_at is not None and r.deadline_at <= now
@@ -123,10 +171,11 @@ def _expire_held(
         outcome.not_due = len(rows) - len(due)
         if not due:
             return
-        slots = list({(r.account_id, r.shop_id) for r in due})
-        fences = _fences(db, slots)
-        complicated = _slots_with_waiters(db, due) | _slots_with_open_transfers(db, due)
-        complicated |= {slot for slot in slots if slot not in fences}
+        due_pks = {r.id for r in due}
+        fences = {(r.account_id, r.shop_id): r.fence for r in due if r.fence is not None}
+        complicated = _slots_with_waiters(conn, due, due_pks) | _slots_with_open_transfers(
+            conn, due)
+        complicated |= {(r.account_id, r.shop_id) for r in due if r.fence is None}
         one_by_one = [r for r in due if (r.account_id, r.shop_id) in complicated]
         simple = [r for r in due if (r.account_id, r.shop_id) not in complicated]
         outcome.one_by_one = [r.session_id for r in one_by_one]
@@ -135,67 +184,64 @@ def _expire_held(
 
         for status in {S(r.status) for r in simple}:
             ids = [r.id for r in simple if r.status == status]
-            changed = db.execute(
-                update(Session)
-                .where(Session.id.in_(ids), Session.status == status,
-                       Session.deadline_at <= now)
+            changed = conn.execute(
+                update(Session.__table__)
+                .where(_pk_in(Session.__table__.c.id, ids),
+                       Session.__table__.c.status == status,
+                       Session.__table__.c.deadline_at <= now)
                 .values(status=S.TIMEOUT, holds_slot=None, ended_at=now, end_reason="timeout",
-                        deadline_at=None)
-                .execution_options(synchronize_session=False)
+                        deadline_at=None),
+                execution_options=_UNCACHED,
             ).rowcount
             if changed != len(ids):
                 raise _BatchRefused(f"{changed} of {len(ids)} {status} sessions changed")
 
-        _advance_fences(db, simple, fences, now)
-        _write_audit(db, simple, now)
-        db.connection().execute(insert(Event.__table__), [_event_row(r, now) for r in simple])
+        _advance_fences(conn, simple, fences, now)
+        _write_audit(conn, simple, now)
+        conn.execute(insert(Event.__table__), [_event_row(r, now) for r in simple])
         uow.commit()
         outcome.expired = [r.session_id for r in simple]
 
 
-def _fences(db: Any, slots: list[SlotKey]) -> dict[SlotKey, int]:
-    rows = db.execute(
-        select(Slot.account_id, Slot.shop_id, Slot.fence)
-        .where(tuple_(Slot.account_id, Slot.shop_id).in_(slots))
-    ).all()
-    return {(r.account_id, r.shop_id): r.fence for r in rows}
-
-
-def _slots_with_waiters(db: Any, due: Sequence[Any]) -> set[SlotKey]:
+def _slots_with_waiters(conn: Any, due: Sequence[Any], due_pks: set[int]) -> set[SlotKey]:
     """Slots this batch vacates where another session waits (PENDING or PAUSED): freeing
-    them means a promotion, which the per-session path does."""
-    vacated = list({(r.account_id, r.shop_id) for r in due if r.holds_slot})
-    if not vacated:
+    them means a promotion, which the per-session path does. The read flagged rows whose
+    slot has any other waiter; only those flagged rows need a second look, to tell a
+    waiter outside the batch from one that is itself being timed out here."""
+    flagged = [r for r in due if r.holds_slot and r.has_waiters]
+    if not flagged:
         return set()
-    due_ids = {r.id for r in due}
-    rows = db.execute(
+    vacated = list({(r.account_id, r.shop_id) for r in flagged})
+    rows = conn.execute(
         select(Session.id, Session.account_id, Session.shop_id)
         # A two-column IN plus a status list is an index range read on MariaDB and
         # MySQL; a three-column IN is not.
         .where(tuple_(Session.account_id, Session.shop_id).in_(vacated),
                Session.status.in_([S.PENDING, S.PAUSED]))
     ).all()
-    return {(r.account_id, r.shop_id) for r in rows if r.id not in due_ids}
+    return {(r.account_id, r.shop_id) for r in rows if r.id not in due_pks}
 
 
-def _slots_with_open_transfers(db: Any, due: Sequence[Any]) -> set[SlotKey]:
+def _slots_with_open_transfers(conn: Any, due: Sequence[Any]) -> set[SlotKey]:
     transferred = [r.id for r in due if r.status == S.TRANSFERRED]
     if not transferred:
         return set()
-    pks = set(db.execute(
+    pks = set(conn.execute(
         select(Transfer.session_pk).where(
-            Transfer.session_pk.in_(transferred),
+            _pk_in(Transfer.session_pk, transferred),
             Transfer.status.in_([TransferStatus.PENDING, TransferStatus.ACCEPTED]),
-        )
+        ),
+        execution_options=_UNCACHED,
     ).scalars())
     return {(r.account_id, r.shop_id) for r in due if r.id in pks}
 
 
 def _advance_fences(
-    db: Any, sessions: Sequence[Any], fences: dict[SlotKey, int], now: datetime
+    conn: Any, sessions: Sequence[Any], fences: dict[SlotKey, int], now: datetime
 ) -> None:
     """Bump each slot's fence iff it still has the value read under the lock."""
     left = {(r.account_id, r.shop_id) for r in sessions if r.holds_slot}
+    slots = Slot.__table__.c
     for vacated in (True, False):
         keys = [
             (a, s, fences[(a, s)])
@@ -204,42 +250,37 @@ def _advance_fences(
         ]
         if not keys:
             continue
-        values: dict[str, Any] = {"fence": Slot.fence + 1, "updated_at": now}
+        values: dict[str, Any] = {"fence": slots.fence + 1, "updated_at": now}
         if vacated:
             values["occupant_session_id"] = None
-        changed = db.execute(
-            update(Slot)
-            .where(tuple_(Slot.account_id, Slot.shop_id, Slot.fence).in_(keys))
+        changed = conn.execute(
+            update(Slot.__table__)
+            .where(tuple_(slots.account_id, slots.shop_id, slots.fence).in_(keys))
             .values(**values)
-            .execution_options(synchronize_session=False)
         ).rowcount
         if changed != len(keys):
             raise _BatchRefused(f"fence moved on {len(keys) - changed} slots")
 
 
-def _write_audit(db: Any, sessions: Sequence[Any], now: datetime) -> None:
-    """Append one `timeout` row per session, chained to its last row like record_operation."""
-    pks = [r.id for r in sessions]
-    last_ids = select(func.max(Operation.id)).where(Operation.session_pk.in_(pks)).group_by(
-        Operation.session_pk
-    )
-    prev = dict(db.execute(
-        select(Operation.session_pk, Operation.row_hash).where(Operation.id.in_(last_ids))
-    ).all())
+def _write_audit(conn: Any, sessions: Sequence[Any], now: datetime) -> None:
+    """Append one `timeout` row per session, chained to its last row (read with the
+    session as `last_hash`) exactly as record_operation chains."""
+    timeout = str(S.TIMEOUT)
     rows = []
     for r in sessions:
-        details = {"deadline_at": r.deadline_at.isoformat(), "status_before": str(r.status)}
-        prev_hash = prev.get(r.id)
+        status_before = str(r.status)
+        details = {"deadline_at": r.deadline_at.isoformat(), "status_before": status_before}
+        prev_hash = r.last_hash
         fields = {
-            "session_id": r.session_id, "operation": "timeout", "from_status": str(r.status),
-            "to_status": str(S.TIMEOUT), "actor": ACTOR, "reason": "timeout",
+            "session_id": r.session_id, "operation": "timeout", "from_status": status_before,
+            "to_status": timeout, "actor": ACTOR, "reason": "timeout",
             "details": details, "created_at": now,
         }
         rows.append({
             **fields, "session_pk": r.id, "prev_hash": prev_hash,
             "row_hash": _digest(prev_hash=prev_hash, **fields),
         })
-    db.connection().execute(insert(Operation.__table__), rows)
+    conn.execute(insert(Operation.__table__), rows)
 
 
 def _event_row(r: Any, now: datetime) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 A sweep run lock keeps two beat/worker processes from sweeping the same thing at
 the same time (cheap, not needed for correctness: every change is still made under
 its slot lock, re-checked and fenced). Slot locks for a batch are taken in one
-Redis round trip with the same keys and semantics as `RedisSlotLocks`, so a live
+Redis script call with the same keys and semantics as `RedisSlotLocks`, so a live
 request and the sweep exclude each other; a busy slot is simply left for the next
 run instead of being waited for.
 """
@@ -23,6 +23,18 @@ from app.errors import ServiceUnavailable
 from app.sessions.slot import RedisSlotLocks, SlotKey, SlotLocks
 
 log = logging.getLogger(__name__)
+
+_ACQUIRE_MANY = """
+local got = {}
+for i, key in ipairs(KEYS) do
+  if redis.call('set', key, ARGV[1], 'NX', 'PX', ARGV[2]) then
+    got[i] = 1
+  else
+    got[i] = 0
+  end
+end
+return got
+"""
 
 _RELEASE_MANY = """
 local released = 0
@@ -72,9 +84,10 @@ def sweep_run_lock(client: redis.Redis | None, name: str, *, ttl: float) -> Iter
 def hold_slots(locks: SlotLocks, slots: Iterable[SlotKey]) -> Iterator[set[SlotKey]]:
     """Take the locks of as many of `slots` as are free right now; yield those held.
 
-    Redis: one pipelined `SET NX PX` per slot, released by one script that deletes
-    only keys still holding our token (a lock that expired and was re-taken by
-    someone else is left alone). Other providers: their own `hold`, one by one.
+    Redis: one script call doing `SET NX PX` per slot (one round trip, one command
+    to encode), released by one script that deletes only keys still holding our
+    token (a lock that expired and was re-taken by someone else is left alone).
+    Other providers: their own `hold`, one by one.
     """
     wanted = list(dict.fromkeys(slots))
     if isinstance(locks, RedisSlotLocks):
@@ -83,10 +96,7 @@ def hold_slots(locks: SlotLocks, slots: Iterable[SlotKey]) -> Iterator[set[SlotK
         ttl_ms = int(locks._ttl * 1000)
         keys = [locks.key(a, s) for a, s in wanted]
         try:
-            pipe = client.pipeline(transaction=False)
-            for key in keys:
-                pipe.set(key, token, nx=True, px=ttl_ms)
-            results = pipe.execute()
+            results = client.eval(_ACQUIRE_MANY, len(keys), *keys, token, ttl_ms) if keys else []
         except RedisError as exc:
             raise ServiceUnavailable(f"slot lock service unreachable: {exc}") from exc
         held_keys = [k for k, ok in zip(keys, results, strict=True) if ok]

@@ -18,7 +18,9 @@ Prints both times and their ratio, then checks the slot rules were honoured.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import os
+import pstats
 import sys
 import time
 from datetime import UTC, datetime, timedelta
@@ -33,7 +35,8 @@ from app.config import load_settings  # noqa: E402
 from app.runtime import build_runtime  # noqa: E402
 from app.sweeps.service import sweep_sessions  # noqa: E402
 
-DB = "auto_session_bench_sweep"
+DB = "auto_session_bench_sweep" + (
+    f"_{os.environ['TEST_DB_SUFFIX']}" if os.environ.get("TEST_DB_SUFFIX") else "")
 
 
 def timed(label: str, fn):  # type: ignore[no-untyped-def]
@@ -94,6 +97,8 @@ def main() -> int:
     parser.add_argument("--sessions", type=int, default=1_000_000)
     parser.add_argument("--due-every", type=int, default=10)
     parser.add_argument("--batch", type=int, default=2000)
+    parser.add_argument("--profile", metavar="FILE",
+                        help="run the sweep under cProfile and write its stats to FILE")
     parser.add_argument("--server", default=os.environ.get(
         "TEST_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/"))
     args = parser.parse_args()
@@ -139,8 +144,15 @@ def main() -> int:
 
     timed("(undo the plain UPDATE)", undo)
     runtime.redis.flushdb()  # type: ignore[union-attr]
+    profiler = cProfile.Profile() if args.profile else None
+    if profiler is not None:
+        profiler.enable()
     sweep, report = timed("full sweep (sweep_sessions)", lambda: sweep_sessions(
         runtime, now=now, time_budget=3600))
+    if profiler is not None:
+        profiler.disable()
+        profiler.dump_stats(args.profile)
+        pstats.Stats(profiler).sort_stats("cumulative").print_stats(25)
     print(f"timed out: {len(report.timed_out):,}, busy: {report.busy}, errors: {report.errors}")
     print(f"ratio sweep / plain UPDATE: {sweep / plain:.2f}x (aim <= 3x)")
     found = counts(engine)

@@ -143,6 +143,26 @@ def test_many_due_sessions_are_expired_in_batches_with_chained_audit(runtime, se
         assert events_for(runtime, robot.session_id)[-1] == "session.timeout"
 
 
+def test_occupant_and_its_waiter_due_in_one_batch_both_time_out_in_bulk(runtime, service):
+    with freeze_time(T0) as clock:
+        bargain = ask(service, "AUTO_BARGAIN").session
+        clock.move_to(T0 + minutes(5))
+        follow = ask(service, "AUTO_FOLLOW_UP").session
+        assert follow.status == "PENDING"
+    with runtime.database.read() as db:
+        fence_before = db.execute(select(Slot.fence)).scalar_one()
+    now = T0 + minutes(36)  # past both deadlines: nobody is left to promote
+    outcome = expire_batch(service, [bargain.session_id, follow.session_id], now)
+    assert sorted(outcome.expired) == sorted([bargain.session_id, follow.session_id])
+    assert outcome.one_by_one == []
+    assert status_of(service, follow.session_id) == "TIMEOUT"
+    with runtime.database.read() as db:
+        slot = db.execute(select(Slot)).scalar_one()
+        assert (slot.fence, slot.occupant_session_id) == (fence_before + 1, None)
+        for pk in db.execute(select(Session.id)).scalars():
+            assert verify_chain(db, pk)[0]
+
+
 def test_two_sweeps_at_once_time_each_session_out_exactly_once(runtime, service):
     with freeze_time(T0):
         robots = [ask(service, "AUTO_BARGAIN", shop=f"shop-{i}").session for i in range(12)]
