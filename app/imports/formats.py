@@ -63,7 +63,7 @@ def is_gzip(head: bytes) -> bool:
 def open_decompressed(open_binary: OpenBinary) -> IO[bytes]:
     """The upload's bytes, gunzipped on the fly when it starts with the gzip magic."""
     raw = open_binary()
-    buffered = raw if isinstance(raw, io.BufferedReader) else io.BufferedReader(raw, BLOCK)  # type: ignore[arg-type]
+    buffered = raw if isinstance(raw, io.BufferedReader) else io.BufferedReader(raw, BLOCK)  # type: ignore[arg-type,type-var]
     if is_gzip(buffered.peek(2)[:2]):
         import gzip
 

@@ -97,7 +97,9 @@ class ImportCounts:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ImportCounts:
-        counts = cls(**{name: int(data.get(name, 0)) for name in cls.COUNTERS})
+        counts = cls()
+        for name in cls.COUNTERS:
+            setattr(counts, name, int(data.get(name, 0)))
         counts.errors = list(data.get("errors") or [])
         return counts
 
@@ -122,7 +124,7 @@ class Msg:
     def from_row(cls, line: int, row: ChatRow) -> Msg:
         return cls(
             line=line, message_id=row.message_id or "", account_id=row.account_id or "",
-            shop_id=row.shop_id or "", sender_role=SenderRole(row.sender_role),
+            shop_id=row.shop_id or "", sender_role=SenderRole(str(row.sender_role)),
             sender_id=row.sender_id, content=row.content, message_type=row.message_type,
             sent_at=row.sent_at, session_id=row.session_id, task_type=row.task_type,
         )
@@ -598,13 +600,13 @@ class Writer:
                 self.counts.sessions_updated += 1
             core_insert(db, Operation, audits)
         if self._messages:
-            values = [
+            message_rows = [
                 message_values(m, public_to_pk[ref] if isinstance(ref, str) else ref,
                                self.now, self.job_id)
                 for m, ref in self._messages
             ]
-            core_insert(db, Message, values)
-            self.counts.inserted += len(values)
+            core_insert(db, Message, message_rows)
+            self.counts.inserted += len(message_rows)
         db.flush()
 
 

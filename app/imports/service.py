@@ -13,6 +13,7 @@ a chord of chunks, then finish. Nothing here imports Celery or Flask.
 
 from __future__ import annotations
 
+import builtins
 import heapq
 import io
 import logging
@@ -25,7 +26,7 @@ from pydantic import BaseModel
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session as DbSession
 
-from app.db import Database, utcnow
+from app.db import Database, affected_rows, utcnow
 from app.errors import NotFound, ValidationFailed
 from app.events.outbox import Audience, record_event
 from app.ids import new_id
@@ -383,7 +384,7 @@ class ImportService:
                 .where(ImportChunk.id == chunk_pk, ImportChunk.status == "pending")
                 .values(status="done", done_at=utcnow(), **body)
             )
-            if result.rowcount != 1:
+            if affected_rows(result) != 1:
                 raise AlreadyApplied(f"chunk {chunk_pk} was committed by another run")
 
         context = BatchContext(
@@ -553,7 +554,7 @@ class ImportService:
                 stmt = stmt.where(ImportJob.status == status.lower())
             return [self._view(db, job) for job in db.execute(stmt).scalars()]
 
-    def unfinished(self) -> list[str]:
+    def unfinished(self) -> builtins.list[str]:
         """Jobs not closed yet (for recovery after a worker died)."""
         with self.database.read() as db:
             return list(db.execute(
@@ -585,7 +586,8 @@ class ImportService:
         return ImportJobView(
             job_id=job.job_id, status=job.status, phase=job.phase, filename=job.filename,
             format=job.format, encoding=job.encoding, size_bytes=job.size_bytes,
-            total_rows=job.total_rows, processed=processed, errors=errors,
+            total_rows=job.total_rows, processed=processed,
+            errors=errors,  # type: ignore[arg-type]  # dicts, validated by pydantic
             chunks=job.chunk_count, chunks_done=done, created_at=job.created_at,
             started_at=job.started_at, finished_at=job.finished_at, detail=job.detail,
             **counts,
@@ -602,7 +604,7 @@ class ImportService:
         return job
 
     @staticmethod
-    def _pending_chunks(db: DbSession, job_pk: int) -> list[int]:
+    def _pending_chunks(db: DbSession, job_pk: int) -> builtins.list[int]:
         return list(db.execute(
             select(ImportChunk.id).where(ImportChunk.job_pk == job_pk,
                                          ImportChunk.status == "pending")

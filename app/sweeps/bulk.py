@@ -31,9 +31,9 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, insert, literal_column, select, tuple_, update
+from sqlalchemy import Table, and_, insert, literal_column, select, tuple_, update
 from sqlalchemy.orm import aliased
 
 from app.audit.models import Operation
@@ -46,6 +46,12 @@ from app.sessions.service import SessionService
 from app.sessions.slot import SlotKey
 from app.sweeps.locks import hold_slots
 from app.transfers.models import Transfer
+
+# The mapped tables as Core `Table`s (typed), for statements that bypass the ORM.
+SESSIONS = cast(Table, Session.__table__)
+SLOTS = cast(Table, Slot.__table__)
+OPERATIONS = cast(Table, Operation.__table__)
+EVENTS = cast(Table, Event.__table__)
 
 log = logging.getLogger(__name__)
 S = SessionStatus
@@ -147,7 +153,7 @@ def _expire_held(
             .correlate(Session)
             .exists()
         )
-        ops = Operation.__table__.c
+        ops = OPERATIONS.c
         last_hash = (
             select(ops.row_hash)
             .where(ops.session_pk == Session.id)
@@ -185,10 +191,10 @@ def _expire_held(
         for status in {S(r.status) for r in simple}:
             ids = [r.id for r in simple if r.status == status]
             changed = conn.execute(
-                update(Session.__table__)
-                .where(_pk_in(Session.__table__.c.id, ids),
-                       Session.__table__.c.status == status,
-                       Session.__table__.c.deadline_at <= now)
+                update(SESSIONS)
+                .where(_pk_in(SESSIONS.c.id, ids),
+                       SESSIONS.c.status == status,
+                       SESSIONS.c.deadline_at <= now)
                 .values(status=S.TIMEOUT, holds_slot=None, ended_at=now, end_reason="timeout",
                         deadline_at=None),
                 execution_options=_UNCACHED,
@@ -198,7 +204,7 @@ def _expire_held(
 
         _advance_fences(conn, simple, fences, now)
         _write_audit(conn, simple, now)
-        conn.execute(insert(Event.__table__), [_event_row(r, now) for r in simple])
+        conn.execute(insert(EVENTS), [_event_row(r, now) for r in simple])
         uow.commit()
         outcome.expired = [r.session_id for r in simple]
 
@@ -241,7 +247,7 @@ def _advance_fences(
 ) -> None:
     """Bump each slot's fence iff it still has the value read under the lock."""
     left = {(r.account_id, r.shop_id) for r in sessions if r.holds_slot}
-    slots = Slot.__table__.c
+    slots = SLOTS.c
     for vacated in (True, False):
         keys = [
             (a, s, fences[(a, s)])
@@ -254,7 +260,7 @@ def _advance_fences(
         if vacated:
             values["occupant_session_id"] = None
         changed = conn.execute(
-            update(Slot.__table__)
+            update(SLOTS)
             .where(tuple_(slots.account_id, slots.shop_id, slots.fence).in_(keys))
             .values(**values)
         ).rowcount
@@ -280,7 +286,7 @@ def _write_audit(conn: Any, sessions: Sequence[Any], now: datetime) -> None:
             **fields, "session_pk": r.id, "prev_hash": prev_hash,
             "row_hash": _digest(prev_hash=prev_hash, **fields),
         })
-    conn.execute(insert(Operation.__table__), rows)
+    conn.execute(insert(OPERATIONS), rows)
 
 
 def _event_row(r: Any, now: datetime) -> dict[str, Any]:
