@@ -24,6 +24,7 @@ from app.audit.trail import UNKNOWN, record_operation
 from app.config import Settings
 from app.db import Database, UnitOfWork, is_retryable_db_error, utcnow
 from app.errors import (
+    AlreadyAccepted,
     Conflict,
     FenceRejected,
     InvalidTransition,
@@ -41,9 +42,7 @@ from app.sessions.enums import (
     SenderRole,
     SessionStatus,
     SessionType,
-    TaskType,
     TransferStatus,
-    TransferTrigger,
 )
 from app.sessions.models import Session
 from app.sessions.schemas import (
@@ -261,7 +260,6 @@ class SlotTx:
             self.set_status(occupant, S.PAUSED, operation="preempt", event="session.paused",
                             reason="preempted", details=details,
                             event_data={"preempted_by": by.session_id, "wait": True})
-            occupant.pause_cause = PauseCause.PREEMPTED
 
     def promote_next_waiting(self) -> Session | None:
         """When the slot is free, hand it to the highest-precedence waiting session."""
@@ -550,7 +548,6 @@ class SessionService:
             session.pause_cause = PauseCause.OWNER
             tx.leave_slot(session, S.PAUSED, operation="pause", event="session.paused",
                           reason=reason or "paused by owner")
-            session.pause_cause = PauseCause.OWNER
             return SessionView.model_validate(session)
 
         return self.run_on_session(session_id, actor, work, guard)
@@ -574,9 +571,8 @@ class SessionService:
                 )
             before_cause = session.pause_cause
             session.pause_cause = PauseCause.PREEMPTED  # in line from now on
-            session.requested_at = tx.now if before_cause == PauseCause.OWNER else (
-                session.requested_at
-            )
+            if before_cause == PauseCause.OWNER:
+                session.requested_at = tx.now  # back in line as a new request
             tx.claim_or_wait(session)
             if session.status == S.PAUSED:
                 session.last_activity_at = tx.now
@@ -798,8 +794,6 @@ class SessionService:
 
 
 def raise_already_taken(transfer: Transfer) -> None:
-    from app.errors import AlreadyAccepted
-
     if transfer.status == TransferStatus.ACCEPTED:
         raise AlreadyAccepted(
             f"transfer {transfer.transfer_id} was already accepted by {transfer.agent_id}",
@@ -876,6 +870,4 @@ __all__ = [
     "ServiceHooks",
     "SessionService",
     "SlotTx",
-    "TaskType",
-    "TransferTrigger",
 ]
