@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Index, String, Text
+from sqlalchemy import Index, String, Table, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db import Base, BigId, IdStr, JsonDoc, UTCDateTime
@@ -32,3 +32,7 @@ class Operation(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     prev_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
     row_hash: Mapped[str] = mapped_column(String(64))
+
+
+# The table, typed for Core bulk statements (slot transactions, sweeps, imports).
+OPERATIONS = cast(Table, Operation.__table__)

@@ -15,7 +15,6 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session as DbSession
 
 from app.audit.models import Operation
-from app.sessions.models import Session
 
 
 def _digest(
@@ -50,10 +49,8 @@ def _digest(
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
-UNKNOWN: object = object()  # "look the previous hash up in the database"
-
-
-def _last_hash(db: DbSession, session_pk: int) -> str | None:
+def last_hash(db: DbSession, session_pk: int) -> str | None:
+    """The hash of the session's last audit row (None before its first), to chain to."""
     stmt = (
         select(Operation.row_hash)
         .where(Operation.session_pk == session_pk)
@@ -61,59 +58,6 @@ def _last_hash(db: DbSession, session_pk: int) -> str | None:
         .limit(1)
     )
     return db.execute(stmt).scalar_one_or_none()
-
-
-def record_operation(
-    db: DbSession,
-    session: Session,
-    *,
-    operation: str,
-    from_status: str | None,
-    to_status: str | None,
-    actor: str,
-    at: datetime,
-    reason: str | None = None,
-    details: dict[str, Any] | None = None,
-    prev_hash: str | None | object = UNKNOWN,
-) -> Operation:
-    """Append one audit row for `session`, chained to its previous row.
-
-    A caller that already knows the session's last hash (a slot transaction that
-    wrote it, or a session it just created: None) passes it as `prev_hash` and
-    saves the look-up; the row is then flushed with the rest of the transaction."""
-    if session.id is None:
-        db.flush()
-    known = prev_hash is not UNKNOWN
-    if not known:
-        prev_hash = _last_hash(db, session.id)
-    assert prev_hash is None or isinstance(prev_hash, str)
-    row = Operation(
-        session_pk=session.id,
-        session_id=session.session_id,
-        operation=operation,
-        from_status=str(from_status) if from_status else None,
-        to_status=str(to_status) if to_status else None,
-        actor=actor,
-        reason=reason,
-        details=details,
-        created_at=at,
-        prev_hash=prev_hash,
-    )
-    row.row_hash = _digest(
-        prev_hash=prev_hash,
-        session_id=row.session_id,
-        operation=operation,
-        from_status=row.from_status,
-        to_status=row.to_status,
-        actor=actor,
-        reason=reason,
-        details=details,
-        created_at=at,
-    )
-    db.add(row)
-    if not known:
-        db.flush()
-    return row
 
 
 def verify_chain(db: DbSession, session_pk: int) -> tuple[bool, int | None, int]:
@@ -179,7 +123,7 @@ def operation_values(
 
 
 def last_hashes(db: DbSession, session_pks: list[int]) -> dict[int, str]:
-    """The last row hash of each session in `session_pks` (as `record_operation` chains
+    """The last row hash of each session in `session_pks` (as slot transactions chain
     to), in a few queries, for bulk writers; sessions without audit rows are absent."""
     found: dict[int, str] = {}
     for i in range(0, len(session_pks), 500):

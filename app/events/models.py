@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Index, String
+from sqlalchemy import Index, String, Table
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db import Base, BigId, IdStr, JsonDoc, UTCDateTime
@@ -28,3 +28,7 @@ class Event(Base):
     audience: Mapped[str] = mapped_column(String(16), default="owner")
     occurred_at: Mapped[datetime] = mapped_column(UTCDateTime)
     data: Mapped[dict[str, Any]] = mapped_column(JsonDoc, default=dict)
+
+
+# The table, typed for Core bulk statements (slot transactions, sweeps).
+EVENTS = cast(Table, Event.__table__)

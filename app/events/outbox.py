@@ -30,6 +30,34 @@ def session_snapshot(session: Session) -> dict[str, Any]:
     }
 
 
+def event_values(
+    *,
+    type: str,
+    at: datetime,
+    session: Session | None = None,
+    data: dict[str, Any] | None = None,
+    audience: str | None = None,
+) -> dict[str, Any]:
+    """The column values of one outbox event: the session's snapshot (as of now) plus
+    `data`, addressed to `audience` (by default the desk for human sessions and
+    transfers, else the session's owner)."""
+    payload: dict[str, Any] = session_snapshot(session) if session is not None else {}
+    payload.update(data or {})
+    if audience is None:
+        human = session is not None and str(session.session_type).startswith("MANUAL_")
+        audience = Audience.DESK if human or type.startswith("transfer.") else Audience.OWNER
+    return {
+        "type": type,
+        "session_id": session.session_id if session is not None else None,
+        "account_id": session.account_id if session is not None else None,
+        "shop_id": session.shop_id if session is not None else None,
+        "client_id": session.client_id if session is not None else None,
+        "audience": audience,
+        "occurred_at": at,
+        "data": payload,
+    }
+
+
 def record_event(
     db: DbSession,
     *,
@@ -40,20 +68,7 @@ def record_event(
     audience: str | None = None,
 ) -> Event:
     """Add an event to the outbox; it commits (or not) with the change it announces."""
-    payload: dict[str, Any] = session_snapshot(session) if session is not None else {}
-    payload.update(data or {})
-    if audience is None:
-        human = session is not None and str(session.session_type).startswith("MANUAL_")
-        audience = Audience.DESK if human or type.startswith("transfer.") else Audience.OWNER
-    event = Event(
-        type=type,
-        session_id=session.session_id if session is not None else None,
-        account_id=session.account_id if session is not None else None,
-        shop_id=session.shop_id if session is not None else None,
-        client_id=session.client_id if session is not None else None,
-        audience=audience,
-        occurred_at=at,
-        data=payload,
-    )
+    event = Event(**event_values(type=type, at=at, session=session, data=data,
+                                 audience=audience))
     db.add(event)
     return event

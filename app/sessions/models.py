@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import BigInteger, Boolean, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Index,
+    Integer,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db import Base, BigId, IdStr, JsonDoc, UTCDateTime
@@ -96,3 +105,8 @@ class Slot(Base):
     fence: Mapped[int] = mapped_column(BigInteger, default=0)
     occupant_session_id: Mapped[str | None] = mapped_column(IdStr(40), nullable=True)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+# The tables, typed for Core statements (the fence, the bulk sweep).
+SESSIONS = cast(Table, Session.__table__)
+SLOTS = cast(Table, Slot.__table__)

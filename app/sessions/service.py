@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session as DbSession
 
-from app.audit.trail import UNKNOWN, record_operation
+from app.audit.models import OPERATIONS
+from app.audit.trail import last_hash, operation_values
 from app.config import Settings
 from app.db import Database, UnitOfWork, is_retryable_db_error, utcnow
 from app.errors import (
@@ -32,7 +33,8 @@ from app.errors import (
     ServiceUnavailable,
     SlotOccupied,
 )
-from app.events.outbox import Audience, record_event
+from app.events.models import EVENTS
+from app.events.outbox import Audience, event_values
 from app.ids import new_id
 from app.messages.models import Message
 from app.sessions import rules
@@ -97,7 +99,11 @@ class MessageOutcome:
 
 
 class SlotTx:
-    """One slot transaction: the database session, the fence, the time and the actor."""
+    """One slot transaction: the database session, the fence, the time and the actor.
+
+    Audit rows and events are collected as the work goes and written at the end in
+    one multi-row INSERT each (`write_records`, just before the fence), in the order
+    they were made; nothing inside a slot transaction reads them back."""
 
     def __init__(
         self,
@@ -106,6 +112,8 @@ class SlotTx:
         account_id: str,
         shop_id: str,
         actor: str,
+        *,
+        trust_slot_row: bool = True,
     ) -> None:
         self.service = service
         self.uow = uow
@@ -118,12 +126,20 @@ class SlotTx:
         self.events_written = 0
         self.counterpart_sessions: list[str] = []
         self._occupant: Session | None | object = UNREAD
+        # The slot row names the occupant as of the last change; a first attempt trusts
+        # "nobody" from it (saving a read), a retry reads the sessions themselves.
+        self._trust_slot_row = trust_slot_row
         self._chain: dict[int, str | None] = {}  # last audit hash per session, as written here
+        self._audit_rows: list[dict[str, Any]] = []
+        self._event_rows: list[dict[str, Any]] = []
 
     # ---- reads -------------------------------------------------------------------
     def occupant(self) -> Session | None:
         """The session holding the slot. Read once per transaction, then kept current by
         `set_status` — the only place that changes `holds_slot` inside a slot transaction."""
+        if (self._occupant is UNREAD and self._trust_slot_row
+                and self.fence.occupant_session_id is None):
+            self._occupant = None
         if self._occupant is UNREAD:
             self._occupant = self.db.execute(
                 select(Session).where(
@@ -133,6 +149,13 @@ class SlotTx:
                 )
             ).scalar_one_or_none()
         return self._occupant  # type: ignore[return-value]
+
+    def occupant_id(self) -> str | None:
+        """The occupant's session id, without a read when nothing here looked or changed."""
+        if self._occupant is UNREAD and self._trust_slot_row:
+            return self.fence.occupant_session_id
+        occupant = self.occupant()
+        return occupant.session_id if occupant is not None else None
 
     def created(self, session: Session) -> None:
         """Note a session inserted (and flushed) in this transaction: it has no audit rows yet."""
@@ -165,25 +188,34 @@ class SlotTx:
         operation: str,
         *,
         from_status: str | None,
+        to_status: str | None = None,
         reason: str | None = None,
         details: dict[str, Any] | None = None,
         actor: str | None = None,
     ) -> None:
-        """Append an audit row. Within a slot transaction, audit a session only through
-        here, so the remembered chain head stays right."""
-        row = record_operation(
-            self.db,
-            session,
+        """Append an audit row (to the session's current status unless `to_status` says
+        otherwise). Within a slot transaction, audit a session only through here, so the
+        remembered chain head stays right."""
+        if session.id is None:
+            self.db.flush()
+        prev_hash = (
+            self._chain[session.id] if session.id in self._chain
+            else last_hash(self.db, session.id)
+        )
+        row = operation_values(
+            session_pk=session.id,
+            session_id=session.session_id,
             operation=operation,
             from_status=from_status,
-            to_status=session.status,
+            to_status=to_status or session.status,
             actor=actor or self.actor,
             at=self.now,
+            prev_hash=prev_hash,
             reason=reason,
             details=details,
-            prev_hash=self._chain.get(session.id, UNKNOWN),
         )
-        self._chain[session.id] = row.row_hash
+        self._audit_rows.append(row)
+        self._chain[session.id] = row["row_hash"]
 
     def event(
         self,
@@ -192,8 +224,18 @@ class SlotTx:
         data: dict[str, Any] | None = None,
         audience: str | None = None,
     ) -> None:
-        record_event(self.db, type=type, at=self.now, session=session, data=data, audience=audience)
+        self._event_rows.append(event_values(type=type, at=self.now, session=session,
+                                             data=data, audience=audience))
         self.events_written += 1
+
+    def write_records(self) -> None:
+        """Insert the audit rows and events collected so far (one statement per table)."""
+        if self._audit_rows:
+            self.db.execute(insert(OPERATIONS), self._audit_rows)
+            self._audit_rows = []
+        if self._event_rows:
+            self.db.execute(insert(EVENTS), self._event_rows)
+            self._event_rows = []
 
     def set_status(
         self,
@@ -207,23 +249,7 @@ class SlotTx:
         event_data: dict[str, Any] | None = None,
     ) -> None:
         """Move `session` to `target` (checked against the state machine), audit it, announce it."""
-        before = session.status
-        rules.check_transition(S(before), target)
-        session.status = target
-        if target.occupies_slot:
-            session.holds_slot = True
-            session.pause_cause = None
-            if session.activated_at is None:
-                session.activated_at = self.now
-            self._occupant = session
-        else:
-            session.holds_slot = None
-            if self._occupant is session:
-                self._occupant = None
-        if target.is_terminal:
-            session.ended_at = self.now
-            session.end_reason = reason or session.end_reason
-        session.deadline_at = self.service.deadline_for(session, self.now)
+        before = self.apply_status(session, target, reason=reason)
         # Flush the release before anyone claims the slot in this transaction:
         # the unique occupant key must never see two holders, even mid-flush.
         self.db.flush()
@@ -232,6 +258,31 @@ class SlotTx:
             data = {"previous_status": str(before), "reason": reason}
             data.update(event_data or {})
             self.event(event, session, data)
+
+    def apply_status(
+        self, session: Session, target: SessionStatus, *, reason: str | None = None
+    ) -> SessionStatus:
+        """The in-memory half of `set_status` (no flush, audit or event): the status and
+        everything that follows from it. Answers the status before."""
+        before = S(session.status)
+        rules.check_transition(before, target)
+        session.status = target
+        if target.occupies_slot:
+            session.holds_slot = True
+            session.pause_cause = None
+            if session.activated_at is None:
+                session.activated_at = self.now
+            self._occupant = session
+        else:
+            # A holder that leaves leaves nobody (the slot has at most one holder).
+            if self._occupant is session or (session.holds_slot and self._occupant is UNREAD):
+                self._occupant = None
+            session.holds_slot = None
+        if target.is_terminal:
+            session.ended_at = self.now
+            session.end_reason = reason or session.end_reason
+        session.deadline_at = self.service.deadline_for(session, self.now)
+        return before
 
     def activate(self, session: Session, *, reason: str | None = None) -> None:
         """Give the free slot to `session` (PENDING → ACTIVE, or PAUSED → ACTIVE)."""
@@ -372,10 +423,11 @@ class SessionService:
                     self.locks.hold(account_id, shop_id),
                     self.database.unit_of_work() as uow,
                 ):
-                    tx = SlotTx(self, uow, account_id, shop_id, actor)
+                    tx = SlotTx(self, uow, account_id, shop_id, actor,
+                                trust_slot_row=attempt == 0)
                     result = work(tx)
-                    occupant = tx.occupant()
-                    tx.fence.advance(occupant.session_id if occupant else None)
+                    tx.write_records()
+                    tx.fence.advance(tx.occupant_id())
                     uow.commit()
                 self._after_commit(tx)
                 return result
@@ -487,6 +539,7 @@ class SessionService:
         public_id = new_id("ses")
 
         def work(tx: SlotTx) -> CreateOutcome:
+            free = tx.occupant() is None
             session = Session(
                 session_id=public_id,
                 account_id=request.account_id,
@@ -510,13 +563,28 @@ class SessionService:
                 counterpart_message_count=0,
                 unanswered=False,
             )
-            session.deadline_at = self.deadline_for(session, tx.now)
-            tx.db.add(session)
-            tx.db.flush()
-            tx.created(session)
-            tx.audit(session, "create", from_status=None, reason=request.reason,
-                     details={"on_conflict": request.on_conflict, "priority": int(priority)})
-            displaced = tx.claim_or_wait(session, on_conflict=request.on_conflict)
+            create_details = {"on_conflict": request.on_conflict, "priority": int(priority)}
+            if free:
+                # The common case, in one INSERT: the row is written ACTIVE at once, with
+                # the same audit trail and event as a PENDING row activated afterwards.
+                tx.apply_status(session, S.ACTIVE)
+                tx.db.add(session)
+                tx.db.flush()
+                tx.created(session)
+                tx.audit(session, "create", from_status=None, to_status=S.PENDING,
+                         reason=request.reason, details=create_details)
+                tx.audit(session, "activate", from_status=S.PENDING)
+                tx.event("session.activated", session,
+                         {"previous_status": str(S.PENDING), "reason": None})
+                displaced: list[Session] = []
+            else:
+                session.deadline_at = self.deadline_for(session, tx.now)
+                tx.db.add(session)
+                tx.db.flush()
+                tx.created(session)
+                tx.audit(session, "create", from_status=None, reason=request.reason,
+                         details=create_details)
+                displaced = tx.claim_or_wait(session, on_conflict=request.on_conflict)
             if session.status == S.PENDING:
                 occupant = tx.occupant()
                 tx.event("session.queued", session, {

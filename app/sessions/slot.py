@@ -20,13 +20,12 @@ import redis
 from redis.exceptions import LockError, LockNotOwnedError, RedisError
 from sqlalchemy import insert as sa_insert
 from sqlalchemy import select, update
-from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session as DbSession
 
 from app.db import affected_rows, utcnow
 from app.errors import FenceRejected, SlotBusy, SlotLockUnavailable
-from app.sessions.models import Slot
+from app.sessions.models import SLOTS
 
 log = logging.getLogger(__name__)
 
@@ -105,62 +104,59 @@ class RedisSlotLocks:
 
 
 class SlotFence:
-    """The fencing token read at the start of a slot transaction and checked at commit."""
+    """The fencing token read at the start of a slot transaction and checked at commit.
+
+    The slot row also names the occupant, as of the last committed change: every
+    change of occupancy (slot transactions, the bulk sweep) writes it with the fence.
+    A slot that was never used has no row; its first change inserts it, and two
+    holders racing to do that are told apart by the primary key (the loser is
+    refused like a stale fence)."""
 
     def __init__(self, db: DbSession, account_id: str, shop_id: str) -> None:
         self.db = db
         self.account_id = account_id
         self.shop_id = shop_id
-        self.value = self._read_or_create()
-
-    def _read_or_create(self) -> int:
-        stmt = select(Slot.fence).where(
-            Slot.account_id == self.account_id, Slot.shop_id == self.shop_id
+        row = db.execute(
+            select(SLOTS.c.fence, SLOTS.c.occupant_session_id).where(
+                SLOTS.c.account_id == account_id, SLOTS.c.shop_id == shop_id
+            )
+        ).one_or_none()
+        self.exists = row is not None
+        self.value: int = row.fence if row is not None else 0
+        self.occupant_session_id: str | None = (
+            row.occupant_session_id if row is not None else None
         )
-        fence = self.db.execute(stmt).scalar_one_or_none()
-        if fence is not None:
-            return fence
-        row = {"account_id": self.account_id, "shop_id": self.shop_id, "fence": 0,
-               "updated_at": utcnow()}
-        bind = self.db.get_bind()
-        assert isinstance(bind, Engine)
-        if bind.dialect.name == "sqlite":
-            # One writer at a time on SQLite: create it inside our own transaction.
-            with self.db.begin_nested():
-                self.db.execute(sa_insert(Slot).values(**row).prefix_with("OR IGNORE"))
-        else:
-            # Committed at once on its own connection, so that a holder that stalls
-            # never keeps a first-use slot row locked for everyone else.
-            try:
-                with bind.connect() as conn, conn.begin():
-                    conn.execute(sa_insert(Slot).values(**row))
-                return 0  # ours, just committed: nobody can have advanced it under our lock
-            except IntegrityError:
-                pass  # created concurrently; read theirs
-        return self.db.execute(stmt).scalar_one()
 
     def advance(self, occupant_session_id: str | None) -> None:
         """Bump the fence iff nobody else did since we read it; else refuse the change."""
-        result = self.db.execute(
-            update(Slot)
-            .where(
-                Slot.account_id == self.account_id,
-                Slot.shop_id == self.shop_id,
-                Slot.fence == self.value,
+        values = {"occupant_session_id": occupant_session_id, "updated_at": utcnow()}
+        if not self.exists:
+            try:
+                self.db.execute(sa_insert(SLOTS).values(
+                    account_id=self.account_id, shop_id=self.shop_id, fence=1, **values))
+            except IntegrityError as exc:
+                raise self._refused() from exc
+            self.exists = True
+        else:
+            result = self.db.execute(
+                update(SLOTS)
+                .where(
+                    SLOTS.c.account_id == self.account_id,
+                    SLOTS.c.shop_id == self.shop_id,
+                    SLOTS.c.fence == self.value,
+                )
+                .values(fence=SLOTS.c.fence + 1, **values)
             )
-            .values(
-                fence=Slot.fence + 1,
-                occupant_session_id=occupant_session_id,
-                updated_at=utcnow(),
-            )
-            .execution_options(synchronize_session=False)
-        )
-        if affected_rows(result) != 1:
-            raise FenceRejected(
-                f"slot ({self.account_id}, {self.shop_id}) was changed by another holder; "
-                "the operation was not applied, retry it"
-            )
+            if affected_rows(result) != 1:
+                raise self._refused()
         self.value += 1
+        self.occupant_session_id = occupant_session_id
+
+    def _refused(self) -> FenceRejected:
+        return FenceRejected(
+            f"slot ({self.account_id}, {self.shop_id}) was changed by another holder; "
+            "the operation was not applied, retry it"
+        )
 
 
 def wait_a_little(attempt: int) -> None:

@@ -12,7 +12,7 @@ that keeps the same rules. Per batch, with the batch's slot locks held:
 3. for the rest: one conditional `UPDATE` per former status (refused unless every
    row is still in that status and past its deadline), one fence bump per slot
    conditioned on the fence value read, and the audit rows (hash-chained exactly
-   as `record_operation` does, to the last hash read with the row) and
+   as a slot transaction does, to the last hash read with the row) and
    `session.timeout` events inserted as multi-row Core inserts — all in one
    transaction that commits or not as a whole.
 
@@ -31,27 +31,21 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import Table, and_, insert, literal_column, select, tuple_, update
+from sqlalchemy import and_, insert, literal_column, select, tuple_, update
 from sqlalchemy.orm import aliased
 
-from app.audit.models import Operation
+from app.audit.models import OPERATIONS
 from app.audit.trail import _digest
-from app.events.models import Event
+from app.events.models import EVENTS
 from app.events.outbox import Audience
 from app.sessions.enums import SessionStatus, SessionType, TransferStatus
-from app.sessions.models import Session, Slot
+from app.sessions.models import SESSIONS, SLOTS, Session, Slot
 from app.sessions.service import SessionService
 from app.sessions.slot import SlotKey
 from app.sweeps.locks import hold_slots
 from app.transfers.models import Transfer
-
-# The mapped tables as Core `Table`s (typed), for statements that bypass the ORM.
-SESSIONS = cast(Table, Session.__table__)
-SLOTS = cast(Table, Slot.__table__)
-OPERATIONS = cast(Table, Operation.__table__)
-EVENTS = cast(Table, Event.__table__)
 
 log = logging.getLogger(__name__)
 S = SessionStatus
@@ -270,7 +264,7 @@ def _advance_fences(
 
 def _write_audit(conn: Any, sessions: Sequence[Any], now: datetime) -> None:
     """Append one `timeout` row per session, chained to its last row (read with the
-    session as `last_hash`) exactly as record_operation chains."""
+    session as `last_hash`) exactly as a slot transaction chains."""
     timeout = str(S.TIMEOUT)
     rows = []
     for r in sessions:

@@ -59,6 +59,59 @@ def prepare_database() -> str:
     return url
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its children (gunicorn's master and workers), from /proc."""
+    found = [pid]
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            children = (task / "children").read_text().split()
+            for child in children:
+                found += process_tree(int(child))
+    except OSError:
+        pass
+    return found
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of `pids` so far (Linux /proc; 0 where unreadable)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def mariadb_pids() -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() in ("mariadbd", "mysqld"):
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return pids
+
+
+class CpuMeter:
+    """CPU seconds spent per request by the server, the database and this load generator."""
+
+    def __init__(self, server_pid: int) -> None:
+        self.groups = {"server": process_tree(server_pid), "database": mariadb_pids()}
+
+    def start(self) -> None:
+        self.before = {name: cpu_seconds(pids) for name, pids in self.groups.items()}
+        self.before["load"] = time.process_time()
+
+    def per_request(self, requests: int) -> dict[str, float]:
+        now = {name: cpu_seconds(pids) for name, pids in self.groups.items()}
+        now["load"] = time.process_time()
+        return {name: (now[name] - self.before[name]) / max(requests, 1) * 1000 for name in now}
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
@@ -97,6 +150,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--threads", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--web-threads", type=int, default=8)
     args = parser.parse_args()
 
     url = prepare_database()
@@ -107,7 +161,7 @@ def main() -> int:
          "--json"], env=env, cwd=ROOT, check=True, capture_output=True, text=True).stdout)["token"]
     port = free_port()
     server = subprocess.Popen(
-        [str(BIN / "gunicorn"), "--workers", str(args.workers), "--threads", "8",
+        [str(BIN / "gunicorn"), "--workers", str(args.workers), "--threads", str(args.web_threads),
          "--bind", f"127.0.0.1:{port}", "--no-control-socket", "app.wsgi:app"],
         env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
@@ -126,12 +180,17 @@ def main() -> int:
             "/api/v1/sessions", json={"account_id": "warm", "shop_id": f"w{n}",
                                       "session_type": "AUTO_BARGAIN"}))
 
+        meter = CpuMeter(server.pid)
+        meter.start()
         h_rate, h_lat, h_codes = run_load(base, headers, args.seconds, args.threads,
                                           lambda c, n: c.get("/healthz"))
+        h_cpu = meter.per_request(len(h_lat))
+        meter.start()
         c_rate, c_lat, c_codes = run_load(
             base, headers, args.seconds, args.threads,
             lambda c, n: c.post("/api/v1/sessions", json={
                 "account_id": "bench", "shop_id": f"shop-{n}", "session_type": "AUTO_BARGAIN"}))
+        c_cpu = meter.per_request(len(c_lat))
 
         # 200 concurrent creations on one slot
         one_lat: list[float] = []
@@ -168,12 +227,15 @@ def main() -> int:
         server.terminate()
         server.wait(15)
 
-    print(f"gunicorn {args.workers} workers x 8 threads; load: {args.threads} threads, "
-          f"{args.seconds:.0f} s per phase (MariaDB + Redis, loopback)")
+    print(f"gunicorn {args.workers} workers x {args.web_threads} threads; "
+          f"load: {args.threads} threads, {args.seconds:.0f} s per phase "
+          "(MariaDB + Redis, loopback)")
     print(f"GET /healthz        {h_rate:8.1f} req/s  p50 {percentile(h_lat, .5):6.1f} ms  "
           f"p99 {percentile(h_lat, .99):6.1f} ms  {dict(h_codes)}")
     print(f"POST /sessions      {c_rate:8.1f} req/s  p50 {percentile(c_lat, .5):6.1f} ms  "
           f"p99 {percentile(c_lat, .99):6.1f} ms  {dict(c_codes)}")
+    for name, cpu in (("healthz", h_cpu), ("creation", c_cpu)):
+        print(f"CPU per {name:9s}  " + "  ".join(f"{k} {v:.2f} ms" for k, v in cpu.items()))
     print(f"creations / healthz  {c_rate / h_rate:.2f}  (aim >= 0.35)")
     print(f"200 on one slot:    occupants {occupants}  statuses {statuses}  codes "
           f"{dict(one_codes)}  p50 {percentile(one_lat, .5):6.1f} ms  "

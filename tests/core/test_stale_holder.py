@@ -23,8 +23,8 @@ from tests.core.invariants import check_final_state
 @pytest.mark.services  # SQLite serialises writers: two transactions cannot interleave there
 def test_fence_refuses_a_holder_that_read_before_another_committed(runtime):
     with runtime.database.unit_of_work() as first:
-        stale = SlotFence(first.session, "acc", "shop")
-        first.commit()  # creates the slot row
+        SlotFence(first.session, "acc", "shop").advance(None)  # the first use inserts the row
+        first.commit()
     with runtime.database.unit_of_work() as stale_uow:
         stale = SlotFence(stale_uow.session, "acc", "shop")
         with runtime.database.unit_of_work() as fresh_uow:
@@ -34,6 +34,23 @@ def test_fence_refuses_a_holder_that_read_before_another_committed(runtime):
             fresh_uow.commit()
         with pytest.raises(FenceRejected):
             stale.advance("ses_stale")
+
+
+@pytest.mark.services
+def test_two_first_users_of_a_slot_cannot_both_commit(runtime):
+    """A slot with no row yet: both holders read "never used"; the first to insert the
+    row wins, the other is refused like a stale fence."""
+    with runtime.database.unit_of_work() as stale_uow:
+        stale = SlotFence(stale_uow.session, "acc", "fresh-slot")
+        with runtime.database.unit_of_work() as fresh_uow:
+            fresh = SlotFence(fresh_uow.session, "acc", "fresh-slot")
+            assert (fresh.exists, stale.exists) == (False, False)
+            fresh.advance("ses_fresh")
+            fresh_uow.commit()
+        with pytest.raises(FenceRejected):
+            stale.advance("ses_stale")
+    with runtime.database.read() as db:
+        assert SlotFence(db, "acc", "fresh-slot").occupant_session_id == "ses_fresh"
 
 
 def test_database_refuses_a_second_occupant_whatever_the_caller_believes(runtime, service):
