@@ -19,6 +19,7 @@ JSON or a model validation failure raises `ValidationFailed` (422, with `errors`
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -74,6 +75,12 @@ def parse_query[M: BaseModel](model: type[M]) -> M:
         raise validation_problem(exc, where="query") from None
 
 
+@functools.cache
+def _adapter(kind: type) -> TypeAdapter[Any]:
+    """One serializer per body type (building a TypeAdapter costs more than using it)."""
+    return TypeAdapter(kind)
+
+
 def respond(
     body: BaseModel | list[Any] | dict[str, Any],
     *,
@@ -84,7 +91,7 @@ def respond(
     if isinstance(body, BaseModel):
         text = body.model_dump_json()
     else:
-        text = TypeAdapter(type(body)).dump_json(body).decode()
+        text = _adapter(type(body)).dump_json(body).decode()
     response = Response(text, status=status, mimetype="application/json")
     for name, value in (headers or {}).items():
         response.headers[name] = value

@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import insert, select
+from sqlalchemy import insert, inspect, or_, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session as DbSession
+from sqlalchemy.orm import make_transient_to_detached
 
 from app.audit.models import OPERATIONS
 from app.audit.trail import last_hash, operation_values
@@ -46,7 +47,7 @@ from app.sessions.enums import (
     SessionType,
     TransferStatus,
 )
-from app.sessions.models import Session
+from app.sessions.models import SESSIONS, Session
 from app.sessions.schemas import (
     CreateOutcome,
     SessionRequest,
@@ -66,6 +67,18 @@ MAX_ATTEMPTS = 6
 HISTORY_SNAPSHOT = 50
 S = SessionStatus
 UNREAD: object = object()
+# Built once (every slot transaction runs them); rows are passed at execution.
+_INSERT_OPERATIONS = insert(OPERATIONS)
+_INSERT_EVENTS = insert(EVENTS)
+_INSERT_SESSION = insert(SESSIONS)
+_SESSION_COLUMNS = tuple(
+    attr.key for attr in inspect(Session).column_attrs if attr.key != "id"
+)
+_SESSION_DEFAULTS = {
+    column.key: column.default.arg  # type: ignore[attr-defined]
+    for column in SESSIONS.columns
+    if column.default is not None and column.default.is_scalar
+}
 
 
 @dataclass
@@ -123,6 +136,7 @@ class SlotTx:
         self.actor = actor
         self.now = utcnow()
         self.fence = SlotFence(self.db, account_id, shop_id)
+        self.conn = self.fence.conn  # Core statements of this transaction run here
         self.events_written = 0
         self.counterpart_sessions: list[str] = []
         self._occupant: Session | None | object = UNREAD
@@ -157,21 +171,42 @@ class SlotTx:
         occupant = self.occupant()
         return occupant.session_id if occupant is not None else None
 
-    def created(self, session: Session) -> None:
-        """Note a session inserted (and flushed) in this transaction: it has no audit rows yet."""
-        self._chain[session.id] = None
+    def insert_session(self, session: Session) -> None:
+        """Insert a new session row and keep `session` as its persistent object.
 
-    def waiting(self) -> list[Session]:
-        """Sessions waiting for the slot, highest precedence first (owner-paused ones excluded)."""
+        One Core INSERT of the columns as set on the object (no ORM flush machinery
+        for a row we just built); the object then joins the unit of work as loaded, so
+        later changes to it in this transaction are flushed as usual."""
+        state = inspect(session).dict
+        for key in _SESSION_COLUMNS:
+            if key not in state:  # unset: the column's default, on the object too
+                setattr(session, key, _SESSION_DEFAULTS.get(key))
+        # NULLs are left to the table (SQL NULL, also for JSON columns, where an explicit
+        # None would be stored as JSON 'null'); fewer values to convert and escape.
+        row = {key: value for key in _SESSION_COLUMNS
+               if (value := state[key]) is not None or key in _SESSION_DEFAULTS}
+        session.id = self.conn.execute(_INSERT_SESSION, row).inserted_primary_key[0]
+        make_transient_to_detached(session)
+        self.db.add(session)
+        self._chain[session.id] = None  # a new session has no audit rows yet
+
+    def waiting(self) -> list[int]:
+        """Primary keys of the sessions waiting for the slot, highest precedence first
+        (owner-paused ones excluded). Only the precedence columns are read: a busy slot
+        can have hundreds in line, and only the first is ever loaded as an object."""
         rows = self.db.execute(
-            select(Session).where(
+            select(Session.id, Session.session_type, Session.priority, Session.requested_at,
+                   Session.status).where(
                 Session.account_id == self.account_id,
                 Session.shop_id == self.shop_id,
                 Session.status.in_([S.PENDING, S.PAUSED]),
+                or_(Session.pause_cause.is_(None), Session.pause_cause != PauseCause.OWNER),
             )
-        ).scalars()
-        candidates = [r for r in rows if r.pause_cause != PauseCause.OWNER]
-        return sorted(candidates, key=precedence_of)
+        ).all()
+        rows.sort(key=lambda r: rules.precedence(
+            session_type=SessionType(r.session_type), priority=r.priority,
+            requested_at=r.requested_at, seq=r.id, status=SessionStatus(r.status)))
+        return [r.id for r in rows]
 
     def load(self, session_id: str) -> Session:
         row = self.db.execute(
@@ -231,10 +266,10 @@ class SlotTx:
     def write_records(self) -> None:
         """Insert the audit rows and events collected so far (one statement per table)."""
         if self._audit_rows:
-            self.db.execute(insert(OPERATIONS), self._audit_rows)
+            self.conn.execute(_INSERT_OPERATIONS, self._audit_rows)
             self._audit_rows = []
         if self._event_rows:
-            self.db.execute(insert(EVENTS), self._event_rows)
+            self.conn.execute(_INSERT_EVENTS, self._event_rows)
             self._event_rows = []
 
     def set_status(
@@ -316,7 +351,8 @@ class SlotTx:
         """When the slot is free, hand it to the highest-precedence waiting session."""
         if self.occupant() is not None:
             return None
-        for candidate in self.waiting():
+        for pk in self.waiting():
+            candidate = self.db.get_one(Session, pk)
             self.activate(candidate, reason="slot freed")
             return candidate
         return None
@@ -568,9 +604,7 @@ class SessionService:
                 # The common case, in one INSERT: the row is written ACTIVE at once, with
                 # the same audit trail and event as a PENDING row activated afterwards.
                 tx.apply_status(session, S.ACTIVE)
-                tx.db.add(session)
-                tx.db.flush()
-                tx.created(session)
+                tx.insert_session(session)
                 tx.audit(session, "create", from_status=None, to_status=S.PENDING,
                          reason=request.reason, details=create_details)
                 tx.audit(session, "activate", from_status=S.PENDING)
@@ -579,9 +613,7 @@ class SessionService:
                 displaced: list[Session] = []
             else:
                 session.deadline_at = self.deadline_for(session, tx.now)
-                tx.db.add(session)
-                tx.db.flush()
-                tx.created(session)
+                tx.insert_session(session)
                 tx.audit(session, "create", from_status=None, reason=request.reason,
                          details=create_details)
                 displaced = tx.claim_or_wait(session, on_conflict=request.on_conflict)
@@ -590,7 +622,7 @@ class SessionService:
                 tx.event("session.queued", session, {
                     "occupant_session_id": occupant.session_id if occupant else None,
                     "position": next(
-                        (i + 1 for i, w in enumerate(tx.waiting()) if w.id == session.id), None
+                        (i + 1 for i, pk in enumerate(tx.waiting()) if pk == session.id), None
                     ),
                 })
             outcome = CreateOutcome(

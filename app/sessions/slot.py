@@ -10,6 +10,7 @@ by the database.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Iterator
@@ -18,8 +19,8 @@ from typing import Protocol
 
 import redis
 from redis.exceptions import LockError, LockNotOwnedError, RedisError
+from sqlalchemy import bindparam, select, update
 from sqlalchemy import insert as sa_insert
-from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session as DbSession
 
@@ -84,9 +85,11 @@ class RedisSlotLocks:
             timeout=self._ttl,
             blocking_timeout=self._wait,
             sleep=0.005,
+            thread_local=False,  # this Lock object lives and dies in one call
         )
         try:
-            acquired = lock.acquire()
+            # A random token (redis-py's default, uuid1, takes libuuid's clock lock).
+            acquired = lock.acquire(token=secrets.token_hex(16))
         except RedisError as exc:
             raise SlotLockUnavailable(f"slot lock service unreachable: {exc}") from exc
         if not acquired:
@@ -103,6 +106,23 @@ class RedisSlotLocks:
                 log.warning("could not release slot lock for (%s, %s)", account_id, shop_id)
 
 
+# The fence's three statements, built once: they run in every slot transaction, and
+# building and cache-keying a construct costs about as much as executing it.
+_READ_FENCE = select(SLOTS.c.fence, SLOTS.c.occupant_session_id).where(
+    SLOTS.c.account_id == bindparam("account_id"), SLOTS.c.shop_id == bindparam("shop_id")
+)
+_FIRST_FENCE = sa_insert(SLOTS)
+_BUMP_FENCE = (
+    update(SLOTS)
+    .where(
+        SLOTS.c.account_id == bindparam("slot_account_id"),
+        SLOTS.c.shop_id == bindparam("slot_shop_id"),
+        SLOTS.c.fence == bindparam("fence_read"),
+    )
+    .values(fence=SLOTS.c.fence + 1)
+)
+
+
 class SlotFence:
     """The fencing token read at the start of a slot transaction and checked at commit.
 
@@ -113,13 +133,13 @@ class SlotFence:
     refused like a stale fence)."""
 
     def __init__(self, db: DbSession, account_id: str, shop_id: str) -> None:
-        self.db = db
+        # Core statements on the transaction's connection: no ORM execution layer for
+        # rows nobody loads as objects.
+        self.conn = db.connection()
         self.account_id = account_id
         self.shop_id = shop_id
-        row = db.execute(
-            select(SLOTS.c.fence, SLOTS.c.occupant_session_id).where(
-                SLOTS.c.account_id == account_id, SLOTS.c.shop_id == shop_id
-            )
+        row = self.conn.execute(
+            _READ_FENCE, {"account_id": account_id, "shop_id": shop_id}
         ).one_or_none()
         self.exists = row is not None
         self.value: int = row.fence if row is not None else 0
@@ -132,21 +152,16 @@ class SlotFence:
         values = {"occupant_session_id": occupant_session_id, "updated_at": utcnow()}
         if not self.exists:
             try:
-                self.db.execute(sa_insert(SLOTS).values(
-                    account_id=self.account_id, shop_id=self.shop_id, fence=1, **values))
+                self.conn.execute(_FIRST_FENCE, {
+                    "account_id": self.account_id, "shop_id": self.shop_id, "fence": 1,
+                    **values})
             except IntegrityError as exc:
                 raise self._refused() from exc
             self.exists = True
         else:
-            result = self.db.execute(
-                update(SLOTS)
-                .where(
-                    SLOTS.c.account_id == self.account_id,
-                    SLOTS.c.shop_id == self.shop_id,
-                    SLOTS.c.fence == self.value,
-                )
-                .values(fence=SLOTS.c.fence + 1, **values)
-            )
+            result = self.conn.execute(_BUMP_FENCE, {
+                "slot_account_id": self.account_id, "slot_shop_id": self.shop_id,
+                "fence_read": self.value, **values})
             if affected_rows(result) != 1:
                 raise self._refused()
         self.value += 1

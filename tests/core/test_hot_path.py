@@ -1,0 +1,79 @@
+"""The create path's cost in SQL statements, and what its Core INSERT leaves in the row.
+
+A create is the request upstream bots send most; its statement count is what the API
+benchmark's creation rate follows. These tests pin the count, so that a read added to
+the hot path is a visible decision rather than a slow drift.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy import event, text
+
+from app.audit.trail import verify_chain
+from app.runtime import Runtime
+from app.sessions.models import Session
+from tests.core.helpers import ask, audit_rows, events_for
+
+
+@contextmanager
+def statements(runtime: Runtime) -> Iterator[list[str]]:
+    """The SQL statements sent to the database inside the block, by verb, and COMMITs
+    (SQLite's explicit BEGIN IMMEDIATE is left out: MySQL begins implicitly)."""
+    seen: list[str] = []
+
+    def before(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        verb = statement.split(None, 1)[0].upper()
+        if verb != "BEGIN":
+            seen.append(verb)
+
+    def commit(conn):  # type: ignore[no-untyped-def]
+        seen.append("COMMIT")
+
+    engine = runtime.database.engine
+    event.listen(engine, "before_cursor_execute", before)
+    event.listen(engine, "commit", commit)
+    try:
+        yield seen
+    finally:
+        event.remove(engine, "before_cursor_execute", before)
+        event.remove(engine, "commit", commit)
+
+
+def test_create_on_a_never_used_slot_is_five_statements_and_a_commit(runtime, service):
+    ask(service, "AUTO_BARGAIN", shop="warm-up")  # first-use caches (webhook presence)
+    with statements(runtime) as seen:
+        out = ask(service, "AUTO_BARGAIN", shop="fresh")
+    # fence read, session, its two audit rows (one statement), its event, the slot row
+    assert seen == ["SELECT", "INSERT", "INSERT", "INSERT", "INSERT", "COMMIT"]
+    assert out.session.status == "ACTIVE"
+    assert [r.operation for r in audit_rows(runtime, out.session.session_id)] == [
+        "create", "activate"]
+    assert events_for(runtime, out.session.session_id) == ["session.activated"]
+
+
+def test_create_on_a_used_free_slot_bumps_the_fence_instead(runtime, service):
+    first = ask(service, "AUTO_BARGAIN", shop="again").session
+    service.complete(first.session_id, actor="test")
+    with statements(runtime) as seen:
+        ask(service, "AUTO_BARGAIN", shop="again")
+    assert seen == ["SELECT", "INSERT", "INSERT", "INSERT", "UPDATE", "COMMIT"]
+
+
+def test_created_row_keeps_sql_nulls_and_stays_updatable(runtime, service):
+    out = ask(service, "AUTO_BARGAIN", shop="nulls")
+    with runtime.database.read() as db:
+        row = db.execute(text(
+            "SELECT context IS NULL, result IS NULL, ended_at IS NULL, message_count, "
+            "origin, unanswered FROM sessions WHERE session_id = :sid"),
+            {"sid": out.session.session_id}).one()
+    assert tuple(row) == (1, 1, 1, 0, "live", 0)
+    # the object inserted by Core joined the unit of work: later changes are flushed
+    paused = service.pause(out.session.session_id, actor="test")
+    assert paused.status == "PAUSED"
+    with runtime.database.read() as db:
+        session = db.query(Session).filter_by(session_id=out.session.session_id).one()
+        assert (session.status, session.pause_cause) == ("PAUSED", "owner")
+        assert verify_chain(db, session.id)[0]
