@@ -185,7 +185,9 @@ class SlotTx:
         # None would be stored as JSON 'null'); fewer values to convert and escape.
         row = {key: value for key in _SESSION_COLUMNS
                if (value := state[key]) is not None or key in _SESSION_DEFAULTS}
-        session.id = self.conn.execute(_INSERT_SESSION, row).inserted_primary_key[0]
+        inserted = self.conn.execute(_INSERT_SESSION, row).inserted_primary_key
+        assert inserted is not None
+        session.id = inserted[0]
         make_transient_to_detached(session)
         self.db.add(session)
         self._chain[session.id] = None  # a new session has no audit rows yet
@@ -203,10 +205,10 @@ class SlotTx:
                 or_(Session.pause_cause.is_(None), Session.pause_cause != PauseCause.OWNER),
             )
         ).all()
-        rows.sort(key=lambda r: rules.precedence(
+        ordered = sorted(rows, key=lambda r: rules.precedence(
             session_type=SessionType(r.session_type), priority=r.priority,
             requested_at=r.requested_at, seq=r.id, status=SessionStatus(r.status)))
-        return [r.id for r in rows]
+        return [r.id for r in ordered]
 
     def load(self, session_id: str) -> Session:
         row = self.db.execute(
