@@ -49,6 +49,10 @@ class Settings(BaseSettings):
     slot_lock_ttl: PositiveFloat = 10.0
     slot_lock_wait: PositiveFloat = 5.0
 
+    # Idempotency-Key answers: kept at least this long (s), purged hourly by beat
+    idempotency_ttl: PositiveInt = 86400
+    maintenance_interval: PositiveFloat = 3600.0
+
     # Beat sweeps
     sweep_interval: PositiveFloat = 30.0
     sweep_batch_size: PositiveInt = 500

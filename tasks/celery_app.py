@@ -14,11 +14,13 @@ from celery import Celery
 
 from app.config import Settings, get_settings
 
-FEATURE_TASK_MODULES = [
+# Every module with tasks (and the beat entries next to them); workers and beat import them.
+TASK_MODULES = [
     "tasks.imports",
     "tasks.sweeps",
     "tasks.delivery",
     "tasks.detection",
+    "tasks.clients",
 ]
 
 celery = Celery("auto_session")
@@ -52,14 +54,5 @@ def configure(app: Celery, settings: Settings) -> Celery:
     return app
 
 
-def _importable(module: str) -> bool:
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        return False
-
-
 configure(celery, get_settings())
-celery.conf.include = [m for m in FEATURE_TASK_MODULES if _importable(m)]
+celery.conf.include = TASK_MODULES

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import delete, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session as DbSession
 
@@ -157,13 +157,31 @@ class IdempotencyStore:
             )
             uow.commit()
 
-    def purge(self, *, older_than: timedelta) -> int:
-        """Delete answers older than `older_than` (for a periodic sweep); returns the count."""
-        with self.database.unit_of_work() as uow:
-            result = uow.session.execute(
-                delete(IdempotencyRecord).where(
-                    IdempotencyRecord.created_at < utcnow() - older_than
+    def purge(self, *, older_than: timedelta, batch: int = 5000) -> int:
+        """Delete answers stored more than `older_than` ago, in batches of about `batch`
+        rows (each its own short transaction, oldest first, along the created_at index),
+        so that a large backlog never holds one long delete; returns the count.
+
+        Unfinished claims go too: past the cutoff they are long stale (`stale_after`)."""
+        cutoff = utcnow() - older_than
+        purged = 0
+        while True:
+            with self.database.unit_of_work() as uow:
+                # The created_at of the batch's last row bounds the delete (portable: no
+                # DELETE … LIMIT, which SQLite lacks); equal times may make it a few more.
+                upto = uow.session.execute(
+                    select(IdempotencyRecord.created_at)
+                    .where(IdempotencyRecord.created_at < cutoff)
+                    .order_by(IdempotencyRecord.created_at)
+                    .offset(batch - 1).limit(1)
+                ).scalar_one_or_none()
+                condition = (IdempotencyRecord.created_at <= upto if upto is not None
+                             else IdempotencyRecord.created_at < cutoff)
+                result = uow.session.execute(
+                    delete(IdempotencyRecord).where(condition)
+                    .execution_options(synchronize_session=False)
                 )
-            )
-            uow.commit()
-            return affected_rows(result)
+                uow.commit()
+            purged += affected_rows(result)
+            if upto is None:
+                return purged

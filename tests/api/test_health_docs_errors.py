@@ -80,18 +80,3 @@ def test_unexpected_errors_are_a_generic_500_without_internals(runtime, caplog):
     problem = response.get_json()
     assert problem["type"] == "/problems/internal" and problem["trace_id"]
     assert problem["trace_id"] in caplog.text and "hunter2" in caplog.text
-
-
-def test_optional_blueprints_are_registered_when_present(runtime, monkeypatch):
-    from app import factory
-
-    monkeypatch.setattr(factory, "OPTIONAL_BLUEPRINTS",
-                        ["app.api.health:bp_missing_attr_is_error", "no_such_pkg.views:bp"])
-    try:
-        factory.create_app(runtime)
-    except AttributeError:
-        pass
-    else:  # pragma: no cover
-        raise AssertionError("a present module without the blueprint must fail loudly")
-    monkeypatch.setattr(factory, "OPTIONAL_BLUEPRINTS", ["no_such_pkg.views:bp"])
-    assert factory.create_app(runtime).test_client().get("/healthz").status_code == 200

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import threading
+from datetime import timedelta
 
+from freezegun import freeze_time
 from sqlalchemy import func, select
 
+from app.clients.idempotency import IdempotencyStore
 from app.clients.models import IdempotencyRecord
 from app.sessions.models import Session
 
@@ -85,3 +88,43 @@ def test_concurrent_requests_with_one_key_create_one_session(app, bot, runtime):
     assert {code for code, _ in answers} == {201}
     assert len({sid for _, sid in answers}) == 1
     assert counts(runtime) == (1, 1)
+
+
+def test_answers_older_than_the_ttl_are_purged_in_batches(bot, runtime):
+    """Beat's purge forgets keys past IDEMPOTENCY_TTL (in batches) and keeps recent ones;
+    a forgotten key is a new request."""
+    with freeze_time("2026-01-01 08:00:00"):
+        old = [bot.post("/api/v1/sessions", {**BODY, "shop_id": f"old-{n}"},
+                        headers={"Idempotency-Key": f"old-{n}"}).get_json()["session_id"]
+               for n in range(5)]
+    with freeze_time("2026-01-02 09:00:00"):
+        bot.post("/api/v1/sessions", {**BODY, "shop_id": "new"},
+                 headers={"Idempotency-Key": "new"})
+        store = IdempotencyStore(runtime.database)
+        assert store.purge(older_than=timedelta(hours=24), batch=2) == 5
+        with runtime.database.read() as db:
+            assert db.execute(select(IdempotencyRecord.key)).scalars().all() == ["new"]
+        # the old key now makes a new session (the first one is still there, ACTIVE)
+        again = bot.post("/api/v1/sessions", {**BODY, "shop_id": "old-0"},
+                         headers={"Idempotency-Key": "old-0"})
+        assert again.status_code == 201
+        assert again.headers.get("Idempotent-Replayed") is None
+        assert again.get_json()["session_id"] != old[0]
+        assert again.get_json()["status"] == "PENDING"
+
+
+def test_the_purge_runs_on_beat_with_the_configured_ttl(bot, runtime):
+    from tasks.celery_app import celery
+    from tasks.clients import purge_idempotency_task
+
+    entry = celery.conf.beat_schedule["purge-idempotency"]
+    assert entry["task"] == purge_idempotency_task.name
+    assert entry["schedule"] == runtime.settings.maintenance_interval
+    with freeze_time("2026-01-01 08:00:00"):
+        bot.post("/api/v1/sessions", BODY, headers={"Idempotency-Key": "k"})
+    with freeze_time("2026-01-01 08:00:00") as frozen:
+        frozen.tick(runtime.settings.idempotency_ttl - 60)
+        assert purge_idempotency_task() == {"purged": 0}
+        frozen.tick(120)
+        assert purge_idempotency_task() == {"purged": 1}
+    assert counts(runtime) == (1, 0)
