@@ -11,6 +11,7 @@ from sqlalchemy import func, select
 
 from app.audit.models import Operation
 from app.audit.trail import verify_chain
+from app.sessions.enums import SessionStatus
 from app.sessions.models import Session, Slot
 from app.sweeps.bulk import expire_batch
 from app.sweeps.service import sweep_sessions
@@ -215,3 +216,92 @@ def test_transferred_session_times_out_and_its_transfer_is_cancelled(runtime, se
     assert robot.session_id in report.timed_out
     assert service.get_transfer(transfer.transfer_id).status == "CANCELLED"
     assert "transfer.cancelled" in events_for(runtime, robot.session_id)
+
+
+def test_waiters_of_one_slot_in_different_batches_all_time_out_in_one_run(runtime, service):
+    with freeze_time(T0) as clock:
+        human = ask(service, "MANUAL_CUSTOMER_SERVICE").session
+        waiters = [ask(service, "AUTO_FOLLOW_UP").session for _ in range(4)]
+        assert {w.status for w in waiters} == {"PENDING"}
+        clock.move_to(T0 + minutes(31))  # PENDING_TIMEOUT is up; the human's 8 h are not
+        report = sweep_sessions(runtime, batch_size=1)
+    # One batch per waiter, two batches in flight on MariaDB: the second batch finds the
+    # slot locked by the first, and is tried again once they are done.
+    assert sorted(report.timed_out) == sorted(w.session_id for w in waiters)
+    assert report.busy == 0
+    assert status_of(service, human.session_id) == "ACTIVE"
+    with runtime.database.read() as db:
+        for pk in db.execute(select(Session.id)).scalars():
+            assert verify_chain(db, pk)[0]
+
+
+def test_bulk_timeout_event_carries_what_the_per_session_path_writes(runtime, service):
+    from app.events.models import Event
+
+    with freeze_time(T0):
+        bulk = ask(service, "AUTO_BARGAIN", shop="shop-bulk", owner_id="bot-7").session
+        single = ask(service, "AUTO_BARGAIN", shop="shop-single", owner_id="bot-7").session
+    now = T0 + minutes(31)
+    assert expire_batch(service, [bulk.session_id], now).expired == [bulk.session_id]
+    assert service.expire(single.session_id, now=now) is not None
+
+    def timeout_event(session_id: str) -> Event:
+        with runtime.database.read() as db:
+            return db.execute(select(Event).where(
+                Event.session_id == session_id, Event.type == "session.timeout")).scalar_one()
+
+    by_bulk, by_single = timeout_event(bulk.session_id), timeout_event(single.session_id)
+    assert by_bulk.data == {**by_single.data, "session_id": bulk.session_id,
+                            "shop_id": "shop-bulk"}
+    assert (by_bulk.audience, by_bulk.client_id, by_bulk.account_id) == (
+        by_single.audience, by_single.client_id, by_single.account_id)
+    assert by_bulk.occurred_at == now
+
+
+def test_ids_with_quotes_backslashes_and_percent_signs_time_out_in_bulk(runtime, service):
+    odd = ["acc'1", "acc\\2", "acc%3", "账号 4"]
+    with freeze_time(T0):
+        robots = [ask(service, "AUTO_BARGAIN", account=a, shop=f"{a}-shop").session for a in odd]
+    outcome = expire_batch(service, [r.session_id for r in robots], T0 + minutes(31))
+    assert sorted(outcome.expired) == sorted(r.session_id for r in robots)
+    with runtime.database.read() as db:
+        slots = {(s.account_id, s.shop_id): (s.fence, s.occupant_session_id)
+                 for s in db.execute(select(Slot)).scalars()}
+        for pk in db.execute(select(Session.id)).scalars():
+            assert verify_chain(db, pk)[0]
+    assert slots == {(a, f"{a}-shop"): (2, None) for a in odd}
+    for robot in robots:
+        assert status_of(service, robot.session_id) == "TIMEOUT"
+
+
+def test_audit_text_that_needs_escaping_is_stored_exactly(runtime, service):
+    """The bulk insert inlines plain text and binds the rest; both store the same."""
+    from app.sweeps.bulk import _write_audit
+
+    with freeze_time(T0):
+        robot = ask(service, "AUTO_BARGAIN").session
+    at = T0 + minutes(31)
+    before = len(audit_rows(runtime, robot.session_id))
+    with runtime.database.unit_of_work() as uow:
+        conn = uow.session.connection()
+        pk = conn.execute(select(Session.id)).scalar_one()
+        odd_id = "ses_it's\\100%"
+        conn.execute(Session.__table__.update().values(session_id=odd_id))
+        last = conn.execute(select(Operation.row_hash).where(Operation.session_pk == pk)
+                            .order_by(Operation.id.desc()).limit(1)).scalar_one()
+        _write_audit(conn, [_held(pk, odd_id, robot.deadline_at, last)], at)
+        row = conn.execute(select(Operation).where(Operation.session_pk == pk)
+                           .order_by(Operation.id.desc()).limit(1)).one()._mapping
+        assert (row["session_id"], row["prev_hash"], row["created_at"]) == (odd_id, last, at)
+        assert row["details"] == {"deadline_at": robot.deadline_at.isoformat(),
+                                  "status_before": "ACTIVE"}
+        uow.commit()
+    with runtime.database.read() as db:
+        assert verify_chain(db, pk) == (True, None, before + 1)
+
+
+def _held(pk: int, session_id: str, deadline: datetime, last_hash: str):  # type: ignore[no-untyped-def]
+    from app.sweeps.bulk import DueSession, _Held
+
+    return _Held(DueSession(pk, session_id, "acc-1", "shop-1", deadline), SessionStatus.ACTIVE,
+                 deadline, 1, False, last_hash)
