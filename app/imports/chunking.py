@@ -3,7 +3,7 @@
 The chunk of a row is a stable hash of its slot modulo the number of chunks
 (total rows / BATCH_SIZE): no map of slots is kept, so memory does not grow with
 the file. Rows wait in per-chunk buffers that are written out as compressed
-pieces whenever the buffers together hold `spool_rows` rows.
+pieces when they are full (`ChunkSpool`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
+from app.imports.formats import staged_row
 from app.imports.rows import id_text
 
 # The row fields the import reads (SPEC §4 names and aliases); others are dropped early.
@@ -22,7 +23,7 @@ KNOWN_FIELDS = frozenset({
     "sender_id", "content", "message_type", "sent_at", "timestamp", "session_id", "task_type",
 })
 
-StagedRow = tuple[int, dict[str, Any]]
+StagedRow = str  # `<line>\t<JSON object>`, see `formats.staged_row`
 
 
 def chunk_count(total_rows: int, batch_size: int) -> int:
@@ -32,9 +33,13 @@ def chunk_count(total_rows: int, batch_size: int) -> int:
 def slot_of(fields: dict[str, Any]) -> tuple[str, str] | None:
     """(account_id, shop_id) as the row validator will normalise them, or None."""
     account = fields.get("account_id")
+    shop = fields.get("shop_id")
+    if type(account) is str and type(shop) is str:  # the usual row, without id_text's checks
+        account_text, shop_text = account.strip(), shop.strip()
+        if account_text and shop_text:
+            return account_text, shop_text
     if account is None or account == "":
         account = fields.get("user_id")
-    shop = fields.get("shop_id")
     try:
         account_text, shop_text = id_text(account), id_text(shop)
     except ValueError:
@@ -51,30 +56,55 @@ def bucket_of(slot: tuple[str, str], buckets: int) -> int:
 
 
 class ChunkSpool:
-    """Per-chunk row buffers, written out through `write(bucket, rows)` when full."""
+    """Per-chunk buffers of staged rows (`formats.staged_row`), written out through
+    `write(bucket, rows)`: all of them when they hold `spool_rows` rows or `spool_chars`
+    characters together (memory stays bounded whatever the file), one bucket alone when
+    it holds `piece_chars` (a piece stays well inside MySQL's max_allowed_packet)."""
 
     def __init__(self, buckets: int, write: Callable[[int, list[StagedRow]], None],
-                 *, spool_rows: int = 50_000) -> None:
+                 *, spool_rows: int = 50_000, spool_chars: int = 32 << 20,
+                 piece_chars: int = 1 << 20) -> None:
         self.buckets = buckets
         self._write = write
         self._limit = spool_rows
+        self._char_limit = spool_chars
+        self._piece_chars = piece_chars
         self._buffers: dict[int, list[StagedRow]] = defaultdict(list)
+        self._chars: dict[int, int] = defaultdict(int)
         self._buffered = 0
+        self._buffered_chars = 0
         self.rows_per_bucket: dict[int, int] = defaultdict(int)
 
-    def add(self, slot: tuple[str, str], line: int, fields: dict[str, Any]) -> None:
+    def add(self, slot: tuple[str, str], line: int, fields: dict[str, Any],
+            source: str | None = None) -> None:
+        """Stage a row; `source` is its JSON text, staged as it is when it holds only
+        fields the import reads (others are dropped early, to keep pieces small)."""
         bucket = bucket_of(slot, self.buckets)
-        self._buffers[bucket].append((line, {k: v for k, v in fields.items()
-                                             if k in KNOWN_FIELDS}))
+        if source is None or not KNOWN_FIELDS.issuperset(fields):
+            fields = {k: v for k, v in fields.items() if k in KNOWN_FIELDS}
+            source = None
+        row = staged_row(line, fields, source)
+        self._buffers[bucket].append(row)
+        self._chars[bucket] += len(row)
         self.rows_per_bucket[bucket] += 1
         self._buffered += 1
-        if self._buffered >= self._limit:
+        self._buffered_chars += len(row)
+        if self._buffered >= self._limit or self._buffered_chars >= self._char_limit:
             self.flush()
+        elif self._chars[bucket] >= self._piece_chars:
+            self._flush_bucket(bucket)
 
     def flush(self) -> None:
         for bucket in sorted(self._buffers):
-            rows = self._buffers[bucket]
-            if rows:
-                self._write(bucket, rows)
+            self._flush_bucket(bucket)
         self._buffers.clear()
-        self._buffered = 0
+        self._chars.clear()
+        self._buffered = self._buffered_chars = 0
+
+    def _flush_bucket(self, bucket: int) -> None:
+        rows = self._buffers.pop(bucket, None)
+        chars = self._chars.pop(bucket, 0)
+        if rows:
+            self._write(bucket, rows)
+            self._buffered -= len(rows)
+            self._buffered_chars -= chars

@@ -48,11 +48,26 @@ class UnreadableUpload(ValueError):
 
 @dataclass(slots=True)
 class Record:
-    """One record of the export: its fields, or why it could not be read."""
+    """One record of the export: its fields, or why it could not be read.
+
+    `source` is the record's own one-line JSON text when it decodes to exactly
+    `fields` (an NDJSON line whose keys are already normal): the split stages that
+    text as it is instead of encoding the fields again."""
 
     line: int
     fields: dict[str, Any] | None
     error: str | None = None
+    source: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Scan:
+    """What one pass over the upload's bytes tells: the encoding, whether every byte
+    decodes in it (then no row can hold an undecodable byte), and how many lines."""
+
+    encoding: str
+    clean: bool
+    lines: int
 
 
 # ---- bytes → text -------------------------------------------------------------------
@@ -76,20 +91,45 @@ def detect_encoding(open_binary: OpenBinary) -> str:
 
     The whole stream is checked (incrementally), so a GBK character deep in a file
     that starts in ASCII is still found."""
+    return scan_upload(open_binary).encoding
+
+
+def scan_upload(open_binary: OpenBinary, encoding: str | None = None) -> Scan:
+    """One pass over the decompressed bytes: the encoding as `detect_encoding` finds it
+    (unless given), whether every byte decodes in it, and the number of lines (`\\n`,
+    plus a last line without one)."""
     stream = open_decompressed(open_binary)
     try:
         head = stream.read(len(UTF8_BOM))
-        if head == UTF8_BOM:
-            return "utf-8-sig"
-        decoder = codecs.getincrementaldecoder("utf-8")("strict")
-        try:
-            decoder.decode(head)
-            while block := stream.read(BLOCK):
-                decoder.decode(block)
-            decoder.decode(b"", final=True)
-        except UnicodeDecodeError:
-            return "gbk"
-        return "utf-8"
+        if encoding is None:
+            encoding = "utf-8-sig" if head == UTF8_BOM else "utf-8"
+            fallback = None if head == UTF8_BOM else "gbk"
+        else:
+            fallback = None
+        decoder: codecs.IncrementalDecoder | None = codecs.getincrementaldecoder(encoding)(
+            "strict")
+        lines = head.count(b"\n")
+        last = head[-1:]
+        block = head
+        while True:
+            if decoder is not None:
+                try:
+                    decoder.decode(block)
+                except UnicodeDecodeError:
+                    # Not this encoding throughout: name the fallback, check no further.
+                    decoder, encoding = None, fallback or encoding
+            block = stream.read(BLOCK)
+            if not block:
+                break
+            lines += block.count(b"\n")
+            last = block[-1:]
+        clean = decoder is not None
+        if decoder is not None:
+            try:
+                decoder.decode(b"", final=True)
+            except UnicodeDecodeError:
+                clean, encoding = False, fallback or encoding
+        return Scan(encoding=encoding, clean=clean, lines=lines + (last not in (b"", b"\n")))
     finally:
         stream.close()
 
@@ -122,12 +162,15 @@ def detect_format(filename: str | None, open_binary: OpenBinary, encoding: str) 
 
 
 # ---- text → records -----------------------------------------------------------------
-def iter_records(text: IO[str], fmt: ImportFormat) -> Iterator[Record]:
+def iter_records(text: IO[str], fmt: ImportFormat, *, clean: bool = False
+                 ) -> Iterator[Record]:
+    """The records of an upload; `clean` (from `scan_upload`) says every byte decoded,
+    so only a JSON `\\u` escape can still spell a lone surrogate."""
     if fmt is ImportFormat.CSV:
-        return iter_csv(text)
+        return iter_csv(text, clean=clean)
     if fmt is ImportFormat.NDJSON:
-        return iter_ndjson(text)
-    return iter_json_array(text)
+        return iter_ndjson(text, clean=clean)
+    return iter_json_array(text, clean=clean)
 
 
 def normalize_key(key: str) -> str:
@@ -158,9 +201,15 @@ def may_hold_undecodable(raw: str) -> bool:
     return "\\u" in raw or _SURROGATE.search(raw) is not None
 
 
-def _checked(record: Record, encoding_note: str, raw: str | None = None) -> Record:
-    if record.fields is not None and (raw is None or may_hold_undecodable(raw)) and (
-            has_undecodable(record.fields)):
+def _checked(record: Record, encoding_note: str, raw: str | None = None, *,
+             clean: bool = False) -> Record:
+    if record.fields is None:
+        return record
+    if clean:  # every byte decoded: only a JSON escape can spell a lone surrogate
+        suspect = raw is not None and "\\u" in raw
+    else:
+        suspect = raw is None or may_hold_undecodable(raw)
+    if suspect and has_undecodable(record.fields):
         return Record(record.line, None, f"the row holds bytes that are not valid {encoding_note}")
     return record
 
@@ -175,7 +224,7 @@ def count_records(text: IO[str], fmt: ImportFormat) -> int:
     return sum(1 for _ in iter_records(text, fmt))
 
 
-def iter_csv(text: IO[str]) -> Iterator[Record]:
+def iter_csv(text: IO[str], *, clean: bool = False) -> Iterator[Record]:
     """CSV with a header row; quoted fields may span lines (the record's line is where
     it starts); a bare \\r inside a field is kept as part of the field."""
     encoding = getattr(text, "encoding", "utf-8")
@@ -212,25 +261,42 @@ def iter_csv(text: IO[str]) -> Iterator[Record]:
                          f"the record has {len(values)} fields, the header has {len(header)}")
             continue
         fields = {k: v for k, v in zip(header, values, strict=True) if k}
-        yield _checked(Record(start, fields), encoding)
+        yield _checked(Record(start, fields), encoding, clean=clean)
     # unreachable
 
 
-def iter_ndjson(text: IO[str]) -> Iterator[Record]:
+def iter_ndjson(text: IO[str], *, clean: bool = False) -> Iterator[Record]:
     encoding = getattr(text, "encoding", "utf-8")
     for number, line in enumerate(text, start=1):
         body = line.strip().lstrip("\ufeff")
         if not body:
             continue
-        try:
-            value = json.loads(body)
-        except ValueError as exc:
-            yield Record(number, None, f"not valid JSON: {_json_error(exc)}")
+        value, error = _decode_line(body)
+        if error is not None:
+            yield Record(number, None, error)
             continue
-        yield _checked(_as_object(number, value), encoding, body)
+        yield _checked(_as_object(number, value, body), encoding, body, clean=clean)
 
 
-def iter_json_array(text: IO[str]) -> Iterator[Record]:
+_DECODER = json.JSONDecoder()
+
+
+def _decode_line(body: str) -> tuple[Any, str | None]:
+    """`json.loads(body)` for a stripped line: one whole decode is what it does there,
+    without its two whitespace regexes; anything else is left to it (and its error)."""
+    try:
+        value, end = _DECODER.raw_decode(body)
+        if end == len(body):
+            return value, None
+    except ValueError:
+        pass
+    try:
+        return json.loads(body), None
+    except ValueError as exc:
+        return None, f"not valid JSON: {_json_error(exc)}"
+
+
+def iter_json_array(text: IO[str], *, clean: bool = False) -> Iterator[Record]:
     """The elements of a top-level JSON array, decoded one at a time from a moving
     window; a malformed element is reported and skipped up to the next element."""
     encoding = getattr(text, "encoding", "utf-8")
@@ -300,7 +366,7 @@ def iter_json_array(text: IO[str]) -> Iterator[Record]:
             pos = new_pos
             expect_value = True
             continue
-        yield _checked(_as_object(line, value), encoding, buf[pos:end])
+        yield _checked(_as_object(line, value), encoding, buf[pos:end], clean=clean)
         line += buf.count("\n", pos, end)
         pos = end
         expect_value = False
@@ -315,10 +381,26 @@ def _resync(buf: str, pos: int) -> int:
     return match.end() - 1
 
 
-def _as_object(line: int, value: Any) -> Record:
+def _as_object(line: int, value: Any, source: str | None = None) -> Record:
+    """The object's fields under normal keys; `source` is kept when they already were."""
     if not isinstance(value, dict):
         return Record(line, None, f"expected a JSON object, got {type(value).__name__}")
+    if _keys_are_normal(tuple(value)):
+        return Record(line, value, source=source)
     return Record(line, {_normal_key(str(k)): v for k, v in value.items()})
+
+
+# Rows repeat the same keys in the same order: judge each key sequence once.
+_normal_key_sets: dict[tuple[str, ...], bool] = {}
+
+
+def _keys_are_normal(keys: tuple[str, ...]) -> bool:
+    verdict = _normal_key_sets.get(keys)
+    if verdict is None:
+        verdict = all(_normal_key(k) == k for k in keys)
+        if len(_normal_key_sets) < 4096:
+            _normal_key_sets[keys] = verdict
+    return verdict
 
 
 def _json_error(exc: Exception) -> str:
@@ -326,17 +408,39 @@ def _json_error(exc: Exception) -> str:
 
 
 # ---- staged row pieces (compressed JSON) -----------------------------------------------
+def staged_row(line: int, fields: dict[str, Any], source: str | None = None) -> str:
+    """One staged row, `<line>\\t<JSON object>`: the record's own text when given (no
+    second encoding), else its fields encoded. JSON text never holds a raw newline."""
+    if source is None:
+        source = json.dumps(fields, ensure_ascii=False, separators=(",", ":"), default=str)
+    return f"{line}\t{source}"
+
+
+def pack_staged(rows: list[str]) -> bytes:
+    """Staged rows, one per line, zlib-compressed (fast level: the pieces live briefly)."""
+    return zlib.compress("\n".join(rows).encode("utf-8", "surrogatepass"), 1)
+
+
 def pack_rows(rows: list[tuple[int, dict[str, Any]]]) -> bytes:
-    """One JSON array `[[line, {field: value}], …]`, zlib-compressed: a single encoder
-    call per piece rather than one per row."""
-    body = json.dumps(rows, ensure_ascii=False, separators=(",", ":"), default=str)
-    return zlib.compress(body.encode("utf-8", "surrogatepass"), 1)
+    return pack_staged([staged_row(line, fields) for line, fields in rows])
 
 
 def unpack_rows(payload: bytes) -> Iterator[tuple[int, dict[str, Any]]]:
-    """The rows of a piece; also reads pieces staged as JSON lines (one `[line, fields]`
-    per line) by earlier versions, so a job split before an upgrade still runs."""
+    """The rows of a piece; also reads the layouts of earlier versions (one JSON array
+    `[[line, fields], …]`, or one `[line, fields]` per line), so a job split before an
+    upgrade still runs."""
     text = zlib.decompress(payload).decode("utf-8", "surrogatepass")
+    if text[:1].isdigit():
+        decode = _DECODER.raw_decode
+        for row in text.split("\n"):
+            number, _, body = row.partition("\t")
+            fields, end = decode(body)  # one object and nothing around it: staged by us
+            if end != len(body):
+                raise ValueError(f"the staged row of line {number} is malformed")
+            yield int(number), fields
+        return
+    if not text:
+        return
     if text.startswith("[[") or text == "[]":
         for number, fields in json.loads(text):
             yield number, fields

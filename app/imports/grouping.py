@@ -21,21 +21,23 @@ Every session touched gets an audit row by `system:import`.
 
 from __future__ import annotations
 
+import functools
 import logging
+import operator
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from pydantic import ValidationError
-from sqlalchemy import select
+from sqlalchemy import select, tuple_
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session as DbSession
 
 from app.audit.models import Operation
 from app.audit.trail import last_hashes, operation_values
-from app.db import UnitOfWork, is_retryable_db_error, utcnow
+from app.db import UnitOfWork, UTCDateTime, is_retryable_db_error, utcnow
 from app.ids import new_id
 from app.imports.rows import ROLE_ALIASES, ChatRow, parse_time, row_error_text
 from app.messages.models import Message
@@ -403,29 +405,38 @@ def stored_ids(db: DbSession, ids: Sequence[str]) -> set[str]:
 
 def known_sessions(db: DbSession, slots: Iterable[Slot], *, lock: bool = False
                    ) -> dict[Slot, list[Session]]:
+    """The stored sessions of exactly these slots. A row-value IN keeps the index
+    ranges to one per slot (`account IN … AND shop IN …` asks for their cross
+    product: 50 accounts × 200 shops are 10,000 index dives per batch)."""
     wanted = set(slots)
+    ordered = sorted(wanted)
     result: dict[Slot, list[Session]] = defaultdict(list)
-    if not wanted:
-        return result
-    accounts = sorted({a for a, _ in wanted})
-    shops = sorted({s for _, s in wanted})
-    for i in range(0, len(shops), ID_BATCH):
-        stmt = select(Session).where(Session.account_id.in_(accounts),
-                                     Session.shop_id.in_(shops[i:i + ID_BATCH]))
+    for i in range(0, len(ordered), ID_BATCH):
+        stmt = select(Session).where(
+            tuple_(Session.account_id, Session.shop_id).in_(ordered[i:i + ID_BATCH]))
         if lock:
             stmt = stmt.with_for_update()
         for session in db.execute(stmt).scalars():
-            if session.slot in wanted:
+            if session.slot in wanted:  # byte-exact, whatever the collation pads
                 result[session.slot].append(session)
     return result
 
 
-def fresh_messages(db: DbSession, slots: dict[Slot, list[Msg]], counts: ImportCounts
-                   ) -> dict[Slot, list[Msg]]:
-    """Step 2 and 3: drop what is stored or repeated, order each slot by time."""
+def fresh_messages(db: DbSession, slots: dict[Slot, list[Msg]], counts: ImportCounts,
+                   *, probe: bool = False) -> dict[Slot, list[Msg]]:
+    """Step 2 and 3: drop what is stored or repeated, order each slot by time.
+
+    With `probe`, only each slot's first row is looked up; if none of them is stored
+    the batch is taken as new, and the unique key on `message_id` refuses the insert
+    if that was wrong (the caller then retries without `probe`). A re-upload, or an
+    export overlapping an earlier one, is caught by the probe and looked up in full."""
     seen: set[str] = set()
-    ids = [m.message_id for msgs in slots.values() for m in msgs]
-    stored = stored_ids(db, ids)
+    stored: set[str] = set()
+    if probe:
+        stored = stored_ids(db, [min(msgs, key=lambda m: m.line).message_id
+                                 for msgs in slots.values() if msgs])
+    if stored or not probe:
+        stored = stored_ids(db, [m.message_id for msgs in slots.values() for m in msgs])
     result: dict[Slot, list[Msg]] = {}
     for slot, msgs in slots.items():
         keep = []
@@ -448,7 +459,8 @@ def core_insert(db: DbSession, model: Any, rows: list[dict[str, Any]]) -> None:
     The ORM's bulk path (`db.execute(insert(Model), rows)`) and even Core's spend
     more time arranging each row's parameters than the driver spends sending them.
     Here every column's bind processor (UTC times, JSON, …) is applied in one tight
-    loop and the rows go to the driver's executemany as they are."""
+    loop and the rows go to the driver's executemany as they are; on MySQL times go
+    as the text of their literal (`mysql_utc_text`)."""
     if not rows:
         return
     conn = db.connection()
@@ -457,13 +469,39 @@ def core_insert(db: DbSession, model: Any, rows: list[dict[str, Any]]) -> None:
     keys = list(rows[0])
     compiled = table.insert().compile(dialect=dialect, column_keys=keys)
     names = list(compiled.positiontup or []) if compiled.positional else keys
-    procs = [(name, table.c[name].type._cached_bind_processor(dialect)) for name in names]
-    if compiled.positional:
-        params: list[Any] = [tuple(p(row[n]) if p else row[n] for n, p in procs)
-                             for row in rows]
-    else:
-        params = [{n: p(row[n]) if p else row[n] for n, p in procs} for row in rows]
+    procs = [(i, proc) for i, name in enumerate(names)
+             if (proc := _bind_processor(table.c[name].type, dialect)) is not None]
+    pick = operator.itemgetter(*names)
+    params: list[Any] = []
+    for row in rows:
+        values = list(pick(row)) if len(names) > 1 else [pick(row)]
+        for i, proc in procs:
+            values[i] = proc(values[i])
+        params.append(tuple(values) if compiled.positional else dict(zip(names, values,
+                                                                         strict=True)))
     conn.exec_driver_sql(str(compiled), params)
+
+
+def _bind_processor(type_: Any, dialect: Any) -> Callable[[Any], Any] | None:
+    """The column type's own bind processor, except for UTC times on MySQL."""
+    if dialect.name == "mysql" and isinstance(type_, UTCDateTime):
+        return mysql_utc_text
+    return type_._cached_bind_processor(dialect)  # type: ignore[no-any-return]
+
+
+@functools.lru_cache(maxsize=8192)
+def mysql_utc_text(value: datetime | None) -> str | None:
+    """A time as the DATETIME(6) literal that PyMySQL would send for it, made by
+    `isoformat` (C): PyMySQL's own formatting plus the UTC conversion cost several
+    times more, and a chunk binds about four times per message. Remembered, because
+    most binds repeat a time (a session's first and last message, the chunk's now)."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        raise ValueError(f"naive datetime {value!r} given where UTC is required")
+    if value.tzinfo is not UTC:
+        value = value.astimezone(UTC)
+    return value.replace(tzinfo=None).isoformat(" ", "microseconds")
 
 
 def message_values(msg: Msg, session_pk: int, now: datetime, job_id: str | None
@@ -844,7 +882,9 @@ def import_messages(
     while attempt < BULK_ATTEMPTS:
         try:
             with runtime.database.unit_of_work() as uow:
-                counts = _bulk(uow, by_slot, actor, context, gap)
+                # A first attempt probes for stored rows; a retry after a duplicate
+                # key (or any other refusal) looks every message id up.
+                counts = _bulk(uow, by_slot, actor, context, gap, probe=attempt == 0)
                 if context.after_write:
                     context.after_write()
                 if context.before_commit:
@@ -873,10 +913,10 @@ def _sum(a: ImportCounts, b: ImportCounts) -> ImportCounts:
 
 
 def _bulk(uow: UnitOfWork, slots: dict[Slot, list[Msg]], actor: str,
-          context: BatchContext, gap: timedelta) -> ImportCounts:
+          context: BatchContext, gap: timedelta, *, probe: bool) -> ImportCounts:
     db = uow.session
     counts = ImportCounts()
-    fresh = fresh_messages(db, slots, counts)
+    fresh = fresh_messages(db, slots, counts, probe=probe)
     known = known_sessions(db, fresh)
     now = utcnow()
     writer = Writer(db, now=now, actor=actor, job_id=context.job_id)

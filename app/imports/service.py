@@ -1,8 +1,10 @@
 """The history import pipeline (SPEC §4), as plain Python over the database.
 
     create_job   stage the raw upload in the database (pieces of 1 MiB); job `queued`
-    prepare      read the staged upload as a stream: count records, then split them into
-                 chunks of about BATCH_SIZE rows, all rows of a slot in one chunk
+    prepare      read the staged upload as a stream: one pass over its bytes (encoding,
+                 lines; CSV and JSON records are counted by parsing), then split the
+                 records into chunks of about BATCH_SIZE rows, all rows of a slot in one
+                 chunk (the one serial step: it only finds each row's slot)
     process_chunk  validate, de-duplicate, group and store one chunk in one transaction
                  whose commit also marks the chunk done (a retry is harmless)
     finish       add up the chunks, keep the first row errors, emit `import.finished`
@@ -17,6 +19,7 @@ import builtins
 import heapq
 import io
 import logging
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -40,6 +43,7 @@ from app.imports.grouping import (
     Msg,
     Segmenter,
     Slot,
+    core_insert,
     import_messages,
     resolve_session_slots,
     split_at_gaps,
@@ -221,16 +225,21 @@ class ImportService:
             return UploadReader(self.database, job_pk, parts)  # type: ignore[return-value]
 
         try:
-            encoding = encoding or formats.detect_encoding(opener)
+            scan = formats.scan_upload(opener, encoding)
+            encoding = scan.encoding
             fmt = ImportFormat(fmt_name) if fmt_name else formats.detect_format(
                 filename, opener, encoding)
-            with formats.open_text(opener, encoding) as text:
-                total = formats.count_records(text, fmt)
-            outcome = self._split(job_pk, opener, fmt, encoding, total, batch)
+            if fmt is ImportFormat.NDJSON:
+                rows_hint = scan.lines  # at most one record per line: no parse to size chunks
+            else:
+                with formats.open_text(opener, encoding) as text:
+                    rows_hint = formats.count_records(text, fmt)
+            outcome = self._split(job_pk, opener, fmt, encoding, rows_hint, batch,
+                                  clean=scan.clean)
         except UnreadableUpload as exc:
             self._fail(job_id, str(exc), encoding=encoding)
             return PrepareOutcome(job_id, [], False)
-        except (UnicodeDecodeError, OSError, EOFError) as exc:  # e.g. a truncated gzip
+        except (UnicodeDecodeError, OSError, EOFError, zlib.error) as exc:  # a broken gzip
             self._fail(job_id, f"the upload cannot be read: {exc}", encoding=encoding)
             return PrepareOutcome(job_id, [], False)
         with self.database.unit_of_work() as uow:
@@ -242,7 +251,7 @@ class ImportService:
                     sessions_updated=0, conflicts=0,
                 ))
             job.format, job.encoding = fmt.value, encoding
-            job.total_rows = total
+            job.total_rows = outcome.records
             job.staged_rows = sum(outcome.rows_per_bucket.values())
             job.chunk_count = len(outcome.rows_per_bucket)
             job.prepare_invalid = outcome.invalid
@@ -255,13 +264,18 @@ class ImportService:
 
     @dataclass
     class _Split:
+        records: int
         rows_per_bucket: dict[int, int]
         invalid: int
         errors: list[dict[str, Any]]
 
     def _split(self, job_pk: int, opener: Callable[[], IO[bytes]], fmt: ImportFormat,
-               encoding: str, total: int, batch: int) -> ImportService._Split:
-        buckets = chunk_count(total, batch)
+               encoding: str, rows_hint: int, batch: int, *, clean: bool
+               ) -> ImportService._Split:
+        """Route every record to its slot's chunk. The split is the one serial step of a
+        job (chunks wait for it), so it only finds each row's slot; the chunks validate."""
+        buckets = chunk_count(rows_hint, batch)
+        records = 0
         seqs: dict[int, int] = {}
 
         def write_batch(bucket: int, rows: list[StagedRow]) -> None:
@@ -269,7 +283,7 @@ class ImportService:
 
         pending: list[tuple[int, list[StagedRow]]] = []
         spool = ChunkSpool(buckets, write_batch,
-                           spool_rows=max(5_000, min(20_000, batch * 10)))
+                           spool_rows=max(5_000, min(50_000, batch * 25)))
         invalid = 0
         errors: list[dict[str, Any]] = []
         unresolved: list[tuple[int, dict[str, Any]]] = []
@@ -301,8 +315,8 @@ class ImportService:
                     seq = seqs.get(bucket, 0)
                     seqs[bucket] = seq + 1
                     values.append({"job_pk": job_pk, "bucket": bucket, "seq": seq,
-                                   "row_count": len(rows), "payload": formats.pack_rows(rows)})
-                uow.session.execute(insert(ImportChunkPart), values)
+                                   "row_count": len(rows), "payload": formats.pack_staged(rows)})
+                core_insert(uow.session, ImportChunkPart, values)
                 rows_now = sum(len(rows) for _, rows in pending)
                 uow.session.execute(update(ImportJob).where(ImportJob.id == job_pk).values(
                     staged_rows=ImportJob.staged_rows + rows_now))
@@ -310,7 +324,8 @@ class ImportService:
             pending.clear()
 
         with formats.open_text(opener, encoding) as text:
-            for record in formats.iter_records(text, fmt):
+            for record in formats.iter_records(text, fmt, clean=clean):
+                records += 1
                 if record.fields is None:
                     bad(record.line, record.error or "unreadable record")
                     continue
@@ -329,14 +344,14 @@ class ImportService:
                     bad(record.line, f"{missing}: is missing (required unless session_id "
                                      "is given)")
                     continue
-                spool.add(slot, record.line, record.fields)
+                spool.add(slot, record.line, record.fields, record.source)
                 if pending:
                     flush_pending()
         if unresolved:
             resolve(unresolved)
         spool.flush()
         flush_pending()
-        return ImportService._Split(dict(spool.rows_per_bucket), invalid, errors)
+        return ImportService._Split(records, dict(spool.rows_per_bucket), invalid, errors)
 
     # ---- one chunk --------------------------------------------------------------------------
     def process_chunk(
@@ -443,9 +458,11 @@ class ImportService:
         return min((line for line, _ in formats.unpack_rows(payload)), default=0)
 
     def chunks_left(self, job_id: str) -> int:
+        """Chunks still pending (every chunk task asks: a count, not the list)."""
         with self.database.read() as db:
             job = self._job(db, job_id)
-            return len(self._pending_chunks(db, job.id))
+            return db.execute(select(func.count()).select_from(ImportChunk).where(
+                ImportChunk.job_pk == job.id, ImportChunk.status == "pending")).scalar_one()
 
     # ---- close ----------------------------------------------------------------------------
     def finish(self, job_id: str) -> ImportJobView:

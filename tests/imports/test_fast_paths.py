@@ -1,8 +1,9 @@
 """The import's shortcuts give exactly what the general path gives (no database).
 
 The chunk validates plain rows without pydantic, NDJSON records are counted without
-decoding them, clean rows skip the per-field undecodable check, and staged pieces are
-one JSON array. Each shortcut is compared here with the path it stands in for."""
+decoding them, clean rows skip the per-field undecodable check, one pass over the bytes
+finds the encoding and the lines, the split stages an NDJSON line's own text, and times
+are bound as text. Each shortcut is compared here with the path it stands in for."""
 
 from __future__ import annotations
 
@@ -10,15 +11,20 @@ import io
 import json
 import zlib
 from dataclasses import asdict
+from datetime import UTC, datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
 
+import pymysql.converters
 import pytest
 from pydantic import ValidationError
 
+from app.db import UTCDateTime
 from app.imports import formats
+from app.imports.chunking import ChunkSpool, bucket_of
 from app.imports.formats import ImportFormat
-from app.imports.grouping import Msg, check_msg, plain_msg, validate_row
+from app.imports.grouping import Msg, check_msg, mysql_utc_text, plain_msg, validate_row
 from app.imports.rows import ChatRow
+from tests.imports.helpers import gz
 
 TZ = ZoneInfo("Asia/Shanghai")
 BASE = {"message_id": "m1", "account_id": "acc", "shop_id": "shop", "sender_role": "robot",
@@ -112,3 +118,90 @@ def test_staged_pieces_round_trip_and_old_pieces_still_read():
                                   for n, f in rows).encode())
     assert list(formats.unpack_rows(old)) == rows
     assert list(formats.unpack_rows(formats.pack_rows([]))) == []
+
+
+@pytest.mark.parametrize(("data", "given", "expected"), [
+    (b"a\nb\n", None, ("utf-8", True, 2)),
+    (b"a\nb", None, ("utf-8", True, 2)),
+    (b"", None, ("utf-8", True, 0)),
+    ("\ufeff店\n铺\n\n".encode(), None, ("utf-8-sig", True, 3)),
+    ("店铺\n".encode("gbk") * 3, None, ("gbk", False, 3)),
+    (b"ok\n" * 30000 + "退款\n".encode("gbk"), None, ("gbk", False, 30001)),
+    ("退款\n".encode("gbk"), "utf-8", ("utf-8", False, 1)),
+    ("退款\n".encode(), "utf-8", ("utf-8", True, 1)),
+    (b"a" + "退".encode()[:2], None, ("gbk", False, 1)),  # cut mid-character
+])
+def test_one_scan_finds_the_encoding_the_lines_and_whether_every_byte_decodes(
+        data, given, expected):
+    for body in (data, gz(data)):
+        scan = formats.scan_upload(lambda b=body: io.BytesIO(b), given)
+        assert (scan.encoding, scan.clean, scan.lines) == expected
+        if given is None:
+            assert formats.detect_encoding(lambda b=body: io.BytesIO(b)) == scan.encoding
+
+
+def test_a_clean_scan_reads_the_same_records_and_still_refuses_escaped_surrogates():
+    rows = [BASE, {**BASE, "content": "bad \udc80 escape"}, {**BASE, "content": "好"}]
+    body = "\n".join(json.dumps(r) for r in rows).encode()
+    read = {}
+    for clean in (False, True):
+        with formats.open_text(lambda: io.BytesIO(body), "utf-8") as t:
+            read[clean] = [(r.line, r.fields, r.error) for r in
+                           formats.iter_records(t, ImportFormat.NDJSON, clean=clean)]
+    assert read[True] == read[False]
+    assert [fields is None for _, fields, _ in read[True]] == [False, True, False]
+
+
+def test_the_split_stages_a_lines_own_text_only_when_it_decodes_to_the_kept_fields():
+    lines = [json.dumps(BASE), json.dumps({**BASE, "Shop ID": "other"}),
+             json.dumps({**BASE, "extra": "x" * 50}), json.dumps({"Account-ID": "a", **BASE})]
+    with formats.open_text(lambda: io.BytesIO("\n".join(lines).encode()), "utf-8") as t:
+        records = list(formats.iter_records(t, ImportFormat.NDJSON))
+    assert [r.source is not None for r in records] == [True, False, True, False]
+    staged: list[str] = []
+    spool = ChunkSpool(1, lambda _bucket, rows: staged.extend(rows))
+    for r in records:
+        spool.add(("acc", "shop"), r.line, r.fields, r.source)
+    spool.flush()
+    assert staged[0] == f"1\t{lines[0]}"  # the line itself, not encoded again
+    unpacked = list(formats.unpack_rows(formats.pack_staged(staged)))
+    known = [{k: v for k, v in r.fields.items() if k != "extra"} for r in records]
+    assert unpacked == [(r.line, fields) for r, fields in zip(records, known, strict=True)]
+    assert unpacked[1][1]["shop_id"] == "other"  # the normalised key, as the chunk reads it
+
+
+def test_the_spool_writes_every_row_once_in_order_and_in_bounded_pieces():
+    written: list[tuple[int, list[str]]] = []
+    spool = ChunkSpool(3, lambda bucket, rows: written.append((bucket, list(rows))),
+                       spool_rows=40, spool_chars=6_000, piece_chars=800)
+    added: dict[int, list[str]] = {0: [], 1: [], 2: []}
+    for i in range(600):
+        slot = ("acc", f"shop-{i % 7}")
+        spool.add(slot, i + 1, {**BASE, "content": "x" * (i % 90)})
+        added[bucket_of(slot, 3)].append(f"{i + 1}\t")
+    spool.flush()
+    for bucket, rows in added.items():
+        staged = [row for b, piece in written if b == bucket for row in piece]
+        assert [row.split("\t")[0] + "\t" for row in staged] == rows
+        assert spool.rows_per_bucket[bucket] == len(rows)
+    longest = max(len(row) for _, piece in written for row in piece)
+    assert all(sum(map(len, piece)) < 800 + longest for _, piece in written)
+    assert all(len(piece) <= 40 for _, piece in written)
+
+
+@pytest.mark.parametrize("moment", [
+    datetime(2024, 5, 1, 9, 0, tzinfo=UTC),
+    datetime(2024, 5, 1, 9, 0, 0, 123456, tzinfo=UTC),
+    datetime(2024, 5, 1, 17, 30, 5, 7, tzinfo=timezone(timedelta(hours=8))),
+    datetime(2024, 11, 3, 1, 30, tzinfo=ZoneInfo("America/New_York")),
+    datetime(999, 1, 1, tzinfo=UTC),
+])
+def test_times_are_bound_as_the_literal_pymysql_would_send(moment):
+    naive_utc = UTCDateTime().process_bind_param(moment, None)
+    assert naive_utc is not None
+    literal = pymysql.converters.escape_datetime(naive_utc).strip("'")
+    text = mysql_utc_text(moment)
+    assert text is not None and datetime.fromisoformat(text) == datetime.fromisoformat(literal)
+    assert mysql_utc_text(None) is None
+    with pytest.raises(ValueError):
+        mysql_utc_text(moment.replace(tzinfo=None))

@@ -109,6 +109,13 @@ def test_a_truncated_gzip_fails_the_job_with_a_reason(runtime):
     assert job.status == "failed" and "cannot be read" in (job.detail or "")
 
 
+def test_a_corrupt_gzip_fails_the_job_with_a_reason(runtime):
+    data = gz(as_ndjson(conversation("s", T, "cr" * 50)))
+    corrupt = data[:20] + bytes(b ^ 0xFF for b in data[20:60]) + data[60:]
+    job = run_job(runtime, corrupt, filename="x.ndjson.gz")
+    assert job.status == "failed" and "cannot be read" in (job.detail or "")
+
+
 def test_unknown_format_option_is_a_validation_error(runtime):
     from app.errors import ValidationFailed
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime, timedelta
 
 from freezegun import freeze_time
@@ -117,6 +118,24 @@ def test_reupload_changes_nothing_and_new_messages_join_the_session_they_continu
     assert ops[2].prev_hash == ops[1].row_hash and ops[1].prev_hash == ops[0].row_hash
     with runtime.database.read() as db:
         assert verify_chain(db, session.id) == (True, None, 3)
+
+
+def test_stored_rows_behind_a_new_first_row_are_still_found_duplicates(runtime, caplog):
+    """The first attempt looks up only each slot's first row; here that row is new and the
+    rest are stored, so the unique key refuses the insert and the retry looks them up."""
+    rows = conversation("s", T0, "crc")
+    imported(runtime, rows)
+    caplog.set_level(logging.INFO, logger="app.imports.grouping")
+    earlier = row("s", "counterpart", T0 - minutes(5), "an earlier question")
+    again = imported(runtime, [earlier, *rows])
+    assert "retried after IntegrityError" in caplog.text
+    assert (again.inserted, again.duplicates, again.sessions_created, again.sessions_updated) == (
+        1, 3, 0, 1)
+    (session,) = sessions_of(runtime, "s")
+    assert session.message_count == 4 and session.first_message_at == T0 - minutes(5)
+    assert message_count(runtime) == 4
+    with runtime.database.read() as db:
+        assert verify_chain(db, session.id) == (True, None, 2)
 
 
 def test_duplicates_inside_one_upload_are_counted_once(runtime):
