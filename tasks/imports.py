@@ -45,10 +45,15 @@ def service() -> ImportService:
              soft_time_limit=3500, autoretry_for=RETRYABLE, retry_backoff=True,
              max_retries=5)
 def prepare_import_task(self: Any, job_id: str) -> dict[str, Any]:
-    """Split the staged upload into chunks, then run them as a chord ending in finish."""
+    """Split the staged upload into chunks, then run them as a chord ending in finish.
+    If another run is splitting the job right now, look again once its lease could have
+    run out (it dispatches the chunks itself if it finishes; if it died, this takes over)."""
     outcome = service().prepare(job_id)
+    if outcome.retry_in is not None and not celery.conf.task_always_eager:
+        prepare_import_task.apply_async((job_id,), countdown=outcome.retry_in + 1)
     dispatch_chunks(job_id, outcome.chunk_pks, ready_to_finish=outcome.ready_to_finish)
-    return {"job_id": job_id, "chunks": len(outcome.chunk_pks)}
+    return {"job_id": job_id, "chunks": len(outcome.chunk_pks),
+            "split_elsewhere": outcome.retry_in is not None}
 
 
 @celery.task(name="imports.chunk", bind=True, acks_late=True, time_limit=900,

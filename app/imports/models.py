@@ -45,6 +45,11 @@ class ImportJob(Base):
     total_rows: Mapped[int | None] = mapped_column(Integer, nullable=True)
     staged_rows: Mapped[int] = mapped_column(Integer, default=0)
     chunk_count: Mapped[int] = mapped_column(Integer, default=0)
+    # The split's fence: whoever splits holds `split_token` and refreshes the heartbeat
+    # with every write; a split that went quiet for SPLIT_LEASE may be taken over, and the
+    # old splitter's next write is then refused (the token no longer matches).
+    split_token: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    split_heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     # Rows refused while splitting (unparseable records, rows without a slot)
     prepare_invalid: Mapped[int] = mapped_column(Integer, default=0)
     prepare_errors: Mapped[list[dict[str, Any]] | None] = mapped_column(JsonDoc, nullable=True)
@@ -84,6 +89,7 @@ class ImportChunk(Base):
     __table_args__ = (
         UniqueConstraint("job_pk", "bucket", name="uq_import_chunks_job_bucket"),
         Index("ix_import_chunks_job_status", "job_pk", "status"),
+        Index("ix_import_chunks_job_first_error", "job_pk", "first_error_line"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
@@ -99,6 +105,9 @@ class ImportChunk(Base):
     sessions_updated: Mapped[int] = mapped_column(Integer, default=0)
     conflicts: Mapped[int] = mapped_column(Integer, default=0)
     errors: Mapped[list[dict[str, Any]] | None] = mapped_column(JsonDoc, nullable=True)
+    # The line of its first row error: a job's first errors come from the chunks with
+    # the lowest ones, so a status read loads a hundred error lists, not thousands.
+    first_error_line: Mapped[int | None] = mapped_column(Integer, nullable=True)
     detail: Mapped[str | None] = mapped_column(Text, nullable=True)
     done_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 

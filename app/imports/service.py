@@ -19,6 +19,7 @@ import builtins
 import heapq
 import io
 import logging
+import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,6 +63,12 @@ log = logging.getLogger(__name__)
 UPLOAD_PIECE = 1 << 20
 MAX_ERRORS = 100
 TERMINAL = ("succeeded", "partially_succeeded", "failed")
+# A split that shows no sign of life (a staged batch, a piece of the upload read) for
+# this long may be taken over by another run of prepare; until then, prepare leaves it
+# alone and looks again later. Taking over a live split is safe, only wasteful: the
+# old splitter's next write is refused by the job's split token.
+SPLIT_LEASE = 60.0
+SPLIT_HEARTBEAT = 10.0
 
 
 class JobStatus:
@@ -112,20 +119,61 @@ class AlreadyApplied(Exception):
     """The chunk's 'done' marker was committed by another run."""
 
 
+class SplitTakenOver(Exception):
+    """Another run of prepare took this job's split over; this one stops, unwritten."""
+
+
 @dataclass
 class PrepareOutcome:
     job_id: str
     chunk_pks: list[int]
     ready_to_finish: bool
+    retry_in: float | None = None  # another run is splitting: look again after this long
+
+
+class SplitFence:
+    """A split's claim on its job: the token it wrote when it began. Every write of the
+    split checks the token in the same transaction (and refreshes the heartbeat), so a
+    splitter that was taken over cannot stage a row more."""
+
+    def __init__(self, database: Database, job_pk: int, token: str) -> None:
+        self.database = database
+        self.job_pk = job_pk
+        self.token = token
+        self._last = time.monotonic()
+
+    def write(self, db: DbSession, staged_rows: int = 0) -> None:
+        """In the caller's transaction, before its writes: count `staged_rows` and refresh
+        the heartbeat iff the split is still ours (the job row stays locked till commit,
+        so a take-over waits for this transaction, then deletes what it staged)."""
+        result = db.execute(
+            update(ImportJob)
+            .where(ImportJob.id == self.job_pk, ImportJob.split_token == self.token)
+            .values(staged_rows=ImportJob.staged_rows + staged_rows,
+                    split_heartbeat_at=utcnow())
+        )
+        if affected_rows(result) != 1:
+            raise SplitTakenOver(f"import job {self.job_pk}: split taken over by another run")
+        self._last = time.monotonic()
+
+    def beat(self) -> None:
+        """Between writes (while the upload is read), refresh the heartbeat now and then."""
+        if time.monotonic() - self._last < SPLIT_HEARTBEAT:
+            return
+        with self.database.unit_of_work() as uow:
+            self.write(uow.session)
+            uow.commit()
 
 
 class UploadReader(io.RawIOBase):
     """The staged upload as a binary stream, one piece in memory at a time."""
 
-    def __init__(self, database: Database, job_pk: int, parts: int) -> None:
+    def __init__(self, database: Database, job_pk: int, parts: int,
+                 on_piece: Callable[[], None] | None = None) -> None:
         self._database = database
         self._job_pk = job_pk
         self._parts = parts
+        self._on_piece = on_piece
         self._next = 0
         self._piece = b""
         self._offset = 0
@@ -137,6 +185,8 @@ class UploadReader(io.RawIOBase):
         while self._offset >= len(self._piece):
             if self._next >= self._parts:
                 return 0
+            if self._on_piece is not None:
+                self._on_piece()
             with self._database.engine.connect() as conn:
                 self._piece = conn.execute(
                     select(ImportUploadPart.data).where(
@@ -155,11 +205,13 @@ class UploadReader(io.RawIOBase):
 class ImportService:
     """Every step of an import job; each one safe to run twice."""
 
-    def __init__(self, runtime: Any, *, segmenter: Segmenter = split_at_gaps) -> None:
+    def __init__(self, runtime: Any, *, segmenter: Segmenter = split_at_gaps,
+                 split_lease: float = SPLIT_LEASE) -> None:
         self.runtime = runtime
         self.database: Database = runtime.database
         self.settings = runtime.settings
         self.segmenter = segmenter
+        self.split_lease = split_lease
 
     # ---- upload -------------------------------------------------------------------------
     def create_job(
@@ -204,7 +256,8 @@ class ImportService:
     # ---- split ----------------------------------------------------------------------------
     def prepare(self, job_id: str) -> PrepareOutcome:
         """Split the staged upload into chunks. On a job already split, answer its
-        pending chunks (so a lost dispatch is recovered by running this again)."""
+        pending chunks (so a lost dispatch is recovered by running this again). On a job
+        another run is splitting right now, do nothing and say when to look again."""
         with self.database.unit_of_work() as uow:
             job = self._job(uow.session, job_id, lock=True)
             if job.status in TERMINAL:
@@ -212,17 +265,28 @@ class ImportService:
             if job.phase in ("chunks", "finishing"):
                 pending = self._pending_chunks(uow.session, job.id)
                 return PrepareOutcome(job_id, pending, not pending)
+            now = utcnow()
+            if job.phase == "splitting" and job.split_heartbeat_at is not None:
+                quiet = (now - job.split_heartbeat_at).total_seconds()
+                if quiet < self.split_lease:
+                    return PrepareOutcome(job_id, [], False,
+                                          retry_in=self.split_lease - quiet)
+                log.warning("import %s: split quiet for %.0f s; taking it over", job_id, quiet)
+            token = new_id("spl")
             job.status, job.phase = JobStatus.RUNNING, "splitting"
-            job.started_at = job.started_at or utcnow()
+            job.split_token, job.split_heartbeat_at = token, now
+            job.started_at = job.started_at or now
             job.staged_rows = 0
-            # Leftovers of an earlier attempt that died while splitting
+            # Leftovers of an earlier attempt that died (or was taken over) while splitting
             uow.session.execute(delete(ImportChunkPart).where(ImportChunkPart.job_pk == job.id))
             uow.commit()
             job_pk, parts, batch = job.id, job.upload_parts, job.batch_size
             filename, fmt_name, encoding = job.filename, job.format, job.encoding
+        fence = SplitFence(self.database, job_pk, token)
 
         def opener() -> IO[bytes]:
-            return UploadReader(self.database, job_pk, parts)  # type: ignore[return-value]
+            return UploadReader(self.database, job_pk, parts,  # type: ignore[return-value]
+                                on_piece=fence.beat)
 
         try:
             scan = formats.scan_upload(opener, encoding)
@@ -235,15 +299,22 @@ class ImportService:
                 with formats.open_text(opener, encoding) as text:
                     rows_hint = formats.count_records(text, fmt)
             outcome = self._split(job_pk, opener, fmt, encoding, rows_hint, batch,
-                                  clean=scan.clean)
+                                  clean=scan.clean, fence=fence)
+        except SplitTakenOver:
+            log.info("import %s: split taken over by another run; this one stops", job_id)
+            return PrepareOutcome(job_id, [], False)
         except UnreadableUpload as exc:
-            self._fail(job_id, str(exc), encoding=encoding)
+            self._fail(job_id, str(exc), encoding=encoding, split_token=token)
             return PrepareOutcome(job_id, [], False)
         except (UnicodeDecodeError, OSError, EOFError, zlib.error) as exc:  # a broken gzip
-            self._fail(job_id, f"the upload cannot be read: {exc}", encoding=encoding)
+            self._fail(job_id, f"the upload cannot be read: {exc}", encoding=encoding,
+                       split_token=token)
             return PrepareOutcome(job_id, [], False)
         with self.database.unit_of_work() as uow:
             job = self._job(uow.session, job_id, lock=True)
+            if job.split_token != token:
+                log.info("import %s: split taken over at its end; this one stops", job_id)
+                return PrepareOutcome(job_id, [], False)
             for bucket, rows in sorted(outcome.rows_per_bucket.items()):
                 uow.session.add(ImportChunk(
                     job_pk=job_pk, bucket=bucket, row_count=rows, status="pending",
@@ -270,7 +341,7 @@ class ImportService:
         errors: list[dict[str, Any]]
 
     def _split(self, job_pk: int, opener: Callable[[], IO[bytes]], fmt: ImportFormat,
-               encoding: str, rows_hint: int, batch: int, *, clean: bool
+               encoding: str, rows_hint: int, batch: int, *, clean: bool, fence: SplitFence
                ) -> ImportService._Split:
         """Route every record to its slot's chunk. The split is the one serial step of a
         job (chunks wait for it), so it only finds each row's slot; the chunks validate."""
@@ -310,6 +381,7 @@ class ImportService:
             if not pending:
                 return
             with self.database.unit_of_work() as uow:
+                fence.write(uow.session, sum(len(rows) for _, rows in pending))
                 values = []
                 for bucket, rows in pending:
                     seq = seqs.get(bucket, 0)
@@ -317,9 +389,6 @@ class ImportService:
                     values.append({"job_pk": job_pk, "bucket": bucket, "seq": seq,
                                    "row_count": len(rows), "payload": formats.pack_staged(rows)})
                 core_insert(uow.session, ImportChunkPart, values)
-                rows_now = sum(len(rows) for _, rows in pending)
-                uow.session.execute(update(ImportJob).where(ImportJob.id == job_pk).values(
-                    staged_rows=ImportJob.staged_rows + rows_now))
                 uow.commit()
             pending.clear()
 
@@ -394,6 +463,7 @@ class ImportService:
             final.add(checked)
             final.add(counts)
             body = final.as_dict(MAX_ERRORS)
+            body["first_error_line"] = body["errors"][0]["line"] if body["errors"] else None
             result = db.execute(
                 update(ImportChunk)
                 .where(ImportChunk.id == chunk_pk, ImportChunk.status == "pending")
@@ -432,14 +502,22 @@ class ImportService:
 
     def fail_chunk(self, chunk_pk: int, detail: str) -> None:
         """A chunk that cannot be applied (after its retries): its rows count as invalid,
-        with one error naming the chunk, and the job goes on with the other chunks."""
+        with one error naming the chunk, and the job goes on with the other chunks. Slots
+        of it already applied through the slot lock (live segments, each committed with
+        its mark) keep their counts: those rows are stored."""
         with self.database.unit_of_work() as uow:
             chunk = uow.session.get(ImportChunk, chunk_pk, with_for_update=True)
             if chunk is None or chunk.status != "pending":
                 return
             lines = self._chunk_first_line(uow.session, chunk)
+            applied = ImportCounts()
+            for counts in self._slot_marks(uow.session, chunk_pk).values():
+                applied.add(counts)
+            for name in ImportCounts.COUNTERS:
+                setattr(chunk, name, getattr(applied, name))
             chunk.status = "failed"
-            chunk.invalid = chunk.row_count
+            chunk.invalid = chunk.row_count - applied.inserted - applied.duplicates
+            chunk.first_error_line = lines
             chunk.errors = [{"line": lines, "error": f"chunk of {chunk.row_count} rows "
                                                      f"failed: {detail}"[:500]}]
             chunk.detail = detail[:2000]
@@ -514,12 +592,17 @@ class ImportService:
 
     def _first_errors(self, db: DbSession, job: ImportJob) -> list[dict[str, Any]]:
         sources: list[list[dict[str, Any]]] = [job.prepare_errors or []]
-        sources.extend(
-            errors or [] for errors in db.execute(
-                select(ImportChunk.errors).where(ImportChunk.job_pk == job.id,
-                                                 ImportChunk.invalid > 0)
-            ).scalars()
-        )
+        with_errors = (ImportChunk.job_pk == job.id, ImportChunk.invalid > 0)
+        # The first MAX_ERRORS errors lie in the MAX_ERRORS chunks whose first errors come
+        # first (chunks done before this column existed have none: they are read too).
+        for query in (
+            select(ImportChunk.errors).where(*with_errors, ImportChunk.first_error_line
+                                             .is_not(None))
+            .order_by(ImportChunk.first_error_line).limit(MAX_ERRORS),
+            select(ImportChunk.errors).where(*with_errors,
+                                             ImportChunk.first_error_line.is_(None)),
+        ):
+            sources.extend(errors or [] for errors in db.execute(query).scalars())
         merged = heapq.nsmallest(MAX_ERRORS, (e for source in sources for e in source),
                                  key=lambda e: (e.get("line", 0), e.get("error", "")))
         return [{"line": int(e["line"]), "error": str(e["error"])} for e in merged]
@@ -540,10 +623,15 @@ class ImportService:
         except Exception:  # the event is committed; delivery catches up
             log.exception("events_written hook failed")
 
-    def _fail(self, job_id: str, detail: str, *, encoding: str | None = None) -> None:
+    def _fail(self, job_id: str, detail: str, *, encoding: str | None = None,
+              split_token: str | None = None) -> None:
+        """Close the job as failed (unless it is closed, or, for a split that failed,
+        someone else's split by now)."""
         with self.database.unit_of_work() as uow:
             job = self._job(uow.session, job_id, lock=True)
             if job.status in TERMINAL:
+                return
+            if split_token is not None and job.split_token != split_token:
                 return
             job.status, job.phase, job.detail = JobStatus.FAILED, "finished", detail[:2000]
             job.encoding = job.encoding or encoding

@@ -10,11 +10,12 @@ from app.models import Base
 
 def test_migrations_upgrade_downgrade_and_match_the_models(backend, tmp_path):
     if backend.is_mysql:
-        url = backend.database_url.rsplit("/", 1)[0] + "/auto_session_migrations"
+        name = f"{backend.db_name}_migrations"  # apart from concurrent runs, like the suite's
+        url = backend.database_url.rsplit("/", 1)[0] + f"/{name}"
         server = sa.create_engine(backend.server_url)
         with server.begin() as conn:
-            conn.exec_driver_sql("DROP DATABASE IF EXISTS auto_session_migrations")
-            conn.exec_driver_sql("CREATE DATABASE auto_session_migrations CHARACTER SET utf8mb4")
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS `{name}`")
+            conn.exec_driver_sql(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
         server.dispose()
     else:
         url = f"sqlite:///{tmp_path / 'mig.sqlite3'}"
