@@ -607,7 +607,8 @@ class Writer:
                 if plan.unanswered:
                     details["unanswered"] = True
                 if plan.handoff_at is not None:
-                    transfer = handoff_transfer(values, pk, plan, self.now, closed=True)
+                    transfer = handoff_transfer(values, pk, plan.messages, plan.handoff_at,
+                                                ended_at=plan.end, closed=True)
                     transfers.append(transfer)
                     details["transfer_id"] = transfer["transfer_id"]
                 audits.append(operation_values(
@@ -624,19 +625,33 @@ class Writer:
                 select(Session).where(Session.id.in_(pks)).with_for_update()
             ).scalars()}
             prev_hashes = last_hashes(db, pks)
-            audits = []
+            handed_over = self._sessions_with_transfers(pks)
+            audits, transfers = [], []
             for pk in pks:
                 session, msgs = rows[pk], self._attached[pk]
                 self._messages.extend((m, pk) for m in msgs)
                 add_to_session(session, msgs)
+                details = {"job_id": self.job_id, "messages": len(msgs)}
+                # Staff found on an ended robot session that never went to a person: the
+                # same hand-off as inside a new segment (§4 step 5), recorded once.
+                staff_at = next((i for i, m in enumerate(msgs)
+                                 if m.sender_role == SenderRole.HUMAN), None)
+                if (staff_at is not None and pk not in handed_over
+                        and SessionType(session.session_type).is_robot):
+                    transfer = handoff_transfer(session, pk, msgs, staff_at,
+                                                ended_at=session.ended_at, closed=True)
+                    transfers.append(transfer)
+                    details["transfer_id"] = transfer["transfer_id"]
                 audits.append(operation_values(
                     session_pk=pk, session_id=session.session_id, operation="import-messages",
                     from_status=session.status, to_status=session.status, actor=self.actor,
                     at=self.now, prev_hash=prev_hashes.get(pk), reason="history import",
-                    details={"job_id": self.job_id, "messages": len(msgs)},
+                    details=details,
                 ))
                 self.counts.sessions_updated += 1
             core_insert(db, Operation, audits)
+            if transfers:
+                core_insert(db, Transfer, transfers)
         if self._messages:
             message_rows = [
                 message_values(m, public_to_pk[ref] if isinstance(ref, str) else ref,
@@ -648,13 +663,23 @@ class Writer:
         db.flush()
 
 
-def handoff_transfer(session: dict[str, Any] | Session, session_pk: int, plan: NewSession,
-                     now: datetime, *, closed: bool) -> dict[str, Any]:
-    """The transfer record of a robot→staff hand-off found in history (trigger `history`)."""
-    assert plan.handoff_at is not None
-    staff = plan.messages[plan.handoff_at]
+    def _sessions_with_transfers(self, pks: Sequence[int]) -> set[int]:
+        found: set[int] = set()
+        for i in range(0, len(pks), ID_BATCH):
+            found.update(self.db.execute(
+                select(Transfer.session_pk).where(Transfer.session_pk.in_(pks[i:i + ID_BATCH]))
+            ).scalars())
+        return found
+
+
+def handoff_transfer(session: dict[str, Any] | Session, session_pk: int,
+                     messages: Sequence[Msg], handoff_at: int, *, ended_at: datetime | None,
+                     closed: bool) -> dict[str, Any]:
+    """The transfer record of a robot→staff hand-off found in history (trigger `history`):
+    `messages[handoff_at]` is the first staff message after the robot's."""
+    staff = messages[handoff_at]
     public = session["session_id"] if isinstance(session, dict) else session.session_id
-    recent = plan.messages[max(0, plan.handoff_at - 10):plan.handoff_at]
+    recent = messages[max(0, handoff_at - 10):handoff_at]
     return {
         "transfer_id": new_id("trf"), "session_pk": session_pk, "session_id": public,
         "status": str(TransferStatus.COMPLETED if closed else TransferStatus.ACCEPTED),
@@ -668,7 +693,7 @@ def handoff_transfer(session: dict[str, Any] | Session, session_pk: int, plan: N
         "task_state": None, "customer_info": None, "suggestion": None, "escalations": 0,
         "previous_transfer_id": None, "created_at": staff.sent_at, "offered_at": staff.sent_at,
         "expires_at": None, "accepted_at": staff.sent_at,
-        "ended_at": plan.end if closed else None,
+        "ended_at": ended_at if closed else None,
     }
 
 

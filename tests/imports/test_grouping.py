@@ -84,6 +84,34 @@ def test_robot_then_staff_is_one_session_with_a_history_transfer(runtime):
     assert transfer.agent_id == "human-1" and transfer.accepted_at == T0 + minutes(4)
 
 
+def test_staff_joining_an_ended_robot_session_later_is_its_hand_off_once(runtime):
+    """A second export continues a closed robot session with staff messages: that session
+    gets its history transfer (once: a third upload of more staff adds none)."""
+    imported(runtime, conversation("s", T0, "crcr"))
+    imported(runtime, conversation("s", T0 + minutes(10), "chch", sender_id="agent-9"))
+    imported(runtime, conversation("s", T0 + minutes(20), "ch", sender_id="agent-9"))
+    (session,) = sessions_of(runtime, "s")
+    assert (session.session_type, session.message_count) == ("AUTO_BARGAIN", 10)
+    with runtime.database.read() as db:
+        (transfer,) = db.execute(select(Transfer)).scalars()
+    assert (transfer.session_id, transfer.trigger, transfer.status, transfer.agent_id) == (
+        session.session_id, "history", "COMPLETED", "agent-9")
+    assert transfer.accepted_at == T0 + minutes(11)
+    ops = audit_rows(runtime, session.session_id)
+    assert [o.operation for o in ops] == ["import", "import-messages", "import-messages"]
+    assert ops[1].details["transfer_id"] == transfer.transfer_id
+    assert "transfer_id" not in ops[2].details
+    with runtime.database.read() as db:
+        assert verify_chain(db, session.id)[0]
+
+
+def test_staff_joining_an_ended_human_session_is_no_hand_off(runtime):
+    imported(runtime, conversation("s", T0, "chch"))
+    imported(runtime, conversation("s", T0 + minutes(10), "ch"))
+    with runtime.database.read() as db:
+        assert db.execute(select(Transfer)).scalars().all() == []
+
+
 def test_every_imported_session_is_audited_by_system_import_and_chains(runtime):
     imported(runtime, conversation("s", T0, "cr"))
     (session,) = sessions_of(runtime, "s")
