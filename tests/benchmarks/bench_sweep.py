@@ -1,7 +1,7 @@
 """Sweep benchmark (run by hand): N sessions in MariaDB, N/10 past their deadline.
 
     TEST_REDIS_URL=redis://127.0.0.1:6379/3 .venv/bin/python tests/benchmarks/bench_sweep.py \
-        [--sessions 1000000] [--due-every 10] [--batch 2000] [--rounds 2] \
+        [--sessions 1000000] [--due-every 10] [--batch 500] [--rounds 2] \
         [--in-flight 1] [--buffer-pool-mb 2048] [--profile FILE] [--reuse]
 
 Every session is an ACTIVE robot session on its own slot, occupying it (slot row
@@ -43,7 +43,7 @@ import sqlalchemy as sa
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from app import migrate  # noqa: E402
-from app.config import load_settings  # noqa: E402
+from app.config import Settings, load_settings  # noqa: E402
 from app.runtime import Runtime, build_runtime  # noqa: E402
 from app.sweeps.service import BATCHES_IN_FLIGHT, sweep_sessions  # noqa: E402
 
@@ -206,7 +206,8 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sessions", type=int, default=1_000_000)
     parser.add_argument("--due-every", type=int, default=10)
-    parser.add_argument("--batch", type=int, default=2000)
+    parser.add_argument("--batch", type=int, default=Settings().sweep_batch_size,
+                        help="sessions per batch (default: SWEEP_BATCH_SIZE's default)")
     parser.add_argument("--in-flight", type=int, default=None,
                         help="batches the sweep expires at once (default: BATCHES_IN_FLIGHT)")
     parser.add_argument("--rounds", type=int, default=2,
