@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from app.config import get_settings
-from app.delivery.service import deliver_webhooks
+from app.delivery.service import deliver_webhooks, kick_started
 from app.runtime import get_runtime
 from tasks.celery_app import celery
 
@@ -17,6 +17,7 @@ TIME_BUDGET = 60.0
              soft_time_limit=int(TIME_BUDGET) + 60)
 def deliver_webhooks_task(client_id: str | None = None) -> dict[str, Any]:
     runtime = get_runtime()
+    kick_started(runtime)  # before reading the outbox: later commits queue a new run
     report = deliver_webhooks(runtime, client_id=client_id, time_budget=TIME_BUDGET)
     if report.next_due_in is not None and not celery.conf.task_always_eager:
         _schedule_retry(runtime, report.next_due_in)

@@ -1,6 +1,7 @@
 """Wire the service's after-commit hooks to the tasks (called by the runtime).
 
-- events written → start webhook delivery, only if some client has a webhook;
+- events written → start webhook delivery, only if some client has a webhook and no
+  delivery task is already queued (a queued one will read these events too);
 - counterpart messages on sessions → transfer detection on those sessions.
 
 With real workers these send Celery tasks. On the embedded default (tasks run
@@ -14,7 +15,7 @@ import logging
 import threading
 import time
 
-from app.delivery.service import any_webhook, deliver_webhooks
+from app.delivery.service import any_webhook, claim_kick, deliver_webhooks
 from app.detection.service import analyse_with_llm, detect_session
 from app.runtime import Runtime
 
@@ -52,7 +53,7 @@ def install_hooks(runtime: Runtime) -> None:
         if celery.conf.task_always_eager:
             threading.Thread(target=deliver_in_thread, name="webhook-delivery",
                              daemon=True).start()
-        else:
+        elif claim_kick(runtime):  # one queued task serves a burst of commits
             deliver_webhooks_task.delay()
 
     def counterpart_messages(session_ids: list[str]) -> None:

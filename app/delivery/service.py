@@ -27,6 +27,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
+from redis.exceptions import RedisError
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session as DbSession
@@ -340,6 +341,38 @@ def _take_rerun(runtime: Runtime, client_id: str) -> bool:
             _local_reruns.discard(key)
             return True
     return False
+
+
+KICK_TTL = 30  # seconds a queued kick suppresses further ones (then the next one sends)
+
+
+def _kick_key(runtime: Runtime) -> str:
+    return f"{runtime.settings.redis_key_prefix}:delivery:kick-queued"
+
+
+def claim_kick(runtime: Runtime) -> bool:
+    """Should this commit send a delivery task? Only if none is queued and not yet
+    started: a queued one reads the outbox when it starts, so it will see this commit's
+    events too. Coalesces a burst of commits into one task instead of one per commit;
+    the marker lapses after `KICK_TTL`, so a lost task costs at most that (and the
+    beat's safety-net run covers it anyway). Without Redis every commit sends."""
+    if runtime.redis is None:
+        return True
+    try:
+        return bool(runtime.redis.set(_kick_key(runtime), "1", nx=True, ex=KICK_TTL))
+    except RedisError:
+        log.warning("delivery kick marker unavailable; sending the task anyway")
+        return True
+
+
+def kick_started(runtime: Runtime) -> None:
+    """A delivery run starts: commits from now on need a task of their own (called
+    before the run reads the outbox)."""
+    if runtime.redis is not None:
+        try:
+            runtime.redis.delete(_kick_key(runtime))
+        except RedisError:
+            log.warning("could not clear the delivery kick marker; it lapses by itself")
 
 
 def deliver_webhooks(
