@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 
-from app.delivery.service import any_webhook, claim_kick, deliver_webhooks
+from app.delivery.service import any_webhook, claim_kick, deliver_webhooks, kick_started
 from app.detection.service import analyse_with_llm, detect_session
 from app.runtime import Runtime
 
@@ -31,6 +31,7 @@ def install_hooks(runtime: Runtime) -> None:
 
     def deliver_in_thread() -> None:
         try:
+            kick_started(runtime)  # before reading the outbox, as the task does
             deliver_webhooks(runtime, time_budget=TIME_BUDGET)
         except Exception:
             log.exception("in-process webhook delivery failed")
@@ -50,10 +51,16 @@ def install_hooks(runtime: Runtime) -> None:
     def events_written() -> None:
         if not some_client_has_a_webhook():
             return
+        if not claim_kick(runtime):  # a queued run will read these events too
+            return
         if celery.conf.task_always_eager:
-            threading.Thread(target=deliver_in_thread, name="webhook-delivery",
-                             daemon=True).start()
-        elif claim_kick(runtime):  # one queued task serves a burst of commits
+            try:
+                threading.Thread(target=deliver_in_thread, name="webhook-delivery",
+                                 daemon=True).start()
+            except RuntimeError:  # no thread: let the next commit try again
+                kick_started(runtime)
+                raise
+        else:
             deliver_webhooks_task.delay()
 
     def counterpart_messages(session_ids: list[str]) -> None:

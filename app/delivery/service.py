@@ -51,6 +51,7 @@ SEND_LIMIT = 200
 USER_AGENT = "auto-session-webhooks/1"
 
 _local_reruns: set[str] = set()
+_local_kicks: set[str] = set()
 _local_reruns_guard = threading.Lock()
 
 
@@ -351,28 +352,38 @@ def _kick_key(runtime: Runtime) -> str:
 
 
 def claim_kick(runtime: Runtime) -> bool:
-    """Should this commit send a delivery task? Only if none is queued and not yet
+    """Should this commit start a delivery run? Only if none is queued and not yet
     started: a queued one reads the outbox when it starts, so it will see this commit's
-    events too. Coalesces a burst of commits into one task instead of one per commit;
-    the marker lapses after `KICK_TTL`, so a lost task costs at most that (and the
-    beat's safety-net run covers it anyway). Without Redis every commit sends."""
+    events too. Coalesces a burst of commits into one run instead of one per commit.
+    The marker lives in Redis (in the process without it) and lapses after
+    `KICK_TTL`, so a lost task costs at most that (the beat's safety-net run covers it
+    anyway)."""
+    key = _kick_key(runtime)
     if runtime.redis is None:
-        return True
+        with _local_reruns_guard:
+            if key in _local_kicks:
+                return False
+            _local_kicks.add(key)
+            return True
     try:
-        return bool(runtime.redis.set(_kick_key(runtime), "1", nx=True, ex=KICK_TTL))
+        return bool(runtime.redis.set(key, "1", nx=True, ex=KICK_TTL))
     except RedisError:
-        log.warning("delivery kick marker unavailable; sending the task anyway")
+        log.warning("delivery kick marker unavailable; starting the run anyway")
         return True
 
 
 def kick_started(runtime: Runtime) -> None:
-    """A delivery run starts: commits from now on need a task of their own (called
+    """A delivery run starts: commits from now on need a run of their own (called
     before the run reads the outbox)."""
-    if runtime.redis is not None:
-        try:
-            runtime.redis.delete(_kick_key(runtime))
-        except RedisError:
-            log.warning("could not clear the delivery kick marker; it lapses by itself")
+    key = _kick_key(runtime)
+    if runtime.redis is None:
+        with _local_reruns_guard:
+            _local_kicks.discard(key)
+        return
+    try:
+        runtime.redis.delete(key)
+    except RedisError:
+        log.warning("could not clear the delivery kick marker; it lapses by itself")
 
 
 def deliver_webhooks(

@@ -4,26 +4,50 @@ one delivery task, not one per commit, and loses no event."""
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 
 from app.delivery.service import claim_kick, kick_started
 from tests.api.test_server_e2e import new_token, server  # noqa: F401  (fixture)
 from tests.delivery.receiver import WebhookReceiver
+from tests.delivery.test_webhooks import create, make_client, subscribe
 from tests.sweeps.test_beat_processes import ROOT, start, stop, wait_for
-
-pytestmark = pytest.mark.services
 
 QUEUE = "auto-session"  # tasks.celery_app: task_default_queue (a Redis list on the broker)
 
 
-def test_the_kick_marker_lets_one_task_through_until_a_run_starts(runtime):
+def test_the_kick_marker_lets_one_run_through_until_a_run_starts(runtime):
     assert claim_kick(runtime) is True
     assert [claim_kick(runtime) for _ in range(5)] == [False] * 5
-    ttl = runtime.redis.ttl(f"{runtime.settings.redis_key_prefix}:delivery:kick-queued")
-    assert 0 < ttl <= 30  # a lost task blocks further kicks for 30 s at most
+    if runtime.redis is not None:
+        ttl = runtime.redis.ttl(f"{runtime.settings.redis_key_prefix}:delivery:kick-queued")
+        assert 0 < ttl <= 30  # a lost task blocks further kicks for 30 s at most
     kick_started(runtime)
     assert claim_kick(runtime) is True
+    kick_started(runtime)
+
+
+def test_commits_in_a_burst_start_delivery_by_themselves_and_lose_nothing(runtime):
+    """On the embedded default delivery runs in a thread started by the commit; a burst
+    starts few of them, and the last commit's events arrive too."""
+    make_client(runtime, "bot-e", "bot")
+    with WebhookReceiver() as receiver:
+        subscribe(runtime, "bot-e", receiver.url)
+        ids = {create(runtime, "bot-e", shop=f"embedded-{n}").session_id for n in range(30)}
+        end = time.monotonic() + 20
+        while time.monotonic() < end:
+            got = {b["session_id"] for b in receiver.bodies() if b["type"] == "session.activated"}
+            if ids <= got:
+                break
+            time.sleep(0.1)
+        assert ids <= got, f"{len(ids - got)} sessions' events never arrived"
+        bodies = receiver.bodies()
+    assert len({b["event_id"] for b in bodies}) == len(bodies)
+
+
+@pytest.mark.services
 
 
 def test_a_burst_of_commits_is_delivered_by_one_worker_task(runtime, server, tmp_path):  # noqa: F811
