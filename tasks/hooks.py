@@ -53,15 +53,15 @@ def install_hooks(runtime: Runtime) -> None:
             return
         if not claim_kick(runtime):  # a queued run will read these events too
             return
-        if celery.conf.task_always_eager:
-            try:
+        try:
+            if celery.conf.task_always_eager:
                 threading.Thread(target=deliver_in_thread, name="webhook-delivery",
                                  daemon=True).start()
-            except RuntimeError:  # no thread: let the next commit try again
-                kick_started(runtime)
-                raise
-        else:
-            deliver_webhooks_task.delay()
+            else:
+                deliver_webhooks_task.delay()
+        except Exception:  # nothing started (no thread, broker down): the next commit tries
+            kick_started(runtime)
+            raise
 
     def counterpart_messages(session_ids: list[str]) -> None:
         unique = list(dict.fromkeys(session_ids))
