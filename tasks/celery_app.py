@@ -54,5 +54,15 @@ def configure(app: Celery, settings: Settings) -> Celery:
     return app
 
 
+def schedule_every(entry: str, task: str, interval: float) -> None:
+    """Add a beat entry running `task` every `interval` seconds. A run not started
+    within one interval expires: after workers were down, a backlog of identical
+    periodic runs is pointless (the next one does the same work)."""
+    celery.conf.beat_schedule = {
+        **(celery.conf.beat_schedule or {}),
+        entry: {"task": task, "schedule": interval, "options": {"expires": interval}},
+    }
+
+
 configure(celery, get_settings())
 celery.conf.include = TASK_MODULES

@@ -13,7 +13,7 @@ from typing import Any
 from app.clients.idempotency import IdempotencyStore
 from app.config import get_settings
 from app.runtime import get_runtime
-from tasks.celery_app import celery
+from tasks.celery_app import celery, schedule_every
 
 
 @celery.task(name="clients.purge_idempotency", acks_late=True, time_limit=600,
@@ -26,13 +26,5 @@ def purge_idempotency_task() -> dict[str, Any]:
     return {"purged": purged}
 
 
-def _install_beat_schedule() -> None:
-    interval = get_settings().maintenance_interval
-    celery.conf.beat_schedule = {
-        **(celery.conf.beat_schedule or {}),
-        "purge-idempotency": {"task": "clients.purge_idempotency", "schedule": interval,
-                              "options": {"expires": interval}},
-    }
-
-
-_install_beat_schedule()
+schedule_every("purge-idempotency", "clients.purge_idempotency",
+               get_settings().maintenance_interval)

@@ -8,7 +8,7 @@ from typing import Any
 from app.config import get_settings
 from app.delivery.service import deliver_webhooks, kick_started
 from app.runtime import get_runtime
-from tasks.celery_app import celery
+from tasks.celery_app import celery, schedule_every
 
 TIME_BUDGET = 60.0
 
@@ -37,13 +37,4 @@ def _schedule_retry(runtime: Any, seconds: float) -> None:
     deliver_webhooks_task.apply_async(countdown=countdown)
 
 
-def _install_beat_schedule() -> None:
-    interval = get_settings().delivery_interval
-    celery.conf.beat_schedule = {
-        **(celery.conf.beat_schedule or {}),
-        "deliver-webhooks": {"task": "delivery.deliver", "schedule": interval,
-                             "options": {"expires": interval}},
-    }
-
-
-_install_beat_schedule()
+schedule_every("deliver-webhooks", "delivery.deliver", get_settings().delivery_interval)

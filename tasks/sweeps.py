@@ -16,7 +16,7 @@ from typing import Any
 from app.config import get_settings
 from app.runtime import get_runtime
 from app.sweeps.service import SweepReport, sweep_sessions, sweep_transfers
-from tasks.celery_app import celery
+from tasks.celery_app import celery, schedule_every
 
 log = logging.getLogger(__name__)
 
@@ -44,24 +44,8 @@ def sweep_transfers_task() -> dict[str, Any]:
     return _summary(sweep_transfers(get_runtime()))
 
 
-def install_beat_schedule() -> None:
-    settings = get_settings()
-    celery.conf.beat_schedule = {
-        **(celery.conf.beat_schedule or {}),
-        "sweep-sessions": {
-            "task": "sweeps.sessions",
-            "schedule": settings.sweep_interval,
-            "options": {"expires": settings.sweep_interval},
-        },
-        "sweep-transfers": {
-            "task": "sweeps.transfers",
-            "schedule": settings.transfer_sweep_interval,
-            "options": {"expires": settings.transfer_sweep_interval},
-        },
-    }
-
-
-install_beat_schedule()
+schedule_every("sweep-sessions", "sweeps.sessions", get_settings().sweep_interval)
+schedule_every("sweep-transfers", "sweeps.transfers", get_settings().transfer_sweep_interval)
 
 
 def start_in_process_beat(stop: threading.Event) -> threading.Thread:
