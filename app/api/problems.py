@@ -7,6 +7,9 @@ Every exception family has one mapping here (STYLE lesson 6):
 - `pydantic.ValidationError` raised while parsing a request: 422 with `errors`, one
   `{"field": "a.b", "message": "…", "type": "…"}` per bad field.
 - werkzeug `HTTPException` (404 for an unknown URL, 405, 413, …): its status and text.
+- a lost database or Redis connection (the server went away, a connection in the pool
+  was dropped, Redis is unreachable): 503 `/problems/unavailable` with `Retry-After`;
+  the pool has been reset, so the client's retry gets a fresh connection.
 - anything else: 500 with a generic detail and a `trace_id`; the exception is logged
   server-side with that id. No stack trace, SQL or secret ever reaches a client.
 """
@@ -21,9 +24,12 @@ from typing import Any
 
 from flask import Flask, Response
 from pydantic import ValidationError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from sqlalchemy.exc import DBAPIError
 from werkzeug.exceptions import HTTPException
 
-from app.errors import AutoSessionError, ValidationFailed
+from app.errors import AutoSessionError, ServiceUnavailable, ValidationFailed
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +113,23 @@ def render_http_error(exc: HTTPException) -> Response:
     )
 
 
+def is_connection_loss(exc: BaseException) -> bool:
+    """A database connection that broke (SQLAlchemy invalidated it) or Redis unreachable."""
+    if isinstance(exc, DBAPIError):
+        return exc.connection_invalidated
+    return isinstance(exc, RedisConnectionError | RedisTimeoutError)
+
+
+def render_connection_loss(exc: Exception) -> Response:
+    trace_id = secrets.token_hex(8)
+    log.warning("lost a connection to a backing service (trace_id=%s): %s", trace_id,
+                exc.__class__.__name__, exc_info=exc)
+    unavailable = ServiceUnavailable(
+        "a backing service (database or Redis) dropped the connection; retry the request",
+        trace_id=trace_id)
+    return render_domain_error(unavailable)
+
+
 def render_unexpected(exc: Exception) -> Response:
     trace_id = secrets.token_hex(8)
     log.error("unhandled error (trace_id=%s)", trace_id, exc_info=exc)
@@ -138,4 +161,6 @@ def register_error_handlers(app: Flask) -> None:
     def _unexpected(exc: Exception) -> Response:
         if isinstance(exc, HTTPException):  # pragma: no cover - routed above
             return render_http_error(exc)
+        if is_connection_loss(exc):
+            return render_connection_loss(exc)
         return render_unexpected(exc)
