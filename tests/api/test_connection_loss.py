@@ -4,6 +4,7 @@ retryable 503 (never a 500 with a trace), and the retry is answered normally."""
 from __future__ import annotations
 
 import pytest
+from freezegun import freeze_time
 
 from tests.core.test_connection_health import kill, pooled_connection_ids
 
@@ -12,10 +13,11 @@ pytestmark = pytest.mark.services
 
 def test_a_read_on_a_dropped_connection_is_503_and_the_retry_works(backend, runtime, bot):
     session_id = bot.create("AUTO_BARGAIN")["session_id"]
-    for conn_id in pooled_connection_ids(runtime):
-        kill(backend, conn_id)
-
-    lost = bot.get(f"/api/v1/sessions/{session_id}")
+    # frozen clock: however slow the machine, the connections stay inside the ping window
+    with freeze_time():
+        for conn_id in pooled_connection_ids(runtime):
+            kill(backend, conn_id)
+        lost = bot.get(f"/api/v1/sessions/{session_id}")
     assert lost.status_code == 503
     assert lost.mimetype == "application/problem+json"
     assert lost.headers["Retry-After"] == "1"

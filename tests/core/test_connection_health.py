@@ -8,11 +8,13 @@ reused one. Connections are dropped for real, with `KILL` from another connectio
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
+from freezegun import freeze_time
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 
@@ -99,14 +101,17 @@ def pooled_connection_ids(runtime) -> list[int]:  # type: ignore[no-untyped-def]
 
 
 def test_a_slot_transaction_on_a_dropped_connection_retries_and_commits(backend, runtime,
-                                                                         service):
+                                                                         service, caplog):
     ask(service, "AUTO_BARGAIN", shop="warm")  # the pool now holds a used connection
-    ids = pooled_connection_ids(runtime)
-    assert ids
-    for conn_id in ids:
-        kill(backend, conn_id)
-    out = ask(service, "AUTO_FOLLOW_UP", shop="after-kill")  # within the ping window
+    # frozen clock: however slow the machine, the connections stay inside the ping window
+    with freeze_time(), caplog.at_level(logging.INFO, logger="app.sessions.service"):
+        ids = pooled_connection_ids(runtime)  # (given back to the pool on the frozen clock)
+        assert ids
+        for conn_id in ids:
+            kill(backend, conn_id)
+        out = ask(service, "AUTO_FOLLOW_UP", shop="after-kill")
     assert out.session.status == "ACTIVE"
+    assert "(acc-1, after-kill) attempt 1 retried: OperationalError" in caplog.text
     with runtime.database.read() as db:
         stored = db.execute(sa.text(
             "SELECT COUNT(*) FROM sessions WHERE shop_id = 'after-kill'")).scalar_one()
