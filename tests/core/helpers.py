@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy import select
 
 from app.audit.models import Operation
@@ -48,3 +49,26 @@ def events_for(runtime: Runtime, session_id: str) -> list[str]:
 
 def status_of(service: SessionService, session_id: str) -> str:
     return str(service.get(session_id).status)
+
+
+def kill(backend, conn_id: int) -> None:  # type: ignore[no-untyped-def]
+    """Drop a MariaDB connection from the server side (`KILL`), as a restart would."""
+    other = sa.create_engine(backend.server_url)
+    with other.connect() as conn:
+        conn.exec_driver_sql(f"KILL {int(conn_id)}")
+    other.dispose()
+
+
+def pooled_connection_ids(runtime) -> list[int]:  # type: ignore[no-untyped-def]
+    """The server-side ids of the connections the runtime's pool holds now."""
+    pool = runtime.database.engine.pool
+    held = [pool.connect() for _ in range(pool.checkedin())]
+    ids = []
+    for fairy in held:
+        cursor = fairy.cursor()
+        cursor.execute("SELECT CONNECTION_ID()")
+        ids.append(int(cursor.fetchone()[0]))
+        cursor.close()
+    for fairy in held:
+        fairy.close()
+    return ids

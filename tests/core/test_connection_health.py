@@ -19,7 +19,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 
 from app.db import is_retryable_db_error, make_engine
-from tests.core.helpers import ask
+from tests.core.helpers import ask, kill, pooled_connection_ids
 
 pytestmark = pytest.mark.services
 
@@ -41,13 +41,6 @@ def connection_and_pings(engine: Engine) -> tuple[int, int]:
         pings = conn.exec_driver_sql(
             "SHOW SESSION STATUS LIKE 'Com_admin_commands'").one()[1]
     return int(conn_id), int(pings)
-
-
-def kill(backend, conn_id: int) -> None:  # type: ignore[no-untyped-def]
-    other = sa.create_engine(backend.server_url)
-    with other.connect() as conn:
-        conn.exec_driver_sql(f"KILL {int(conn_id)}")
-    other.dispose()
 
 
 def test_a_connection_back_in_the_pool_a_moment_ago_is_not_pinged(engine):
@@ -83,21 +76,6 @@ def test_inside_the_window_a_dropped_connection_fails_once_and_is_retryable(back
     assert is_retryable_db_error(caught.value)
     fresh, _ = connection_and_pings(engine)  # the pool reconnected
     assert fresh != first
-
-
-def pooled_connection_ids(runtime) -> list[int]:  # type: ignore[no-untyped-def]
-    """The server-side ids of the connections the runtime's pool holds now."""
-    pool = runtime.database.engine.pool
-    held = [pool.connect() for _ in range(pool.checkedin())]
-    ids = []
-    for fairy in held:
-        cursor = fairy.cursor()
-        cursor.execute("SELECT CONNECTION_ID()")
-        ids.append(int(cursor.fetchone()[0]))
-        cursor.close()
-    for fairy in held:
-        fairy.close()
-    return ids
 
 
 def test_a_slot_transaction_on_a_dropped_connection_retries_and_commits(backend, runtime,
