@@ -13,6 +13,7 @@ from pathlib import Path
 from urllib.parse import quote_plus
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from limits import parse_many
 from pydantic import Field, PositiveFloat, PositiveInt, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -71,6 +72,23 @@ class Settings(BaseSettings):
     llm_api_key: str | None = None
     llm_timeout: PositiveFloat = 10.0
 
+    # Input limits (SPEC §4 Limits, §8 Bad input)
+    max_json_field_bytes: PositiveInt = 64 * 1024
+    max_request_bytes: PositiveInt = 2 * 1024 * 1024
+    max_upload_bytes: PositiveInt = 64 * 1024 * 1024
+    max_upload_expanded_bytes: PositiveInt = 1024 * 1024 * 1024
+
+    # Webhook URL policy: loopback, private, link-local and reserved targets are refused
+    # unless this is true (tests, closed networks)
+    webhook_allow_private: bool = False
+
+    # Rate limits (Flask-Limiter notation); counters in Redis, in-process when embedded
+    rate_limit_enabled: bool = True
+    rate_limit_bot: str = "500/second"
+    rate_limit_desk: str = "100/second"
+    rate_limit_admin: str = "50/second"
+    rate_limit_auth_failures: str = "20/minute"
+
     # Web
     secret_key: str | None = Field(default=None, description="Flask secret for the admin console")
     host: str = "127.0.0.1"
@@ -83,6 +101,27 @@ class Settings(BaseSettings):
             ZoneInfo(value)
         except (ZoneInfoNotFoundError, ValueError) as exc:
             raise ValueError(f"unknown time zone {value!r}") from exc
+        return value
+
+    @field_validator(
+        "rate_limit_bot", "rate_limit_desk", "rate_limit_admin", "rate_limit_auth_failures"
+    )
+    @classmethod
+    def _one_rate_limit(cls, value: str) -> str:
+        """One limit in Flask-Limiter's notation (`50/second`, `20 per minute`), at least 1:
+        a typo stops start-up here instead of surfacing on the first request."""
+        try:
+            parsed = parse_many(value)
+        except ValueError:
+            raise ValueError(
+                f"not a rate limit {value!r}; write COUNT/second|minute|hour|day, "
+                "e.g. 50/second"
+            ) from None
+        if len(parsed) != 1:
+            raise ValueError("one limit per setting, e.g. 50/second")
+        if parsed[0].amount < 1:
+            raise ValueError("the count must be at least 1 (RATE_LIMIT_ENABLED=false turns "
+                             "rate limiting off)")
         return value
 
     @field_validator("database_url", "redis_url", "llm_base_url", mode="before")

@@ -18,7 +18,8 @@ from typing import Any, cast
 from sqlalchemy import JSON, BigInteger, DateTime, Integer, MetaData, String, create_engine, event
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import CursorResult, Engine, make_url
-from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as SATimeoutError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
@@ -178,6 +179,36 @@ def _ping_when_idle(engine: Engine, idle_for: float) -> None:
             engine.dialect.do_ping(dbapi_conn)
         except engine.dialect.loaded_dbapi.Error as exc:
             raise DisconnectionError(f"pooled connection is gone: {exc}") from exc
+
+
+# MySQL/MariaDB client and server codes that mean "the server cannot be reached or is
+# going away", whatever the request: can't connect (2002/2003/2005), gone away or lost
+# (2006/2013/2055), too many connections (1040), shutting down (1053, 1077, 1079),
+# read-only failover (1290), wsrep not ready (1047), killed connection (1927, 4031).
+UNAVAILABLE_CODES = frozenset(
+    {1040, 1047, 1053, 1077, 1079, 1290, 1927, 2002, 2003, 2005, 2006, 2013, 2055, 4031}
+)
+
+
+def is_unavailable_db_error(exc: BaseException) -> bool:
+    """The database could not be reached (a refused new connection, a dropped one, an
+    exhausted pool, a server shutting down): the client should retry, it did nothing
+    wrong. Retrying the same statement at once in the same request rarely helps."""
+    if isinstance(exc, SATimeoutError):  # the pool had no connection to give in time
+        return True
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    orig = getattr(exc, "orig", None)
+    code = getattr(orig, "args", [None])[0] if orig is not None else None
+    if isinstance(exc, OperationalError | InterfaceError) and code in UNAVAILABLE_CODES:
+        return True
+    # PyMySQL's InterfaceError(0, '') is a socket already closed under the connection.
+    if isinstance(exc, InterfaceError):
+        return True
+    return isinstance(exc, OperationalError) and (
+        "database is locked" in str(exc) or "unable to open database" in str(exc))
 
 
 def is_retryable_db_error(exc: BaseException) -> bool:

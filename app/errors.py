@@ -82,13 +82,25 @@ class InvalidTransition(Conflict):
 
 
 class SlotOccupied(Conflict):
-    """A request with `on_conflict: reject` met an occupant it may not preempt."""
+    """A request with `on_conflict: reject` met an occupant it may not preempt.
+
+    Raised with the occupant's whole view; the door that knows the caller narrows it
+    with `for_viewer` (SPEC §3.5: a caller that could not read the occupant learns only
+    its status, type, priority and creation time)."""
 
     type = "/problems/slot-occupied"
     title = "Slot occupied"
+    PUBLIC_FIELDS = ("status", "session_type", "priority", "created_at")
 
     def __init__(self, detail: str, occupant: dict[str, Any]) -> None:
         super().__init__(detail, occupant=occupant)
+        self.occupant = occupant
+
+    def for_viewer(self, may_see: bool) -> SlotOccupied:
+        if may_see:
+            return self
+        narrowed = {name: self.occupant.get(name) for name in self.PUBLIC_FIELDS}
+        return SlotOccupied(self.detail, occupant=narrowed)
 
 
 class AlreadyAccepted(Conflict):

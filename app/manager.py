@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from app.api.schemas import AcceptBody, TransitionBody
 from app.errors import NotFound, ValidationFailed
 from app.imports.rows import ChatRow, row_error_text
 from app.runtime import Runtime, get_runtime
@@ -28,6 +29,7 @@ from app.sessions.enums import (
 from app.sessions.rules import DEFAULT_HUMAN_TYPE_BY_TASK, DEFAULT_ROBOT_TYPE_BY_TASK
 from app.sessions.schemas import SessionRequest, SessionView, TransferRequest, TransferView
 from app.sessions.service import LiveMessage
+from app.validation import field_errors, validated
 
 __all__ = [
     "AutoSessionManager",
@@ -89,7 +91,7 @@ class AutoSessionManager:
         if not kind.is_robot:
             raise ValidationFailed(
                 f"session_type {kind} is not a robot type",
-                [{"field": "session_type", "error": "must be AUTO_BARGAIN or AUTO_FOLLOW_UP"}],
+                [{"field": "session_type", "message": "must be AUTO_BARGAIN or AUTO_FOLLOW_UP"}],
             )
         return self._create(shop_id, account_id or user_id, kind, task, priority, owner_id,
                             on_conflict, reason, context)
@@ -117,7 +119,7 @@ class AutoSessionManager:
         if not kind.is_human:
             raise ValidationFailed(
                 f"session_type {kind} is not a human type",
-                [{"field": "session_type", "error": "must be a MANUAL_* type"}],
+                [{"field": "session_type", "message": "must be a MANUAL_* type"}],
             )
         return self._create(shop_id, account_id or user_id, kind, task, priority, agent_id,
                             on_conflict, reason, context)
@@ -147,26 +149,30 @@ class AutoSessionManager:
                 "context": context,
             })
         except ValidationError as exc:
-            errors = [dict(e) for e in exc.errors(include_url=False)]
-            raise ValidationFailed(row_error_text(exc), errors) from None
+            raise ValidationFailed(row_error_text(exc), field_errors(exc)) from None
         return self.service.create(request, actor=self.actor).session
 
     def get_session(self, session_id: str) -> SessionView:
         return self.service.get(session_id)
 
     def pause_session(self, session_id: str, reason: str | None = None) -> SessionView:
-        return self.service.pause(session_id, actor=self.actor, reason=reason)
+        body = validated(TransitionBody, {"reason": reason})
+        return self.service.pause(session_id, actor=self.actor, reason=body.reason)
 
     def resume_session(self, session_id: str, reason: str | None = None) -> SessionView:
-        return self.service.resume(session_id, actor=self.actor, reason=reason)
+        body = validated(TransitionBody, {"reason": reason})
+        return self.service.resume(session_id, actor=self.actor, reason=body.reason)
 
     def complete_session(
         self, session_id: str, reason: str | None = None, result: Any = None
     ) -> SessionView:
-        return self.service.complete(session_id, actor=self.actor, reason=reason, result=result)
+        body = validated(TransitionBody, {"reason": reason, "result": result})
+        return self.service.complete(session_id, actor=self.actor, reason=body.reason,
+                                     result=body.result)
 
     def cancel_session(self, session_id: str, reason: str | None = None) -> SessionView:
-        return self.service.cancel(session_id, actor=self.actor, reason=reason)
+        body = validated(TransitionBody, {"reason": reason})
+        return self.service.cancel(session_id, actor=self.actor, reason=body.reason)
 
     def heartbeat(self, session_id: str) -> SessionView:
         return self.service.heartbeat(session_id, actor=self.actor)
@@ -185,19 +191,21 @@ class AutoSessionManager:
         suggestion: str | None = None,
     ) -> TransferView:
         """Hand the session to the human desk; `human_user_id` requests a specific agent."""
-        request = TransferRequest(
-            reason=reason,
-            urgency=Priority(int(urgency)),
-            trigger=TransferTrigger(trigger),
-            agent_id=human_user_id,
-            task_state=task_state,
-            customer_info=customer_info,
-            suggestion=suggestion,
-        )
+        request = validated(TransferRequest, {
+            "reason": reason,
+            "urgency": int(urgency),
+            "trigger": str(trigger),
+            "agent_id": human_user_id,
+            "task_state": task_state,
+            "customer_info": customer_info,
+            "suggestion": suggestion,
+        })
         return self.service.transfer(session_id, request, actor=self.actor)
 
     def accept_transfer(self, transfer_id: str, agent_id: str) -> TransferView:
-        return self.service.accept_transfer(transfer_id, agent_id=agent_id, actor=self.actor)
+        body = validated(AcceptBody, {"agent_id": agent_id})
+        return self.service.accept_transfer(transfer_id, agent_id=body.agent_id,
+                                            actor=self.actor)
 
     # ---- messages --------------------------------------------------------------------
     def process_chat_messages(self, messages: Iterable[Mapping[str, Any]]) -> ProcessResult:

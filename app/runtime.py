@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import redis
 
+from app import validation
 from app.config import Settings, get_settings
 from app.db import Database
 from app.sessions.service import ServiceHooks, SessionService
@@ -51,6 +52,7 @@ class Runtime:
 
 
 def build_runtime(settings: Settings) -> Runtime:
+    validation.configure(max_json_field_bytes=settings.max_json_field_bytes)
     database = Database(settings.sqlalchemy_url)
     client: redis.Redis | None = None
     locks: SlotLocks

@@ -13,6 +13,7 @@ from app.agents.models import Agent
 from app.db import Database, utcnow
 from app.errors import NotFound, ValidationFailed
 from app.transfers.routing import agent_loads
+from app.validation import BoundaryModel
 
 MAX_PAGE = 200
 
@@ -21,7 +22,7 @@ def _lower_text(value: Any) -> Any:
     return value.strip().lower() if isinstance(value, str) else value
 
 
-class AgentUpdate(BaseModel):
+class AgentUpdate(BoundaryModel):
     """`PUT /api/v1/agents/{agent_id}`: fields left out keep their value."""
 
     model_config = ConfigDict(extra="forbid")
@@ -59,7 +60,7 @@ class AgentView(BaseModel):
     updated_at: datetime
 
 
-class AgentFilters(BaseModel):
+class AgentFilters(BoundaryModel):
     model_config = ConfigDict(extra="ignore")
 
     presence: Literal["online", "offline"] | None = None

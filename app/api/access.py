@@ -89,6 +89,18 @@ def control_guard(client: ClientIdentity, action: str, *, messages: bool = False
     return guard
 
 
+def may_see_view(client: ClientIdentity, view: dict[str, object]) -> bool:
+    """`visible_to` for a session already described as a view (the 409 occupant)."""
+    if client.is_admin:
+        return True
+    if view.get("client_id") == client.client_id:
+        return True
+    if client.is_desk:
+        session_type = SessionType(str(view.get("session_type")))
+        return session_type.is_human or view.get("status") == SessionStatus.TRANSFERRED
+    return False
+
+
 def check_may_create(client: ClientIdentity, session_type: SessionType) -> None:
     """Bots create robot sessions, the desk human ones, admins both (else 403)."""
     if client.is_bot and not session_type.is_robot:

@@ -21,17 +21,22 @@ from __future__ import annotations
 
 import functools
 import json
+import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
-from flask import Response, current_app, request
+from flask import Flask, Response, current_app, request
 from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic_core import PydanticSerializationError
 
 from app.api.problems import validation_problem
 from app.errors import ValidationFailed
 from app.runtime import Runtime, get_runtime
+from app.validation import MAX_JSON_DEPTH
 
 RUNTIME_KEY = "auto_session.runtime"
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def runtime() -> Runtime:
@@ -43,13 +48,43 @@ def runtime() -> Runtime:
     return rt
 
 
+def limit_request_bodies(app: Flask) -> None:
+    """Every request body is bounded by MAX_REQUEST_BYTES (413 past it); the upload views
+    raise their own bound to MAX_UPLOAD_BYTES before they read the body."""
+
+    @app.before_request
+    def _bound_body() -> None:
+        request.max_content_length = runtime().settings.max_request_bytes
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+def parse_json(raw: bytes | str) -> Any:
+    """Strict JSON: no NaN/Infinity, no number that overflows a float, and a nesting
+    depth the parser can handle (a 100,000-deep body is refused, not a RecursionError).
+    Raises ValueError naming the problem."""
+    try:
+        return json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels") from None
+
+
 def request_json() -> Any:
     """The request body as JSON (`{}` when empty); 422 if it is not JSON."""
     raw = request.get_data(cache=True)
     if not raw or not raw.strip():
         return {}
     try:
-        return json.loads(raw)
+        return parse_json(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ValidationFailed(
             "request body is not valid JSON",
@@ -88,10 +123,16 @@ def respond(
     headers: Mapping[str, str] | None = None,
 ) -> Response:
     """`body` rendered as application/json (pydantic models through their serializer)."""
-    if isinstance(body, BaseModel):
-        text = body.model_dump_json()
-    else:
-        text = _adapter(type(body)).dump_json(body).decode()
+    try:
+        if isinstance(body, BaseModel):
+            text = body.model_dump_json()
+        else:
+            text = _adapter(type(body)).dump_json(body).decode()
+    except PydanticSerializationError:
+        # A value stored before validation refused it (a lone surrogate from an older
+        # release) must not make every later read fail: answer it with U+FFFD instead.
+        plain = body.model_dump(mode="python") if isinstance(body, BaseModel) else body
+        text = LONE_SURROGATE.sub("\ufffd", json.dumps(plain, ensure_ascii=False, default=str))
     response = Response(text, status=status, mimetype="application/json")
     for name, value in (headers or {}).items():
         response.headers[name] = value

@@ -19,17 +19,21 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from flask import Flask, Response
+from kombu.exceptions import OperationalError as KombuOperationalError
 from pydantic import ValidationError
+from redis.exceptions import BusyLoadingError as RedisBusyLoading
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ReadOnlyError as RedisReadOnly
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from sqlalchemy.exc import DBAPIError
 from werkzeug.exceptions import HTTPException
 
+from app.db import is_unavailable_db_error
 from app.errors import AutoSessionError, ServiceUnavailable, ValidationFailed
+from app.validation import field_errors
 
 log = logging.getLogger(__name__)
 
@@ -54,21 +58,6 @@ def problem_response(
     for name, value in (headers or {}).items():
         response.headers[name] = value
     return response
-
-
-def field_errors(exc: ValidationError, *, prefix: Iterable[str | int] = ()) -> list[dict[str, Any]]:
-    """pydantic errors as `{"field", "message", "type"}` items; the field is a dotted path."""
-    out = []
-    for error in exc.errors(include_url=False, include_context=False, include_input=False):
-        loc = [*prefix, *error["loc"]]
-        out.append(
-            {
-                "field": ".".join(str(part) for part in loc) or "body",
-                "message": error["msg"].removeprefix("Value error, "),
-                "type": error["type"],
-            }
-        )
-    return out
 
 
 def validation_problem(exc: ValidationError, *, where: str = "body") -> ValidationFailed:
@@ -114,10 +103,17 @@ def render_http_error(exc: HTTPException) -> Response:
 
 
 def is_connection_loss(exc: BaseException) -> bool:
-    """A database connection that broke (SQLAlchemy invalidated it) or Redis unreachable."""
-    if isinstance(exc, DBAPIError):
-        return exc.connection_invalidated
-    return isinstance(exc, RedisConnectionError | RedisTimeoutError)
+    """A backing service that cannot be reached: the database (a refused new connection,
+    a dropped one, an exhausted pool, a server going away), Redis (refused, timed out,
+    loading, read-only after a failover) or the Celery broker."""
+    if is_unavailable_db_error(exc):
+        return True
+    if isinstance(exc, RedisConnectionError | RedisTimeoutError | RedisBusyLoading
+                  | RedisReadOnly | KombuOperationalError):
+        return True
+    cause = exc.__cause__ or exc.__context__
+    return cause is not None and cause is not exc and isinstance(
+        cause, RedisConnectionError | RedisTimeoutError | KombuOperationalError)
 
 
 def render_connection_loss(exc: Exception) -> Response:
@@ -125,8 +121,8 @@ def render_connection_loss(exc: Exception) -> Response:
     log.warning("lost a connection to a backing service (trace_id=%s): %s", trace_id,
                 exc.__class__.__name__, exc_info=exc)
     unavailable = ServiceUnavailable(
-        "a backing service (database or Redis) dropped the connection; retry the request",
-        trace_id=trace_id)
+        "a backing service (database or Redis) is unreachable or dropped the connection; "
+        "retry the request", trace_id=trace_id)
     return render_domain_error(unavailable)
 
 

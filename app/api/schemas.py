@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.imports.rows import ChatRow
 from app.sessions.schemas import SessionView
+from app.validation import BoundaryModel, JsonValue
 
 
 class FieldError(BaseModel):
@@ -41,16 +40,17 @@ class SessionCreated(SessionView):
     preempted: list[str] = []
 
 
-class TransitionBody(BaseModel):
+class TransitionBody(BoundaryModel):
     """Optional body of pause / resume / complete / cancel."""
 
     model_config = ConfigDict(extra="forbid")
 
     reason: str | None = Field(default=None, max_length=255)
-    result: Any | None = Field(default=None, description="complete only: the outcome to keep")
+    result: JsonValue | None = Field(default=None,
+                                     description="complete only: the outcome to keep")
 
 
-class MessagesBody(BaseModel):
+class MessagesBody(BoundaryModel):
     """Live messages for one session; `session_id` comes from the URL."""
 
     model_config = ConfigDict(extra="forbid")
@@ -65,7 +65,7 @@ class MessagesAnswer(BaseModel):
     session: SessionView
 
 
-class AcceptBody(BaseModel):
+class AcceptBody(BoundaryModel):
     model_config = ConfigDict(extra="forbid")
 
     agent_id: str = Field(min_length=1, max_length=64)

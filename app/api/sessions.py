@@ -11,16 +11,27 @@ from typing import Any
 from flask import Blueprint, Response, request
 from pydantic import ValidationError
 
-from app.api.access import check_may_create, control_guard, in_control, load_visible, viewer_of
+from app.api.access import (
+    check_may_create,
+    control_guard,
+    in_control,
+    load_visible,
+    may_see_view,
+    viewer_of,
+)
 from app.api.auth import current_client, require_roles
 from app.api.http import parse_body, parse_query, request_json, respond, runtime
 from app.api.openapi import documented
-from app.api.problems import field_errors
 from app.api.schemas import MessagesAnswer, MessagesBody, Page, SessionCreated, TransitionBody
-from app.clients.idempotency import IdempotencyStore, check_key, request_fingerprint
+from app.clients.idempotency import (
+    IdempotencyStore,
+    IdempotentReplay,
+    check_key,
+    request_fingerprint,
+)
 from app.clients.service import ClientIdentity
 from app.db import utcnow
-from app.errors import ValidationFailed
+from app.errors import SlotOccupied, ValidationFailed
 from app.sessions.enums import SenderRole, TransferTrigger
 from app.sessions.queries import SessionFilters, list_sessions
 from app.sessions.schemas import (
@@ -31,6 +42,7 @@ from app.sessions.schemas import (
     TransferView,
 )
 from app.sessions.service import LiveMessage
+from app.validation import field_errors
 
 bp = Blueprint("sessions", __name__, url_prefix="/api/v1/sessions")
 
@@ -64,8 +76,14 @@ def create_session() -> Response:
     check_may_create(client, session_request.session_type)
     if client.is_bot and session_request.owner_id is None:
         session_request = session_request.model_copy(update={"owner_id": client.client_id})
+    try:
+        return _create(client, session_request, request.headers.get("Idempotency-Key"))
+    except SlotOccupied as occupied:
+        raise occupied.for_viewer(may_see_view(client, occupied.occupant)) from None
+
+
+def _create(client: ClientIdentity, session_request: SessionRequest, key: str | None) -> Response:
     service = runtime().sessions
-    key = request.headers.get("Idempotency-Key")
     if key is None:
         outcome = service.create(session_request, actor=client.actor, client_id=client.client_id)
         return respond(_created_body(outcome), status=201)
@@ -74,22 +92,21 @@ def create_session() -> Response:
     store = IdempotencyStore(runtime().database)
     fingerprint = request_fingerprint("POST /api/v1/sessions",
                                       session_request.model_dump(mode="json"))
-    stored = store.claim(client.client_id, key, fingerprint)
-    if stored is not None:
-        return respond(stored.body, status=stored.status_code,
-                       headers={"Idempotent-Replayed": "true"})
+    stored = store.lookup(client.client_id, key, fingerprint)
+    if stored is None:
 
-    def keep_answer(db: Any, outcome: CreateOutcome) -> None:
-        store.finish(db, client.client_id, key, 201,
-                     _created_body(outcome).model_dump(mode="json"))
+        def keep_answer(db: Any, outcome: CreateOutcome) -> None:
+            store.record(db, client.client_id, key, fingerprint,
+                         _created_body(outcome).model_dump(mode="json"))
 
-    try:
-        outcome = service.create(session_request, actor=client.actor,
-                                 client_id=client.client_id, in_transaction=keep_answer)
-    except BaseException:
-        store.release(client.client_id, key)
-        raise
-    return respond(_created_body(outcome), status=201)
+        try:
+            outcome = service.create(session_request, actor=client.actor,
+                                     client_id=client.client_id, in_transaction=keep_answer)
+            return respond(_created_body(outcome), status=201)
+        except IdempotentReplay as replay:
+            stored = replay.answer
+    return respond(stored.body, status=stored.status_code,
+                   headers={"Idempotent-Replayed": "true"})
 
 
 @bp.get("")

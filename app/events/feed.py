@@ -39,7 +39,8 @@ MAX_PAGE = 500
 class EventQuery(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    after: int = Field(default=0, ge=0, le=2**62, description="the `next` of the previous page")
+    after: int = Field(default=0, ge=0, le=2**63 - 1,
+                       description="the `next` of the previous page")
     limit: int = Field(default=100, ge=1, le=MAX_PAGE)
 
 

@@ -17,7 +17,7 @@ import binascii
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 from sqlalchemy import ColumnElement, exists, false, or_, select, true
 from sqlalchemy.orm import Session as DbSession
 
@@ -26,6 +26,7 @@ from app.sessions.enums import HUMAN_TYPES, SessionStatus, SessionType
 from app.sessions.models import Session
 from app.sessions.schemas import SessionView
 from app.transfers.models import Transfer
+from app.validation import INT64_MAX, BoundaryModel
 
 MAX_PAGE = 200
 
@@ -42,7 +43,7 @@ def _upper(value: Any) -> Any:
     return value.strip().upper() if isinstance(value, str) else value
 
 
-class SessionFilters(BaseModel):
+class SessionFilters(BoundaryModel):
     """Filters of `GET /api/v1/sessions`; enumerations are case-insensitive."""
 
     model_config = ConfigDict(extra="ignore")
@@ -87,9 +88,12 @@ def encode_cursor(pk: int) -> str:
 def decode_cursor(cursor: str) -> int:
     try:
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        if not text.startswith("s"):
+        if not text.startswith("s") or not text[1:].isdigit():
             raise ValueError(text)
-        return int(text[1:])
+        pk = int(text[1:])
+        if pk > INT64_MAX:
+            raise ValueError(text)
+        return pk
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise ValidationFailed(
             "invalid cursor", errors=[{"field": "after", "message": "not a cursor from `next`"}]

@@ -16,6 +16,7 @@ from app.sessions.enums import (
     TransferStatus,
     TransferTrigger,
 )
+from app.validation import BoundaryModel, JsonObject
 
 IdText = str
 
@@ -41,7 +42,7 @@ def _lower_enum(value: Any) -> Any:
     return value.lower() if isinstance(value, str) else value
 
 
-class SessionRequest(BaseModel):
+class SessionRequest(BoundaryModel):
     """A request for the right to talk on a slot."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
@@ -56,7 +57,7 @@ class SessionRequest(BaseModel):
     owner_id: str | None = Field(default=None, max_length=64)
     on_conflict: Literal["queue", "reject"] = "queue"
     reason: str | None = Field(default=None, max_length=2000)
-    context: dict[str, Any] | None = None
+    context: JsonObject | None = None
 
     _ids = field_validator("account_id", "shop_id", mode="before")(_id_text)
     _type = field_validator("session_type", mode="before")(_upper_enum)
@@ -98,15 +99,15 @@ class SessionView(BaseModel):
     context: dict[str, Any] | None = None
 
 
-class TransferRequest(BaseModel):
+class TransferRequest(BoundaryModel):
     model_config = ConfigDict(extra="forbid")
 
     reason: str = Field(min_length=1, max_length=2000)
     urgency: Priority = Priority.HIGH
     trigger: TransferTrigger = TransferTrigger.ROBOT_REQUEST
     agent_id: str | None = Field(default=None, max_length=64)
-    task_state: dict[str, Any] | None = None
-    customer_info: dict[str, Any] | None = None
+    task_state: JsonObject | None = None
+    customer_info: JsonObject | None = None
     suggestion: str | None = Field(default=None, max_length=4000)
 
     _trigger = field_validator("trigger", mode="before")(_lower_enum)

@@ -380,9 +380,9 @@ class SlotTx:
         if on_conflict == "reject":
             view = SessionView.model_validate(occupant).model_dump(mode="json")
             raise SlotOccupied(
-                f"slot ({self.account_id}, {self.shop_id}) is occupied by "
-                f"{occupant.session_type} session {occupant.session_id} ({occupant.status}) "
-                "which this request may not preempt",
+                f"slot ({self.account_id}, {self.shop_id}) is occupied by a "
+                f"{occupant.session_type} session ({occupant.status}) which this request "
+                "may not preempt",
                 occupant=view,
             )
         return []

@@ -5,9 +5,9 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from datetime import datetime
+from datetime import UTC, datetime
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session as DbSession
 
@@ -15,11 +15,12 @@ from app.errors import ValidationFailed
 from app.sessions.enums import TransferStatus
 from app.sessions.schemas import TransferView
 from app.transfers.models import Transfer
+from app.validation import INT64_MAX, BoundaryModel
 
 MAX_PAGE = 200
 
 
-class TransferFilters(BaseModel):
+class TransferFilters(BoundaryModel):
     """`status` defaults to PENDING (the waiting queue); `all` lists every status;
     several statuses are comma-separated; case-insensitive. `agent_id` matches the
     agent a transfer is offered to or was accepted by."""
@@ -71,8 +72,13 @@ def decode_cursor(cursor: str) -> tuple[int, datetime, int]:
         moment = datetime.fromisoformat(created)
         if moment.tzinfo is None:
             raise ValueError("naive time")
-        return int(urgency), moment, int(pk)
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+        moment = moment.astimezone(UTC)
+        if not (isinstance(urgency, int) and isinstance(pk, int)
+                and 0 <= urgency <= 9 and 0 <= pk <= INT64_MAX):
+            raise ValueError("out of range")
+        return urgency, moment, pk
+    except (ValueError, TypeError, OverflowError, RecursionError, binascii.Error,
+            UnicodeDecodeError):
         raise ValidationFailed(
             "invalid cursor", errors=[{"field": "after", "message": "not a cursor from `next`"}]
         ) from None

@@ -132,8 +132,22 @@ def test_case2_robot_waits_pending_or_is_rejected_with_the_occupant(bot, desk, r
     before = count_sessions(runtime)
     rejected = bot.create("AUTO_BARGAIN", on_conflict="REJECT", expect=409)
     assert rejected["type"] == "/problems/slot-occupied"
-    assert rejected["occupant"]["session_id"] == human["session_id"]
+    # a bot may not read the desk's session: it learns only what SPEC §3.5 allows
+    assert rejected["occupant"] == {key: human[key] for key in
+                                    ("status", "session_type", "priority", "created_at")}
+    assert human["session_id"] not in rejected["detail"]
     assert count_sessions(runtime) == before
+
+
+def test_reject_describes_the_occupant_in_full_to_a_caller_who_may_read_it(bot, desk):
+    """The desk may read human sessions, and a bot its own: their 409 shows the whole view."""
+    human = desk.create("MANUAL_COMPLAINT")
+    again = desk.create("MANUAL_CUSTOMER_SERVICE", on_conflict="reject", expect=409)
+    assert again["occupant"]["session_id"] == human["session_id"]
+    desk.post(f"/api/v1/sessions/{human['session_id']}/complete")
+    mine = bot.create("AUTO_BARGAIN")
+    own = bot.create("AUTO_FOLLOW_UP", on_conflict="reject", expect=409)
+    assert own["occupant"]["session_id"] == mine["session_id"]
 
 
 def test_case3_robot_vs_robot_higher_precedence_runs(bot, other_bot):

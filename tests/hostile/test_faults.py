@@ -1,0 +1,194 @@
+"""Faults on MariaDB + Redis (SPEC §8): while clients create, transition and post, the
+database refuses connections or Redis restarts. Every answer is then a success, an
+expected conflict, or a retryable 503 with `Retry-After` — never a 500 — and once the
+service is back the next request succeeds, with no Idempotency-Key left stuck."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import func, select
+
+from app.clients.service import ClientService
+from app.factory import create_app
+from app.runtime import Runtime, build_runtime, set_runtime
+from app.sessions.models import Session
+from tests.hostile.faults import PrivateRedis, TcpProxy
+
+pytestmark = [pytest.mark.services, pytest.mark.slow]
+EXPECTED = {200, 201, 409, 503}
+
+
+@pytest.fixture
+def proxied(backend: Any, runtime: Runtime, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """A runtime whose database is reached through a proxy we can cut, and whose Redis
+    is a server of this test's own (restartable), with a bot and a desk client."""
+    url = sa.engine.make_url(backend.database_url)
+    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 3306).start()
+    redis_server = PrivateRedis(tmp_path).start()
+    settings = backend.settings(
+        tmp_path, database_url=url.set(host="127.0.0.1", port=proxy.port).render_as_string(
+            hide_password=False),
+        redis_url=redis_server.url)
+    rt = build_runtime(settings)
+    rt._schema_checked = True
+    set_runtime(rt)
+    app = create_app(rt, TESTING=True)
+    clients = ClientService(rt.database)
+    bot = clients.create(name="fault-bot", role="bot")
+    desk = clients.create(name="fault-desk", role="desk")
+    try:
+        yield {"runtime": rt, "app": app, "proxy": proxy, "redis": redis_server,
+               "bot": bot.token, "desk": desk.token}
+    finally:
+        proxy.restore() if proxy._listener is None else None
+        set_runtime(runtime)
+        rt.close()
+        proxy.cut()
+        redis_server.stop()
+
+
+class Traffic:
+    """Threads creating (with Idempotency-Keys), pausing/resuming, posting and reading,
+    recording every answer, until stopped."""
+
+    def __init__(self, world: dict[str, Any], threads: int = 4) -> None:
+        self.world = world
+        self.answers: Counter[int] = Counter()
+        self.bad: list[str] = []
+        self.failed_keys: list[tuple[str, dict[str, Any]]] = []
+        self._stop = threading.Event()
+        self._seq = itertools.count()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, args=(n,), daemon=True)
+                         for n in range(threads)]
+
+    def __enter__(self) -> Traffic:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(60)
+
+    def _record(self, response: Any, what: str) -> None:
+        with self._lock:
+            self.answers[response.status_code] += 1
+            if response.status_code not in EXPECTED:
+                self.bad.append(f"{what}: {response.status_code} {response.get_data()[:200]!r}")
+            elif response.status_code == 503:
+                problem = response.get_json()
+                if (response.headers.get("Retry-After") is None
+                        or response.mimetype != "application/problem+json"
+                        or not problem.get("type", "").startswith("/problems/")):
+                    self.bad.append(f"{what}: 503 without Retry-After/problem: {problem}")
+
+    def _run(self, n: int) -> None:
+        client = self.world["app"].test_client()
+        bot = {"Authorization": f"Bearer {self.world['bot']}"}
+        desk = {"Authorization": f"Bearer {self.world['desk']}"}
+        mine: list[str] = []
+        while not self._stop.is_set():
+            i = next(self._seq)
+            key = f"k-{n}-{i}"
+            body = {"account_id": "acc", "shop_id": f"shop-{i % 6}",
+                    "session_type": "AUTO_BARGAIN" if i % 2 else "AUTO_FOLLOW_UP"}
+            created = client.post("/api/v1/sessions", json=body,
+                                  headers={**bot, "Idempotency-Key": key})
+            self._record(created, "create")
+            if created.status_code == 201:
+                mine.append(created.get_json()["session_id"])
+            elif created.status_code == 503:
+                with self._lock:
+                    self.failed_keys.append((key, body))
+            if mine:
+                sid = mine[i % len(mine)]
+                for action in ("pause", "resume"):
+                    self._record(client.post(f"/api/v1/sessions/{sid}/{action}", json={},
+                                             headers=bot), action)
+                self._record(client.post(
+                    f"/api/v1/sessions/{sid}/messages",
+                    json={"messages": [{"content": f"m{i}", "sender_role": "counterpart"}]},
+                    headers=bot), "messages")
+                self._record(client.get(f"/api/v1/sessions/{sid}", headers=bot), "get")
+            self._record(client.get("/api/v1/transfers", headers=desk), "transfers")
+            time.sleep(0.01)
+
+
+def _recovers(world: dict[str, Any]) -> None:
+    """After the fault, each kind of request succeeds (one retry allowed: a connection
+    dropped inside the 1 s ping window fails its first statement, as documented)."""
+    client = world["app"].test_client()
+    bot = {"Authorization": f"Bearer {world['bot']}"}
+    for _ in range(2):
+        answer = client.post("/api/v1/sessions", json={
+            "account_id": "acc", "shop_id": "after", "session_type": "AUTO_FOLLOW_UP"},
+            headers=bot)
+        if answer.status_code != 503:
+            break
+    assert answer.status_code == 201, answer.get_json()
+    assert client.get("/api/v1/sessions", headers=bot).status_code == 200
+
+
+def _no_stuck_keys(world: dict[str, Any], traffic: Traffic) -> None:
+    """A create that answered 503 stored nothing: its retry is evaluated afresh and
+    answers 201 (or replays, if the create committed before its answer was lost)."""
+    client = world["app"].test_client()
+    bot = {"Authorization": f"Bearer {world['bot']}"}
+    assert traffic.failed_keys, "the fault produced no failed create to retry"
+    for key, body in traffic.failed_keys[:10]:
+        retry = client.post("/api/v1/sessions", json=body,
+                            headers={**bot, "Idempotency-Key": key})
+        assert retry.status_code == 201, (key, retry.get_json())
+        again = client.post("/api/v1/sessions", json=body,
+                            headers={**bot, "Idempotency-Key": key})
+        assert again.headers.get("Idempotent-Replayed") == "true"
+        assert again.get_json()["session_id"] == retry.get_json()["session_id"]
+
+
+def _one_occupant_per_slot(runtime: Runtime) -> None:
+    with runtime.database.read() as db:
+        holders = db.execute(
+            select(Session.account_id, Session.shop_id, func.count())
+            .where(Session.holds_slot.is_(True))
+            .group_by(Session.account_id, Session.shop_id)
+        ).all()
+    assert all(count == 1 for *_, count in holders), holders
+
+
+def test_a_database_refusing_connections_answers_503s_and_recovers(proxied: dict[str, Any]):
+    with Traffic(proxied) as traffic:
+        time.sleep(1.0)
+        proxied["proxy"].cut()
+        time.sleep(2.0)
+        proxied["proxy"].restore()
+        time.sleep(1.5)
+    assert not traffic.bad, traffic.bad[:5]
+    assert traffic.answers[503] > 0 and traffic.answers[201] > 0, traffic.answers
+    _recovers(proxied)
+    _no_stuck_keys(proxied, traffic)
+    _one_occupant_per_slot(proxied["runtime"])
+
+
+def test_redis_restarting_answers_503s_and_recovers(proxied: dict[str, Any]):
+    with Traffic(proxied) as traffic:
+        time.sleep(1.0)
+        proxied["redis"].stop()
+        time.sleep(1.5)
+        proxied["redis"].start()
+        time.sleep(1.5)
+    assert not traffic.bad, traffic.bad[:5]
+    assert traffic.answers[503] > 0 and traffic.answers[201] > 0, traffic.answers
+    _recovers(proxied)
+    _no_stuck_keys(proxied, traffic)
+    _one_occupant_per_slot(proxied["runtime"])
