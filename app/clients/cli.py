@@ -32,7 +32,12 @@ def clients() -> None:
 def create(name: str, role: str, webhook_url: str | None, as_json: bool) -> None:
     """Create a client and print its token (shown only this once)."""
     try:
-        issued = _service().create(name=name, role=role, webhook_url=webhook_url)
+        from app.runtime import get_runtime
+
+        settings = get_runtime().settings
+        issued = _service().create(name=name, role=role, webhook_url=webhook_url,
+                                   allow_private_webhook=settings.webhook_allow_private,
+                                   resolve_timeout=settings.webhook_timeout)
     except AutoSessionError as exc:
         raise click.ClickException(exc.detail) from None
     if as_json:

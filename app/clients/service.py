@@ -23,6 +23,7 @@ from app.clients.models import ApiClient
 from app.db import Database, utcnow
 from app.errors import NotFound, ValidationFailed
 from app.ids import new_id
+from app.validation import unicode_problem
 
 TOKEN_PREFIX = "ast_"
 
@@ -101,9 +102,18 @@ class ClientService:
         self._cache_lock = threading.Lock()
 
     def create(
-        self, *, name: str, role: str | ClientRole, webhook_url: str | None = None
+        self, *, name: str, role: str | ClientRole, webhook_url: str | None = None,
+        allow_private_webhook: bool = False, resolve_timeout: float = 5.0,
     ) -> IssuedToken:
-        """A new client and its token (the only time the token is visible)."""
+        """A new client and its token (the only time the token is visible). A webhook URL
+        is registered as `PUT /api/v1/webhook` would (the URL policy, a signing secret,
+        delivery from now on), in the same transaction."""
+        from app.delivery.service import check_webhook_url, register_webhook
+
+        problem = unicode_problem(name)
+        if problem:
+            raise ValidationFailed(f"name {problem}",
+                                   errors=[{"field": "name", "message": problem}])
         name = name.strip()
         if not name or len(name) > 128:
             raise ValidationFailed(
@@ -118,12 +128,17 @@ class ClientService:
             role=chosen,
             token_hash=hash_token(token),
             token_prefix=token[:12],
-            webhook_url=webhook_url,
-            webhook_secret=secrets.token_urlsafe(32) if webhook_url else None,
             created_at=utcnow(),
         )
+        if webhook_url is not None:
+            check_webhook_url(webhook_url, allow_private=allow_private_webhook,
+                              resolve_timeout=resolve_timeout)
         with self.database.unit_of_work() as uow:
             uow.session.add(client)
+            if webhook_url is not None:
+                uow.session.flush()
+                register_webhook(uow.session, client.client_id, webhook_url,
+                                 allow_private=True)  # checked above, outside the transaction
             uow.commit()
         return IssuedToken(client_id=client.client_id, token=token, name=name, role=chosen)
 

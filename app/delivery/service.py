@@ -14,6 +14,10 @@ Two steps per client with a webhook URL, under a per-client run lock:
    (WEBHOOK_RETRY_BASE · 2^(attempt-1), at most WEBHOOK_RETRY_MAX) until
    WEBHOOK_MAX_ATTEMPTS, then marked failed (and stops blocking). Every attempt is
    recorded for the admin view.
+
+Where a webhook may point is `app.delivery.urlpolicy`: checked when a URL is registered
+and again inside every attempt's connection (`app.delivery.transport`), so a name that
+re-resolves to a forbidden address fails that attempt like any other failure.
 """
 
 from __future__ import annotations
@@ -26,17 +30,18 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-import httpx
 from redis.exceptions import RedisError
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session as DbSession
 
 from app.clients.models import ApiClient
+from app.config import Settings
 from app.db import utcnow
-from app.delivery import signing
+from app.delivery import signing, urlpolicy
 from app.delivery.models import DeliveryStatus, WebhookAttempt, WebhookCursor, WebhookDelivery
-from app.errors import NotFound
+from app.delivery.transport import post_webhook
+from app.errors import NotFound, ValidationFailed
 from app.events.feed import visible_events
 from app.events.models import Event
 from app.ids import new_id
@@ -94,10 +99,16 @@ class WebhookInfo:
 
 
 def register_webhook(
-    db: DbSession, client_id: str, url: str | None, *, rotate_secret: bool = False
+    db: DbSession, client_id: str, url: str | None, *, rotate_secret: bool = False,
+    allow_private: bool = False, resolve_timeout: float = 5.0,
 ) -> WebhookInfo:
     """Set (or clear, with None) a client's webhook URL. A secret is created on first
-    registration or on request and returned once; delivery starts from now on."""
+    registration or on request and returned once; delivery starts from now on.
+
+    The URL must pass the webhook URL policy (`allow_private` is WEBHOOK_ALLOW_PRIVATE);
+    it is checked before anything is read or written, so a refusal leaves no trace."""
+    if url is not None:
+        check_webhook_url(url, allow_private=allow_private, resolve_timeout=resolve_timeout)
     client = db.get(ApiClient, client_id)
     if client is None:
         raise NotFound(f"client {client_id} not found")
@@ -110,6 +121,18 @@ def register_webhook(
         _start_cursor(db, client_id)
     db.flush()
     return WebhookInfo(client_id, url, secret)
+
+
+def check_webhook_url(url: str, *, allow_private: bool, resolve_timeout: float) -> None:
+    """The registration check as the domain's 422, naming the `url` field."""
+    try:
+        urlpolicy.check_registration(url, allow_private=allow_private,
+                                     resolve_timeout=resolve_timeout)
+    except urlpolicy.UrlRefused as exc:
+        raise ValidationFailed(
+            f"webhook URL refused: {exc}",
+            errors=[{"field": "url", "message": str(exc), "type": "url_policy"}],
+        ) from None
 
 
 def webhook_info(db: DbSession, client_id: str, *, reveal_secret: bool = False) -> WebhookInfo:
@@ -215,8 +238,9 @@ class DeliveryReport:
 
 
 def _post(
-    http: httpx.Client, client: ApiClient, delivery: WebhookDelivery, body: bytes
+    settings: Settings, client: ApiClient, delivery: WebhookDelivery, body: bytes
 ) -> tuple[int | None, str | None]:
+    """One signed POST under the URL policy and one deadline (app.delivery.transport)."""
     timestamp = int(time.time())
     headers = {
         "Content-Type": "application/json",
@@ -227,13 +251,10 @@ def _post(
         signing.ATTEMPT_HEADER: str(delivery.attempts + 1),
         signing.SIGNATURE_HEADER: signing.sign(client.webhook_secret or "", timestamp, body),
     }
-    try:
-        response = http.post(client.webhook_url or "", content=body, headers=headers)
-    except httpx.HTTPError as exc:
-        return None, f"{exc.__class__.__name__}: {exc}"[:1000]
-    if 200 <= response.status_code < 300:
-        return response.status_code, None
-    return response.status_code, f"HTTP {response.status_code}: {response.text[:300]}"
+    outcome = post_webhook(client.webhook_url or "", body=body, headers=headers,
+                           timeout=settings.webhook_timeout,
+                           allow_private=settings.webhook_allow_private)
+    return outcome.status_code, outcome.error
 
 
 def send_pending(
@@ -241,7 +262,6 @@ def send_pending(
     *, deadline: float,
 ) -> None:
     """POST the client's due deliveries in order, blocking a session behind its failure."""
-    settings = runtime.settings
     blocked: set[str] = set()
     with runtime.database.read() as db:
         queue = db.execute(
@@ -250,20 +270,19 @@ def send_pending(
                    WebhookDelivery.status == DeliveryStatus.PENDING)
             .order_by(WebhookDelivery.event_pk).limit(SEND_LIMIT)
         ).all()
-    with httpx.Client(timeout=httpx.Timeout(settings.webhook_timeout)) as http:
-        for item in queue:
-            key = item.session_id or "-"
-            if key in blocked:
-                continue
-            if item.next_attempt_at > now:
-                blocked.add(key)
-                _note_due(report, (item.next_attempt_at - now).total_seconds())
-                continue
-            if time.monotonic() > deadline:
-                _note_due(report, 0.0)
-                return
-            if not _attempt(runtime, http, client, item.id, report):
-                blocked.add(key)
+    for item in queue:
+        key = item.session_id or "-"
+        if key in blocked:
+            continue
+        if item.next_attempt_at > now:
+            blocked.add(key)
+            _note_due(report, (item.next_attempt_at - now).total_seconds())
+            continue
+        if time.monotonic() > deadline:
+            _note_due(report, 0.0)
+            return
+        if not _attempt(runtime, client, item.id, report):
+            blocked.add(key)
 
 
 def _note_due(report: DeliveryReport, seconds: float) -> None:
@@ -273,8 +292,7 @@ def _note_due(report: DeliveryReport, seconds: float) -> None:
 
 
 def _attempt(
-    runtime: Runtime, http: httpx.Client, client: ApiClient, delivery_pk: int,
-    report: DeliveryReport,
+    runtime: Runtime, client: ApiClient, delivery_pk: int, report: DeliveryReport,
 ) -> bool:
     """One POST of one delivery, recorded; True when it was delivered (or given up)."""
     settings = runtime.settings
@@ -290,7 +308,7 @@ def _attempt(
             ensure_ascii=False, separators=(",", ":"), default=str,
         ).encode()
         started = time.monotonic()
-        status_code, error = _post(http, client, delivery, body)
+        status_code, error = _post(settings, client, delivery, body)
         now = utcnow()
         delivery.attempts += 1
         delivery.last_status_code = status_code

@@ -4,21 +4,23 @@ secret its deliveries are signed with (SPEC §6)."""
 from __future__ import annotations
 
 from flask import Blueprint, Response
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AnyHttpUrl, BaseModel, Field, field_validator
 
 from app.api.auth import current_client, require_roles
 from app.api.http import parse_body, respond, runtime
 from app.api.openapi import documented
 from app.delivery.service import register_webhook, webhook_info
+from app.validation import BoundaryModel
 
 bp = Blueprint("delivery", __name__, url_prefix="/api/v1/webhook")
 
 
-class WebhookRegistration(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class WebhookRegistration(BoundaryModel):
     url: AnyHttpUrl | None = Field(
-        description="where events are POSTed (http or https); null stops delivery"
+        description="where events are POSTed (http or https, no user:password@); null "
+        "stops delivery. A host that is or resolves to a loopback, private, link-local, "
+        "multicast, unspecified or otherwise reserved address is refused unless "
+        "WEBHOOK_ALLOW_PRIVATE is set"
     )
     rotate_secret: bool = Field(default=False, description="issue a new signing secret")
 
@@ -60,9 +62,12 @@ def _view(client_id: str) -> WebhookView:
 def put_webhook() -> Response:
     body = parse_body(WebhookRegistration)
     client = current_client()
+    settings = runtime().settings
     with runtime().database.unit_of_work() as uow:
         register_webhook(uow.session, client.client_id, str(body.url) if body.url else None,
-                         rotate_secret=body.rotate_secret)
+                         rotate_secret=body.rotate_secret,
+                         allow_private=settings.webhook_allow_private,
+                         resolve_timeout=settings.webhook_timeout)
         uow.commit()
     return respond(_view(client.client_id))
 

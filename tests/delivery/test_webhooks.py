@@ -34,9 +34,12 @@ def make_client(runtime, client_id, role):
         uow.commit()
 
 
-def subscribe(runtime, client_id, url):
+def subscribe(runtime, client_id, url, *, allow_private=None):
+    """Register `url` under the runtime's WEBHOOK_ALLOW_PRIVATE (or the one given)."""
+    if allow_private is None:
+        allow_private = runtime.settings.webhook_allow_private
     with runtime.database.unit_of_work() as uow:
-        info = register_webhook(uow.session, client_id, url)
+        info = register_webhook(uow.session, client_id, url, allow_private=allow_private)
         uow.commit()
     return info.secret
 
@@ -66,9 +69,9 @@ def events_of(runtime, **where):
 
 
 @pytest.fixture
-def fast_retry_runtime(backend, tmp_path, runtime):
+def fast_retry_runtime(backend, tmp_path, runtime, allow_private):
     settings = backend.settings(tmp_path, webhook_retry_base=0.2, webhook_max_attempts=4,
-                                webhook_timeout=2)
+                                webhook_timeout=2, webhook_allow_private=allow_private)
     rt = build_runtime(settings)
     rt._schema_checked = True
     set_runtime(rt)
