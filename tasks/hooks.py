@@ -5,8 +5,8 @@
 - counterpart messages on sessions → transfer detection on those sessions.
 
 With real workers these send Celery tasks. On the embedded default (tasks run
-in-process) delivery runs in a background thread, so a request never waits for a
-receiver's HTTP answer, and detection runs inline on the runtime that committed.
+in-process) both run in background threads, so a request never waits for a
+receiver's HTTP answer nor for the detection rules (SPEC §5).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import threading
 import time
 
 from app.delivery.service import any_webhook, claim_kick, deliver_webhooks, kick_started
-from app.detection.service import analyse_with_llm, detect_session
 from app.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -27,7 +26,7 @@ WEBHOOK_PRESENCE_TTL = 2.0  # seconds
 def install_hooks(runtime: Runtime) -> None:
     from tasks.celery_app import celery
     from tasks.delivery import TIME_BUDGET, deliver_webhooks_task
-    from tasks.detection import detect_transfers_task
+    from tasks.detection import detect_transfers_task, in_process_detection
 
     def deliver_in_thread() -> None:
         try:
@@ -68,9 +67,7 @@ def install_hooks(runtime: Runtime) -> None:
         if not unique:
             return
         if celery.conf.task_always_eager:
-            for session_id in unique:
-                detect_session(runtime, session_id,
-                               request_llm=lambda sid: analyse_with_llm(runtime, sid))
+            in_process_detection.submit(runtime, unique)
         else:
             detect_transfers_task.delay(unique)
 

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from app.detection.rules import ChatLine
+from app.detection.rules import ChatLine, excerpt
 
 SYSTEM_PROMPT = (
     "You watch a chat between an e-commerce robot (our side) and a customer or shop "
@@ -28,6 +28,9 @@ SYSTEM_PROMPT = (
     '"urgency": 1-4 (1 most urgent), "suggestion": "<what the agent should do first>"}.'
 )
 ROLE_LABEL = {"robot": "ROBOT", "human": "AGENT", "counterpart": "CUSTOMER", "system": "SYSTEM"}
+# Characters of each message sent to the model (head and tail of a longer one), so a
+# huge pasted message costs neither the model's context nor a slow request.
+LINE_LIMIT = 2000
 
 
 class LlmUnavailable(Exception):
@@ -45,7 +48,8 @@ class LlmVerdict(BaseModel):
 
 def conversation_text(lines: Sequence[ChatLine]) -> str:
     return "\n".join(
-        f"{ROLE_LABEL.get(str(line.sender_role), 'OTHER')}: {line.content}" for line in lines
+        f"{ROLE_LABEL.get(str(line.sender_role), 'OTHER')}: {excerpt(line.content, LINE_LIMIT)}"
+        for line in lines
     )
 
 

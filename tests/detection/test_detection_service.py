@@ -15,16 +15,20 @@ from app.runtime import build_runtime, set_runtime
 from app.sessions.service import LiveMessage
 from app.transfers.models import Transfer
 from tests.core.helpers import ask, audit_rows, status_of
+from tests.detection.helpers import settled
 from tests.detection.llm_server import ChatCompletionsServer
 
 _ids = count(1)
 
 
 def say(service, session_id, *pairs):
+    """Record the messages and wait for the detection they started (in the background)."""
     msgs = [LiveMessage(message_id=f"msg-{next(_ids)}", sender_role=role, content=text,
                         sent_at=datetime.now(UTC), sender_id="buyer-9" if role == "counterpart"
                         else "bot-1") for role, text in pairs]
-    return service.record_messages(session_id, msgs, actor="bot")
+    outcome = service.record_messages(session_id, msgs, actor="bot")
+    settled()
+    return outcome
 
 
 def transfers(runtime, session_id):
