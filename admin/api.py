@@ -19,8 +19,9 @@ from app.agents.service import AgentFilters, AgentService
 from app.api.auth import client_service
 from app.api.http import parse_body, parse_query, respond, runtime
 from app.delivery.service import delivery_log, delivery_summary
-from app.errors import ValidationFailed
+from app.errors import NotFound, ValidationFailed
 from app.imports.service import ImportService
+from app.imports.views import bounded_upload
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
@@ -132,8 +133,12 @@ class UploadQuery(BaseModel):
 @admin_only
 def list_imports() -> Response:
     query = parse_query(admin_service.ImportListQuery)
-    items = ImportService(runtime()).list(limit=query.limit + 1, before=query.after,
-                                          status=query.status)
+    try:
+        items = ImportService(runtime()).list(limit=query.limit + 1, before=query.after,
+                                              status=query.status)
+    except NotFound:  # the cursor is a job id; no such job means it is not from `next`
+        raise ValidationFailed("invalid query: after", [
+            {"field": "after", "message": "not a cursor from `next`"}]) from None
     more = len(items) > query.limit
     items = items[: query.limit]
     return _page([admin_service.import_progress(j) for j in items],
@@ -142,6 +147,7 @@ def list_imports() -> Response:
 
 @bp.post("/imports")
 @admin_only
+@bounded_upload
 def upload_import() -> Response:
     """The console's upload (also usable with a bearer token): multipart `file` or a raw
     body, exactly like `POST /api/v1/imports`."""
@@ -205,8 +211,11 @@ def list_clients() -> Response:
 @admin_only
 def create_client() -> Response:
     body = parse_body(admin_service.ClientCreate)
+    settings = runtime().settings
     issued = client_service().create(name=body.name, role=body.role,
-                                     webhook_url=body.webhook_url)
+                                     webhook_url=body.webhook_url,
+                                     allow_private_webhook=settings.webhook_allow_private,
+                                     resolve_timeout=settings.webhook_timeout)
     return respond(_issued(issued.client_id, issued.token), status=201)
 
 

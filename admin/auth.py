@@ -3,12 +3,16 @@
 Two doors, one rule (the caller is an *admin* API client):
 
 - API callers send `Authorization: Bearer <admin token>` (as on every other API).
-- The console logs in once with an admin token. The cookie never holds the token: it
-  holds the client id and the token's SHA-256 (what `api_clients` stores), signed with
-  SECRET_KEY, HTTP-only, SameSite=Lax, path /admin, Secure except on plain-http loopback
-  (a developer's `make run`). Every request re-checks that the client still has that
-  token and is not revoked, so revoking or rotating a token ends its console log-ins at
-  once. A log-in lasts `LOGIN_HOURS` at most.
+- The console logs in once with an admin token. The log-in is a row of
+  `console_logins` (`admin.models.ConsoleLogin`); the cookie never holds the token, only
+  the log-in's random secret (the table keeps its SHA-256), signed with SECRET_KEY,
+  HTTP-only, SameSite=Lax, path /admin, Secure except on plain-http loopback (a
+  developer's `make run`). Every request re-checks the row in one query: log-out marks it
+  ended, so a copied cookie stops working; it lasts `LOGIN_HOURS` at most; and it ends
+  when its client is revoked or its token rotated.
+- Every request the console makes is charged to the admin client's request budget, and
+  a bad token on the log-in page or a 401 of the admin API counts as a failed
+  authentication of its address (`app.api.ratelimit`).
 - CSRF: every console session has a random token; every state-changing request that
   authenticates by cookie must echo it, in the form field `csrf_token` or the
   `X-CSRF-Token` header (what the console's JavaScript sends). Bearer calls need none:
@@ -22,7 +26,6 @@ import hmac
 import ipaddress
 import logging
 import secrets
-import time
 from collections.abc import Callable
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -30,9 +33,10 @@ from urllib.parse import urlsplit
 from flask import Flask, g, request, session
 from flask.sessions import SecureCookieSessionInterface
 
-from admin.service import client_by_token_hash
+from admin.service import console_login_client, end_console_login, start_console_login
 from app.api.auth import authenticate
 from app.api.http import RUNTIME_KEY, runtime
+from app.api.ratelimit import charge_client, count_failed_authentication
 from app.clients.service import ClientIdentity, ClientRole, hash_token
 from app.errors import Forbidden, Unauthorized
 
@@ -129,18 +133,26 @@ def check_csrf() -> None:
 
 
 def log_in(identity: ClientIdentity, token: str) -> None:
-    """Start a console session for `identity` (the caller checked that it is an admin)."""
+    """Start a console log-in for `identity` (the caller checked that it is an admin)."""
     lang = session.get("lang")
     session.clear()  # nothing from before the log-in survives it (fixation)
-    session["client_id"] = identity.client_id
-    session["token_hash"] = hash_token(token)
-    session["login_at"] = int(time.time())
+    session["login"] = start_console_login(
+        runtime().database, client_id=identity.client_id, token_hash=hash_token(token),
+        hours=LOGIN_HOURS)
     session["csrf"] = secrets.token_urlsafe(32)
     if lang:
         session["lang"] = lang
 
 
 def log_out() -> None:
+    """End the log-in on the server (a copy of the cookie stops working) and forget it."""
+    secret = session.get("login")
+    if isinstance(secret, str):
+        end_console_login(runtime().database, secret)
+    _forget_login()
+
+
+def _forget_login() -> None:
     lang = session.get("lang")
     session.clear()
     if lang:
@@ -148,21 +160,23 @@ def log_out() -> None:
 
 
 def console_identity() -> ClientIdentity | None:
-    """The admin behind the console cookie, re-checked against the database, or None."""
+    """The admin behind the console cookie, re-checked against the database, or None.
+
+    Charges the request to the admin's budget (once per request)."""
     if "console_identity" in g:
         return cast(ClientIdentity | None, g.console_identity)
     identity = None
-    client_id = session.get("client_id")
-    token_hash = session.get("token_hash")
-    login_at = session.get("login_at", 0)
-    if client_id and token_hash and time.time() - login_at < LOGIN_HOURS * 3600:
+    secret = session.get("login")
+    if isinstance(secret, str) and len(secret) <= 128:
         with runtime().database.read() as db:
-            row = client_by_token_hash(db, client_id, token_hash)
-        if row is not None and row.role == ClientRole.ADMIN:
+            row = console_login_client(db, secret)
+        if row is not None:
             identity = ClientIdentity(row.client_id, row.name, ClientRole(row.role))
-    if identity is None and client_id:
-        log_out()
-    g.console_identity = identity
+    if identity is None and secret is not None:
+        _forget_login()
+    g.console_identity = identity  # before charging: the 429 page renders as this admin
+    if identity is not None:
+        charge_client(identity)
     return identity
 
 
@@ -186,6 +200,7 @@ def admin_only[F: Callable[..., Any]](view: F) -> F:
         else:
             identity = console_identity()
             if identity is None:
+                count_failed_authentication()
                 raise Unauthorized("send an admin token as 'Authorization: Bearer <token>' "
                                    "or log in to the console")
             if request.method not in SAFE_METHODS:

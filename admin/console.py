@@ -38,6 +38,7 @@ from app.agents.service import AgentFilters, AgentService
 from app.api.auth import client_service
 from app.api.http import runtime
 from app.api.problems import field_errors
+from app.api.ratelimit import RateLimited, count_failed_authentication
 from app.clients.service import ClientRole
 from app.errors import AutoSessionError, Unauthorized
 from app.imports.service import ImportService
@@ -77,7 +78,8 @@ def login_required[F: Callable[..., Any]](view: F) -> F:
 def _domain_error(exc: AutoSessionError) -> Any:
     if isinstance(exc, Unauthorized):
         return redirect(url_for("admin.console.login"))
-    return render_template("error.html", error=exc), exc.status
+    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, RateLimited) else {}
+    return render_template("error.html", error=exc), exc.status, headers
 
 
 @bp.errorhandler(ValidationError)
@@ -104,6 +106,12 @@ def login() -> Any:
         identity = client_service().authenticate(token) if token else None
         if identity is None:
             error = "login_bad_token"
+            try:
+                count_failed_authentication()
+            except RateLimited as exc:
+                return render_template("login.html", error="login_rate_limited",
+                                       next=request.args.get("next", "")), exc.status, {
+                                           "Retry-After": str(exc.retry_after)}
         elif identity.role != ClientRole.ADMIN:
             error = "login_not_admin"
         else:

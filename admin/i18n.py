@@ -28,6 +28,8 @@ MESSAGES: dict[str, tuple[str, str]] = {
                         "令牌无效（不存在或已吊销）。"),
     "login_not_admin": ("This token does not belong to an admin client.",
                         "该令牌不属于管理员客户端。"),
+    "login_rate_limited": ("Too many failed log-ins from this address; try again later.",
+                           "此地址登录失败次数过多，请稍后再试。"),
     "logged_in_as": ("Logged in as", "当前用户"),
     "dashboard": ("Dashboard", "仪表盘"),
     "sessions_total": ("Sessions", "会话总数"),

@@ -11,17 +11,20 @@ in one transaction — exactly like every other change to a slot.
 from __future__ import annotations
 
 import random
+import secrets
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, field_validator
-from sqlalchemy import delete, func, select
+from pydantic import AfterValidator, AliasChoices, ConfigDict, Field, field_validator
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session as DbSession
 
+from admin.models import ConsoleLogin
 from app.audit.models import Operation
 from app.audit.trail import verify_chain
 from app.clients.models import ApiClient
+from app.clients.service import hash_token
 from app.db import Database, utcnow
 from app.errors import Conflict, NotFound
 from app.events.models import Event
@@ -41,8 +44,12 @@ from app.sessions.queries import decode_cursor, encode_cursor
 from app.sessions.schemas import SessionView, TransferView
 from app.sessions.service import SessionService, SlotTx, precedence_of
 from app.transfers.models import Transfer
+from app.validation import BoundaryModel
 
 MAX_PAGE = 200
+# Integer cursors and offsets are row ids or positions: they fit a signed 64-bit column, so
+# anything larger is malformed (and would overflow the database driver, a 500).
+MAX_CURSOR = 2**63 - 1
 MAX_MESSAGES = 500
 MAX_VERIFY_SESSIONS = 10_000
 DEFAULT_VERIFY_SESSIONS = 1_000
@@ -58,10 +65,14 @@ FINISHED_IMPORT_STATUSES = ("succeeded", "partially_succeeded", "failed")
 
 # ---- query models ----------------------------------------------------------------------
 def _as_utc(value: datetime | None) -> datetime | None:
-    """Naive times in a query are UTC (the API speaks UTC everywhere)."""
+    """Naive times in a query are UTC (the API speaks UTC everywhere); a time whose UTC
+    falls outside years 1..9999 (`9999-12-31T23:59-05:00`) is refused, not a 500."""
     if value is not None and value.tzinfo is None:
         return value.replace(tzinfo=UTC)
-    return value.astimezone(UTC) if value is not None else None
+    try:
+        return value.astimezone(UTC) if value is not None else None
+    except OverflowError:
+        raise ValueError("out of range once converted to UTC") from None
 
 
 UtcTime = Annotated[datetime | None, AfterValidator(_as_utc)]
@@ -80,7 +91,7 @@ def _blank_none(value: Any) -> Any:
     return None if isinstance(value, str) and not value.strip() else value
 
 
-class SessionSearch(BaseModel):
+class SessionSearch(BoundaryModel):
     """Filters of the admin session search; enumerations are case-insensitive, times UTC."""
 
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
@@ -120,7 +131,7 @@ class SessionSearch(BaseModel):
         return _lower(_blank_none(value))
 
 
-class AuditSearch(BaseModel):
+class AuditSearch(BoundaryModel):
     """Filters of the audit log search (SPEC §7: "searchable in the admin API")."""
 
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
@@ -131,13 +142,14 @@ class AuditSearch(BaseModel):
     created_from: UtcTime = Field(default=None, validation_alias=AliasChoices("created_from",
                                                                               "from"))
     created_to: UtcTime = Field(default=None, validation_alias=AliasChoices("created_to", "to"))
-    after: int | None = Field(default=None, ge=1, description="cursor from `next`")
+    after: int | None = Field(default=None, ge=1, le=MAX_CURSOR,
+                              description="cursor from `next`")
     limit: int = Field(default=50, ge=1, le=MAX_PAGE)
 
     _blank = field_validator("*", mode="before")(_blank_none)
 
 
-class VerifyRange(BaseModel):
+class VerifyRange(BoundaryModel):
     """Which chains to verify: sessions with audit rows in [from, to), all or a sample."""
 
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
@@ -152,12 +164,13 @@ class VerifyRange(BaseModel):
     _blank = field_validator("*", mode="before")(_blank_none)
 
 
-class PageQuery(BaseModel):
+class PageQuery(BoundaryModel):
     """A plain newest-first page over an integer key."""
 
     model_config = ConfigDict(extra="ignore")
 
-    after: int | None = Field(default=None, ge=1, description="cursor from `next`")
+    after: int | None = Field(default=None, ge=1, le=MAX_CURSOR,
+                              description="cursor from `next`")
     limit: int = Field(default=50, ge=1, le=MAX_PAGE)
 
     _blank = field_validator("*", mode="before")(_blank_none)
@@ -169,7 +182,7 @@ class DeliveryQuery(PageQuery):
     session_id: str | None = Field(default=None, max_length=40)
 
 
-class ImportListQuery(BaseModel):
+class ImportListQuery(BoundaryModel):
     model_config = ConfigDict(extra="ignore")
 
     after: str | None = Field(default=None, max_length=40, description="cursor from `next`")
@@ -179,14 +192,14 @@ class ImportListQuery(BaseModel):
     _blank = field_validator("*", mode="before")(_blank_none)
 
 
-class OffsetQuery(BaseModel):
+class OffsetQuery(BoundaryModel):
     model_config = ConfigDict(extra="ignore")
 
-    offset: int = Field(default=0, ge=0)
+    offset: int = Field(default=0, ge=0, le=MAX_CURSOR)
     limit: int = Field(default=100, ge=1, le=1000)
 
 
-class SlotQuery(BaseModel):
+class SlotQuery(BoundaryModel):
     model_config = ConfigDict(extra="ignore")
 
     account_id: str = Field(min_length=1, max_length=64)
@@ -198,7 +211,7 @@ class SlotQuery(BaseModel):
         return str(value).strip() if isinstance(value, int | str) else value
 
 
-class OperatorAction(BaseModel):
+class OperatorAction(BoundaryModel):
     """Body of a force action: why the operator did it (kept in the audit row)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -212,7 +225,7 @@ class SlotRelease(SlotQuery, OperatorAction):
     reason: str = Field(default="slot released by operator", min_length=1, max_length=255)
 
 
-class ClientCreate(BaseModel):
+class ClientCreate(BoundaryModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=128)
@@ -286,6 +299,9 @@ def message_json(row: Message) -> dict[str, Any]:
         "content": row.content,
         "message_type": row.message_type,
         "sent_at": row.sent_at.isoformat(),
+        "received_at": row.received_at.isoformat(),
+        "posted_by": row.posted_by,
+        "agent_id": row.agent_id,
         "import_job_id": row.import_job_id,
     }
 
@@ -524,13 +540,46 @@ def client_json(row: ApiClient) -> dict[str, Any]:
     }
 
 
-def client_by_token_hash(db: DbSession, client_id: str, token_hash: str) -> ApiClient | None:
-    """The console's log-in check: the client still exists, has this token, is not revoked
-    (so revoking or rotating a token also ends the console sessions that used it)."""
-    row = db.get(ApiClient, client_id)
-    if row is None or row.revoked_at is not None or row.token_hash != token_hash:
-        return None
-    return row
+# ---- console log-ins ------------------------------------------------------------------------
+def start_console_login(database: Database, *, client_id: str, token_hash: str,
+                        hours: float) -> str:
+    """Record a console log-in of `client_id` lasting `hours`; answers the secret for the
+    cookie (the table keeps only its SHA-256)."""
+    secret = secrets.token_urlsafe(32)
+    now = utcnow()
+    with database.unit_of_work() as uow:
+        uow.session.add(ConsoleLogin(
+            login_id=hash_token(secret), client_id=client_id, token_hash=token_hash,
+            created_at=now, expires_at=now + timedelta(hours=hours),
+        ))
+        uow.commit()
+    return secret
+
+
+def console_login_client(db: DbSession, secret: str) -> ApiClient | None:
+    """The admin client behind a console log-in, or None when the log-in ended (log-out),
+    expired, or its client was revoked or given another token since — one query."""
+    return db.execute(
+        select(ApiClient)
+        .join(ConsoleLogin, ConsoleLogin.client_id == ApiClient.client_id)
+        .where(ConsoleLogin.login_id == hash_token(secret),
+               ConsoleLogin.ended_at.is_(None),
+               ConsoleLogin.expires_at > utcnow(),
+               ApiClient.revoked_at.is_(None),
+               ApiClient.token_hash == ConsoleLogin.token_hash,
+               ApiClient.role == "admin")
+    ).scalar_one_or_none()
+
+
+def end_console_login(database: Database, secret: str) -> None:
+    """Log-out: the log-in stops working at once, wherever its cookie was copied to."""
+    with database.unit_of_work() as uow:
+        uow.session.execute(
+            update(ConsoleLogin)
+            .where(ConsoleLogin.login_id == hash_token(secret), ConsoleLogin.ended_at.is_(None))
+            .values(ended_at=utcnow())
+        )
+        uow.commit()
 
 
 # ---- import jobs ------------------------------------------------------------------------------
@@ -555,7 +604,7 @@ def load_import_job(db: DbSession, job_id: str) -> ImportJob:
     return job
 
 
-class ImportRetry(BaseModel):
+class ImportRetry(BoundaryModel):
     """Body of a retry: optionally read the staged upload with another format/encoding
     (the usual reason an upload failed as a whole)."""
 

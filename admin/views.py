@@ -4,14 +4,15 @@
     /admin/...       the console pages (`admin.console`) and their static files
 
 Registering it also installs the console's session cookie and SECRET_KEY
-(`admin.auth.configure_app`).
+(`admin.auth.configure_app`). Every answer under it carries the console's security
+headers (SPEC §13, `console_security_headers`).
 """
 
 from __future__ import annotations
 
 from typing import cast
 
-from flask import Blueprint, Flask
+from flask import Blueprint, Flask, Response, request
 from flask.blueprints import BlueprintSetupState
 
 from admin import api, console
@@ -24,7 +25,32 @@ bp = Blueprint(
 bp.register_blueprint(api.bp)
 bp.register_blueprint(console.bp)
 
+# Scripts, styles, images and API calls from this origin only; the pages' JSON data
+# blocks (`<script type="application/json">`) are data, not script, so no inline script,
+# style, nonce or eval is allowed. No framing, no plugins, no <base>, forms post here.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
+    "connect-src 'self'; font-src 'self'; object-src 'none'; base-uri 'none'; "
+    "form-action 'self'; frame-ancestors 'none'"
+)
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+}
+
 
 @bp.record_once
 def _configure(state: BlueprintSetupState) -> None:
     configure_app(cast(Flask, state.app))
+
+
+@bp.after_request
+def console_security_headers(response: Response) -> Response:
+    """Pages, redirects, errors and the console's JSON calls are never cached (they show
+    operator data); the static script and stylesheet keep their revalidated caching."""
+    response.headers.update(SECURITY_HEADERS)
+    if request.endpoint != "admin.static":
+        response.headers["Cache-Control"] = "no-store"
+    return response

@@ -12,8 +12,8 @@ from typing import Any
 from flask import Blueprint, Flask
 
 from admin import views as admin_views
-from app.api import agents, docs, events, health, sessions, transfers
-from app.api.http import RUNTIME_KEY
+from app.api import agents, docs, events, health, ratelimit, sessions, transfers
+from app.api.http import RUNTIME_KEY, limit_request_bodies
 from app.api.problems import register_error_handlers
 from app.delivery import views as delivery_views
 from app.imports import views as import_views
@@ -46,6 +46,8 @@ def create_app(runtime: Runtime | None = None, **config: Any) -> Flask:
         app.extensions[RUNTIME_KEY] = runtime
     app.config.update(config)
     register_error_handlers(app)
+    ratelimit.init_app(app)
+    limit_request_bodies(app)
     for blueprint in BLUEPRINTS:
         app.register_blueprint(blueprint)
     return app

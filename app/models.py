@@ -1,5 +1,6 @@
 """Every mapped table, imported in one place for Alembic and for `Base.metadata`."""
 
+from admin.models import ConsoleLogin
 from app.agents.models import Agent
 from app.audit.models import Operation
 from app.clients.models import ApiClient, IdempotencyRecord
@@ -22,6 +23,7 @@ __all__ = [
     "Agent",
     "ApiClient",
     "Base",
+    "ConsoleLogin",
     "DetectionMark",
     "Event",
     "IdempotencyRecord",

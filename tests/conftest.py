@@ -41,6 +41,17 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "sqlite_only: meaningful only on the SQLite backend")
 
 
+# The limiter stays on (every request is counted, as in production), with budgets that a
+# test's bursts from one client or address never spend; tests/api/test_rate_limits.py
+# sets small ones.
+GENEROUS_RATE_LIMITS = {
+    "rate_limit_bot": "100000/second",
+    "rate_limit_desk": "100000/second",
+    "rate_limit_admin": "100000/second",
+    "rate_limit_auth_failures": "100000/minute",
+}
+
+
 def _worker_suffix() -> str:
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")
     extra = os.environ.get("TEST_DB_SUFFIX", "")
@@ -102,6 +113,7 @@ class Backend:
             "data_dir": tmp_path,
             "redis_key_prefix": f"as-test{_worker_suffix()}",
             "_env_file": None,
+            **GENEROUS_RATE_LIMITS,
         }
         values.update(overrides)
         return load_settings(**values)
@@ -111,6 +123,7 @@ class Backend:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "REDIS_"))}
         env["DATABASE_URL"] = self.database_url
         env["REDIS_KEY_PREFIX"] = f"as-test{_worker_suffix()}"
+        env.update({name.upper(): value for name, value in GENEROUS_RATE_LIMITS.items()})
         if self.redis_url:
             env["REDIS_URL"] = self.redis_url
         return env
@@ -164,6 +177,10 @@ def runtime(backend: Backend, settings: Settings) -> Iterator[Runtime]:
     try:
         yield rt
     finally:
+        # background detection (embedded default) must not write into the next test
+        from tasks.detection import drain_in_process
+
+        drain_in_process(30)
         set_runtime(None)
         rt.close()
 

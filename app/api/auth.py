@@ -15,7 +15,9 @@ Usage (stable; other blueprints — imports, delivery, admin — import exactly 
 implied, name it when admins may call. Answers are RFC 9457 problems:
 401 (`/problems/unauthorized`, with `WWW-Authenticate: Bearer`) when the token is
 missing, malformed, unknown or revoked; 403 (`/problems/forbidden`) when the
-client's role is not listed.
+client's role is not listed; 429 (`/problems/rate-limited`) when the client spent its
+role's request budget, or when its address failed to authenticate too often
+(`app.api.ratelimit`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any, TypeVar, cast
 from flask import current_app, g, request
 
 from app.api.http import runtime
+from app.api.ratelimit import charge_client, count_failed_authentication
 from app.clients.service import ClientIdentity, ClientRole, ClientService
 from app.errors import Forbidden, Unauthorized
 
@@ -54,16 +57,20 @@ def bearer_token() -> str | None:
 
 
 def authenticate() -> ClientIdentity:
-    """The calling client, authenticated once per request; raises Unauthorized."""
+    """The calling client, authenticated once per request and charged one request of its
+    budget; raises Unauthorized (or RateLimited past a limit)."""
     cached: ClientIdentity | None = g.get("api_client")
     if cached is not None:
         return cached
     token = bearer_token()
     if token is None:
+        count_failed_authentication()
         raise Unauthorized("send an API token as 'Authorization: Bearer <token>'")
     identity = client_service().authenticate(token)
     if identity is None:
+        count_failed_authentication()
         raise Unauthorized("the API token is not valid (unknown or revoked)")
+    charge_client(identity)
     g.api_client = identity
     return identity
 

@@ -14,6 +14,7 @@ from app.factory import create_app
 from app.runtime import Runtime
 from app.sessions.enums import SessionType
 from app.sessions.schemas import SessionRequest, SessionView
+from tests.conftest import GENEROUS_RATE_LIMITS  # noqa: F401 - used by the browser tests
 
 
 class Caller:
