@@ -81,6 +81,13 @@ class InvalidTransition(Conflict):
         )
 
 
+class NotInControl(Conflict):
+    """The session is controlled by another party now (its bot, or the desk)."""
+
+    type = "/problems/not-in-control"
+    title = "Another party controls this session now"
+
+
 class SlotOccupied(Conflict):
     """A request with `on_conflict: reject` met an occupant it may not preempt.
 

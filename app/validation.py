@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ValidationError, field_validator
 
 from app.db import utcnow
 from app.errors import ValidationFailed
@@ -168,9 +168,9 @@ def validated[M: BaseModel](model: type[M], data: Any) -> M:
 
 class BoundaryModel(BaseModel):
     """Base of every request model: each field's strings and containers are checked by
-    `check_tree` (valid Unicode, finite numbers, bounded depth), whatever the door."""
-
-    model_config = ConfigDict(extra="forbid")
+    `check_tree` (valid Unicode, finite numbers, bounded depth), whatever the door.
+    (Each model keeps its own `extra` policy: bodies forbid unknown fields, queries
+    ignore them.)"""
 
     @field_validator("*", mode="after")
     @classmethod

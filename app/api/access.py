@@ -17,22 +17,21 @@ runs inside the slot transaction (a service `guard`), so it cannot go stale.
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from typing import Any
+
+from sqlalchemy import Connection, Row, select
 from sqlalchemy.orm import Session as DbSession
 from sqlalchemy.orm import object_session
 
 from app.clients.service import ClientIdentity, ClientRole
-from app.errors import Conflict, Forbidden, NotFound
+from app.errors import Forbidden, NotFound, NotInControl
+from app.sessions.activity import Control
 from app.sessions.enums import SessionStatus, SessionType
 from app.sessions.models import Session
 from app.sessions.queries import Viewer, visible_session, visible_to
 from app.sessions.schemas import SessionView
 from app.sessions.service import Guard
-
-
-class NotInControl(Conflict):
-    type = "/problems/not-in-control"
-    title = "Another party controls this session now"
+from app.transfers.models import Transfer
 
 
 def viewer_of(client: ClientIdentity) -> Viewer:
@@ -50,14 +49,15 @@ def load_visible(db: DbSession, client: ClientIdentity, session_id: str) -> Sess
     return SessionView.model_validate(row)
 
 
-def robot_side(session: Session | SessionView) -> bool:
+def robot_side(session: Session | SessionView | Row[Any]) -> bool:
     """True while the robot that created the session is the one talking."""
     return SessionType(session.session_type).is_robot and session.status != (
         SessionStatus.TRANSFERRED
     )
 
 
-def in_control(client: ClientIdentity, session: Session | SessionView, *, messages: bool) -> bool:
+def in_control(client: ClientIdentity, session: Session | SessionView | Row[Any], *,
+               messages: bool) -> bool:
     if SessionStatus(session.status).is_terminal:
         return True  # the state machine gives the precise answer
     if robot_side(session):
@@ -99,6 +99,31 @@ def may_see_view(client: ClientIdentity, view: dict[str, object]) -> bool:
         session_type = SessionType(str(view.get("session_type")))
         return session_type.is_human or view.get("status") == SessionStatus.TRANSFERRED
     return False
+
+
+def may_see_row(conn: Connection, client: ClientIdentity, row: Row[Any]) -> bool:
+    """`visible_to`, decided on a session row already read (the desk's "a robot session
+    once handed to it" needs one look at its transfers, and only then)."""
+    if client.is_admin or (row.client_id is not None and row.client_id == client.client_id):
+        return True
+    if not client.is_desk:
+        return False
+    if SessionType(row.session_type).is_human or row.status == SessionStatus.TRANSFERRED:
+        return True
+    return conn.execute(
+        select(Transfer.id).where(Transfer.session_pk == row.id).limit(1)).first() is not None
+
+
+def control_of(client: ClientIdentity, *, messages: bool) -> Control:
+    """For the row-locked paths (heartbeats, messages): 404 unless `client` may see the
+    session; True when it controls it."""
+
+    def control(conn: Connection, row: Row[Any]) -> bool:
+        if not may_see_row(conn, client, row):
+            raise not_found(row.session_id)
+        return in_control(client, row, messages=messages)
+
+    return control
 
 
 def check_may_create(client: ClientIdentity, session_type: SessionType) -> None:

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from app.api.access import (
     check_may_create,
     control_guard,
-    in_control,
+    control_of,
     load_visible,
     may_see_view,
     viewer_of,
@@ -32,6 +32,7 @@ from app.clients.idempotency import (
 from app.clients.service import ClientIdentity
 from app.db import utcnow
 from app.errors import SlotOccupied, ValidationFailed
+from app.sessions.activity import LiveMessage
 from app.sessions.enums import SenderRole, TransferTrigger
 from app.sessions.queries import SessionFilters, list_sessions
 from app.sessions.schemas import (
@@ -41,7 +42,6 @@ from app.sessions.schemas import (
     TransferRequest,
     TransferView,
 )
-from app.sessions.service import LiveMessage
 from app.validation import field_errors
 
 bp = Blueprint("sessions", __name__, url_prefix="/api/v1/sessions")
@@ -135,14 +135,10 @@ def get_one(session_id: str) -> Response:
 @require_roles("bot", "desk", "admin")
 def heartbeat(session_id: str) -> Response:
     client = current_client()
-    with runtime().database.read() as db:
-        view = load_visible(db, client, session_id)
-    if not in_control(client, view, messages=False):
-        # e.g. a bot whose session went to the desk: it learns the status, and its
-        # heartbeat does not keep the human conversation alive.
-        return respond(view)
+    # A bot whose session went to the desk learns the status, and its heartbeat does not
+    # keep the human conversation alive (`control_of` answers False: nothing changes).
     return respond(runtime().sessions.heartbeat(
-        session_id, actor=client.actor, guard=control_guard(client, "heartbeat")))
+        session_id, actor=client.actor, control=control_of(client, messages=False)))
 
 
 def _transition(session_id: str, action: str) -> Response:
@@ -210,25 +206,35 @@ def transfer(session_id: str) -> Response:
 def post_messages(session_id: str) -> Response:
     client = current_client()
     rt = runtime()
-    with rt.database.read() as db:
-        session = load_visible(db, client, session_id)
-    rows = _parse_message_rows(client, session, request_json(), tz=rt.settings.tz)
+    problems, rows = _parse_message_rows(client, session_id, request_json(),
+                                         tz=rt.settings.tz)
+    allowed = control_of(client, messages=True)
+
+    def control(conn: Any, row: Any) -> bool:
+        if not allowed(conn, row):
+            return False
+        _check_rows_fit(rows, row, problems)
+        return True
+
     outcome = rt.sessions.record_messages(
-        session_id, rows, actor=client.actor,
-        guard=control_guard(client, "post messages to", messages=True),
-    )
+        session_id, [message for message, _, _ in rows], actor=client.actor, control=control)
     return respond(MessagesAnswer(accepted=outcome.accepted, duplicates=outcome.duplicates,
                                   accepted_ids=outcome.accepted_ids, session=outcome.session))
 
 
+ParsedRow = tuple[LiveMessage, str | None, str | None]  # the message, its account and shop
+
+
 def _parse_message_rows(
-    client: ClientIdentity, session: SessionView, data: Any, *, tz: Any
-) -> list[LiveMessage]:
+    client: ClientIdentity, session_id: str, data: Any, *, tz: Any
+) -> tuple[list[dict[str, str]], list[ParsedRow]]:
+    """The rows as messages, and the problems found without the session (reported with
+    those `_check_rows_fit` finds on it, all in one 422)."""
     if isinstance(data, dict) and isinstance(data.get("messages"), list):
         now = utcnow().isoformat()
         for row in data["messages"]:
             if isinstance(row, dict):
-                row.setdefault("session_id", session.session_id)
+                row.setdefault("session_id", session_id)
                 if "sent_at" not in row and "timestamp" not in row:
                     row["sent_at"] = now
     default_role = SenderRole.ROBOT if client.is_bot else SenderRole.HUMAN
@@ -244,31 +250,41 @@ def _parse_message_rows(
         SenderRole.ROBOT if client.is_desk else None)
     for index, row in enumerate(body.messages):
         where = f"messages.{index}"
-        if row.session_id != session.session_id:
+        if row.session_id != session_id:
             problems.append({"field": f"{where}.session_id",
-                             "message": f"must be {session.session_id} (the URL's session)"})
-        if row.account_id is not None and row.account_id != session.account_id:
-            problems.append({"field": f"{where}.account_id",
-                             "message": f"the session's account is {session.account_id}"})
-        if row.shop_id is not None and row.shop_id != session.shop_id:
-            problems.append({"field": f"{where}.shop_id",
-                             "message": f"the session's shop is {session.shop_id}"})
+                             "message": f"must be {session_id} (the URL's session)"})
         if forbidden_role is not None and row.sender_role == forbidden_role:
             problems.append({"field": f"{where}.sender_role",
                              "message": f"a {client.role} client may not send {forbidden_role} "
                              "messages"})
-    if problems:
-        raise ValidationFailed(
-            "invalid messages: " + ", ".join(p["field"] for p in problems), errors=problems
-        )
-    return [
-        LiveMessage(
+    return problems, [
+        (LiveMessage(
             message_id=str(row.message_id),
             sender_role=SenderRole(str(row.sender_role)),
             content=row.content,
             sent_at=row.sent_at,
             sender_id=row.sender_id,
             message_type=row.message_type,
-        )
+        ), row.account_id, row.shop_id)
         for row in body.messages
     ]
+
+
+def _check_rows_fit(rows: list[ParsedRow], session: Any,
+                    problems: list[dict[str, str]]) -> None:
+    """Rows that name an account or shop must name the session's (422 with every
+    problem of the batch, sorted by row)."""
+    problems = list(problems)
+    for index, (_, account_id, shop_id) in enumerate(rows):
+        where = f"messages.{index}"
+        if account_id is not None and account_id != session.account_id:
+            problems.append({"field": f"{where}.account_id",
+                             "message": f"the session's account is {session.account_id}"})
+        if shop_id is not None and shop_id != session.shop_id:
+            problems.append({"field": f"{where}.shop_id",
+                             "message": f"the session's shop is {session.shop_id}"})
+    if problems:
+        problems.sort(key=lambda p: (int(p["field"].split(".")[1]), p["field"]))
+        raise ValidationFailed(
+            "invalid messages: " + ", ".join(p["field"] for p in problems), errors=problems
+        )

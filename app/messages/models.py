@@ -33,3 +33,7 @@ class Message(Base):
     sent_at: Mapped[datetime] = mapped_column(UTCDateTime)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime)
     import_job_id: Mapped[str | None] = mapped_column(IdStr(40), nullable=True)
+    # who posted a live message: the API client (or `python-api`, `system:…`) and, for the
+    # desk, the agent; imported rows have neither (their job says where they came from)
+    posted_by: Mapped[str | None] = mapped_column(IdStr(64), nullable=True)
+    agent_id: Mapped[str | None] = mapped_column(IdStr(64), nullable=True)

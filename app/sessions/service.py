@@ -11,12 +11,12 @@ views, CLI commands, Celery tasks and `AutoSessionManager` are adapters over it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import insert, inspect, or_, select
+from sqlalchemy import and_, case, func, insert, inspect, or_, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session as DbSession
 from sqlalchemy.orm import make_transient_to_detached
@@ -39,10 +39,10 @@ from app.events.outbox import Audience, event_values
 from app.ids import new_id
 from app.messages.models import Message
 from app.sessions import rules
+from app.sessions.activity import Control, LiveMessage, MessageOutcome, SessionActivity
 from app.sessions.enums import (
     Origin,
     PauseCause,
-    SenderRole,
     SessionStatus,
     SessionType,
     TransferStatus,
@@ -89,26 +89,6 @@ class ServiceHooks:
 
     events_written: Callable[[], None] = lambda: None
     counterpart_messages: Callable[[list[str]], None] = lambda session_ids: None
-
-
-@dataclass
-class LiveMessage:
-    """A validated message to store on a session."""
-
-    message_id: str
-    sender_role: SenderRole
-    content: str
-    sent_at: datetime
-    sender_id: str | None = None
-    message_type: str = "text"
-
-
-@dataclass
-class MessageOutcome:
-    accepted: int
-    duplicates: int
-    session: SessionView
-    accepted_ids: list[str] = field(default_factory=list)
 
 
 class SlotTx:
@@ -160,9 +140,18 @@ class SlotTx:
                     Session.account_id == self.account_id,
                     Session.shop_id == self.shop_id,
                     Session.holds_slot.is_(True),
-                )
+                ).with_for_update()
             ).scalar_one_or_none()
+            if self._occupant is not None:
+                self._locked_a_row()
         return self._occupant  # type: ignore[return-value]
+
+    def _locked_a_row(self) -> None:
+        """A session row this transaction may change is now locked (`FOR UPDATE`): take
+        the time of the change from here, so that a heartbeat or message that committed
+        while we waited for the row is ordered before it (`app.sessions.activity`)."""
+        if not self._audit_rows and not self._event_rows:
+            self.now = utcnow()
 
     def occupant_id(self) -> str | None:
         """The occupant's session id, without a read when nothing here looked or changed."""
@@ -210,12 +199,42 @@ class SlotTx:
             requested_at=r.requested_at, seq=r.id, status=SessionStatus(r.status)))
         return [r.id for r in ordered]
 
+    def position_of_newest(self, session: Session) -> int:
+        """The place in line of `session`, the slot's newest request: 1 + the waiting
+        sessions of a better or equal class (human before robot, priority, type rank),
+        since among equals the earlier request goes first. One COUNT, however long the
+        line (a hot slot can have hundreds waiting)."""
+        me = precedence_of(session)
+        rank = case(
+            {str(t): r for t, r in rules.TYPE_RANK.items()}, value=Session.session_type)
+        robot = rank >= rules.TYPE_RANK[SessionType.AUTO_BARGAIN]
+        mine = int(me.robot)
+        better_or_equal = or_(
+            (case((robot, 1), else_=0) < mine),
+            and_(case((robot, 1), else_=0) == mine, or_(
+                Session.priority < me.priority,
+                and_(Session.priority == me.priority, rank <= me.type_rank))),
+        )
+        ahead = self.db.execute(
+            select(func.count()).where(
+                Session.account_id == self.account_id,
+                Session.shop_id == self.shop_id,
+                Session.status.in_([S.PENDING, S.PAUSED]),
+                or_(Session.pause_cause.is_(None), Session.pause_cause != PauseCause.OWNER),
+                Session.id != session.id,
+                better_or_equal,
+            )
+        ).scalar_one()
+        return int(ahead) + 1
+
     def load(self, session_id: str) -> Session:
+        """The session, its row locked for this transaction (see `_locked_a_row`)."""
         row = self.db.execute(
-            select(Session).where(Session.session_id == session_id)
+            select(Session).where(Session.session_id == session_id).with_for_update()
         ).scalar_one_or_none()
         if row is None or row.slot != (self.account_id, self.shop_id):
             raise NotFound(f"session {session_id} not found")
+        self._locked_a_row()
         return row
 
     # ---- writes ------------------------------------------------------------------
@@ -448,6 +467,11 @@ class SessionService:
         self.locks = locks
         self.settings = settings
         self.hooks = hooks or ServiceHooks()
+        self.activity = SessionActivity(
+            database=database,
+            deadline=lambda session, now: deadline_after(self.settings, session, now),
+            counterpart_messages=lambda ids: self.hooks.counterpart_messages(ids),
+        )
 
     # ---- the slot transaction --------------------------------------------------------
     def run_on_slot(
@@ -525,17 +549,7 @@ class SessionService:
 
     def deadline_for(self, session: Session, now: datetime) -> datetime | None:
         """When the sweep times the session out (SPEC §3.7); None once terminal."""
-        status = SessionStatus(session.status)
-        if status.is_terminal:
-            return None
-        if status == S.PENDING:
-            return session.requested_at + timedelta(seconds=self.settings.pending_timeout)
-        human = SessionType(session.session_type).is_human or status == S.TRANSFERRED
-        timeout = (
-            self.settings.human_session_timeout if human
-            else self.settings.default_session_timeout
-        )
-        return session.last_activity_at + timedelta(seconds=timeout)
+        return deadline_after(self.settings, session, now)
 
     # ---- reads -----------------------------------------------------------------------
     def get(self, session_id: str) -> SessionView:
@@ -623,9 +637,7 @@ class SessionService:
                 occupant = tx.occupant()
                 tx.event("session.queued", session, {
                     "occupant_session_id": occupant.session_id if occupant else None,
-                    "position": next(
-                        (i + 1 for i, pk in enumerate(tx.waiting()) if pk == session.id), None
-                    ),
+                    "position": tx.position_of_newest(session),
                 })
             outcome = CreateOutcome(
                 session=SessionView.model_validate(session),
@@ -743,17 +755,11 @@ class SessionService:
         return self.run_on_session(session_id, actor, work)
 
     def heartbeat(
-        self, session_id: str, *, actor: str, guard: Guard | None = None
+        self, session_id: str, *, actor: str, control: Control | None = None
     ) -> SessionView:
-        """Keep a session alive; answers its current status (terminal ones included)."""
-
-        def work(tx: SlotTx, session: Session) -> SessionView:
-            if not S(session.status).is_terminal:
-                session.last_activity_at = tx.now
-                session.deadline_at = self.deadline_for(session, tx.now)
-            return SessionView.model_validate(session)
-
-        return self.run_on_session(session_id, actor, work, guard)
+        """Keep a session alive; answers its current status (terminal ones included).
+        Under the session's row lock, not a slot transaction (`app.sessions.activity`)."""
+        return self.activity.heartbeat(session_id, control=control)
 
     # ---- transfer to a human ----------------------------------------------------------
     def transfer(
@@ -864,35 +870,12 @@ class SessionService:
     # ---- messages ------------------------------------------------------------------
     def record_messages(
         self, session_id: str, messages: Sequence[LiveMessage], *, actor: str,
-        guard: Guard | None = None,
+        control: Control | None = None, agent_id: str | None = None,
     ) -> MessageOutcome:
-        """Store live messages on an ACTIVE or TRANSFERRED session, de-duplicated by id."""
-
-        def work(tx: SlotTx, session: Session) -> MessageOutcome:
-            if not S(session.status).occupies_slot:
-                raise Conflict(
-                    f"session {session_id} is {session.status}; messages are accepted only "
-                    "while it is ACTIVE or TRANSFERRED",
-                    current_status=str(session.status),
-                )
-            fresh = new_messages(tx.db, messages)
-            store_messages(tx.db, session, fresh, now=tx.now)
-            if fresh:
-                session.last_activity_at = tx.now
-                session.deadline_at = self.deadline_for(session, tx.now)
-                tx.audit(session, "messages", from_status=session.status,
-                         details={"accepted": len(fresh),
-                                  "duplicates": len(messages) - len(fresh)})
-                if any(m.sender_role == SenderRole.COUNTERPART for m in fresh):
-                    tx.counterpart_sessions.append(session.session_id)
-            return MessageOutcome(
-                accepted=len(fresh),
-                duplicates=len(messages) - len(fresh),
-                session=SessionView.model_validate(session),
-                accepted_ids=[m.message_id for m in fresh],
-            )
-
-        return self.run_on_session(session_id, actor, work, guard)
+        """Store live messages on an ACTIVE or TRANSFERRED session, de-duplicated by id,
+        recorded as posted by `actor` (and `agent_id` for the desk)."""
+        return self.activity.record_messages(session_id, messages, control=control,
+                                             posted_by=actor, agent_id=agent_id)
 
 
 def raise_already_taken(transfer: Transfer) -> None:
@@ -908,61 +891,22 @@ def raise_already_taken(transfer: Transfer) -> None:
     )
 
 
-def new_messages(db: DbSession, messages: Iterable[LiveMessage]) -> list[LiveMessage]:
-    """Drop messages whose id is already stored or repeated within the batch."""
-    unique: dict[str, LiveMessage] = {}
-    for message in messages:
-        unique.setdefault(message.message_id, message)
-    if not unique:
-        return []
-    stored = set(
-        db.execute(select(Message.message_id).where(Message.message_id.in_(list(unique))))
-        .scalars()
-    )
-    return [m for mid, m in unique.items() if mid not in stored]
-
-
-def store_messages(
-    db: DbSession,
-    session: Session,
-    messages: Sequence[LiveMessage],
-    *,
-    now: datetime,
-    import_job_id: str | None = None,
-) -> None:
-    """Insert messages for `session` and update its counters and activity times."""
-    if not messages:
-        return
-    db.add_all(
-        Message(
-            message_id=m.message_id,
-            session_pk=session.id,
-            account_id=session.account_id,
-            shop_id=session.shop_id,
-            sender_role=m.sender_role,
-            sender_id=m.sender_id,
-            content=m.content,
-            message_type=m.message_type,
-            sent_at=m.sent_at,
-            received_at=now,
-            import_job_id=import_job_id,
-        )
-        for m in messages
-    )
-    counts = {role: 0 for role in SenderRole}
-    for m in messages:
-        counts[m.sender_role] += 1
-    session.message_count += len(messages)
-    session.robot_message_count += counts[SenderRole.ROBOT]
-    session.human_message_count += counts[SenderRole.HUMAN]
-    session.counterpart_message_count += counts[SenderRole.COUNTERPART]
-    first = min(m.sent_at for m in messages)
-    last = max(m.sent_at for m in messages)
-    if session.first_message_at is None or first < session.first_message_at:
-        session.first_message_at = first
-    if session.last_message_at is None or last > session.last_message_at:
-        session.last_message_at = last
-    db.flush()
+def deadline_after(settings: Settings, session: Any, now: datetime) -> datetime | None:
+    """When the sweep times a session out (SPEC §3.7), given its status, type and times
+    (a `Session`, or a mapping of its columns); None once terminal."""
+    values = session if isinstance(session, dict) else {
+        name: getattr(session, name)
+        for name in ("status", "session_type", "requested_at", "last_activity_at")}
+    status = SessionStatus(values["status"])
+    if status.is_terminal:
+        return None
+    if status == S.PENDING:
+        requested: datetime = values["requested_at"]
+        return requested + timedelta(seconds=settings.pending_timeout)
+    human = SessionType(values["session_type"]).is_human or status == S.TRANSFERRED
+    timeout = settings.human_session_timeout if human else settings.default_session_timeout
+    last: datetime = values["last_activity_at"]
+    return last + timedelta(seconds=timeout)
 
 
 __all__ = [

@@ -1,0 +1,203 @@
+"""Heartbeats and live messages — the calls bots make most — under the session's own
+row lock instead of a slot transaction.
+
+Neither changes who occupies the slot, so neither needs the slot lock or the fence.
+What they must be ordered with (a pause, a transfer, a preemption, a timeout) changes
+the session row, and every slot transaction locks that row before it changes it
+(`SlotTx.load` and `SlotTx.occupant` read it `FOR UPDATE`, and take the time of the
+change after the lock). So a heartbeat or a message either gets the row lock first and
+commits before the change, or waits for it and then reads the changed row and is
+refused (or, for a heartbeat, answers the new status). On SQLite every write
+transaction is serialised from its start (`BEGIN IMMEDIATE`), which orders them the
+same way. De-duplication by `message_id` is the unique key's job; a concurrent
+duplicate that slips past the look-up makes the insert fail and the whole unit is
+retried, finding it stored.
+
+Live messages are their own append-only record (SPEC §7): each row keeps who posted
+it (`posted_by`, and the desk's `agent_id`) and when it was received; a batch writes no
+audit row of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, TypeVar, cast
+
+from sqlalchemy import Connection, Row, Table, bindparam, insert, select, update
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from app.db import Database, is_retryable_db_error, utcnow
+from app.errors import Conflict, NotFound, NotInControl, ServiceUnavailable
+from app.messages.models import Message
+from app.sessions.enums import SenderRole, SessionStatus
+from app.sessions.models import SESSIONS
+from app.sessions.schemas import SessionView
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+MESSAGES = cast(Table, Message.__table__)
+MAX_ATTEMPTS = 3
+S = SessionStatus
+
+Control = Callable[[Connection, Row[Any]], bool]
+"""Whether the caller controls the (locked) session row; raises NotFound when the caller
+may not even see it. The HTTP layer builds one per request (`app.api.access`)."""
+Deadline = Callable[[Row[Any] | dict[str, Any], datetime], datetime | None]
+
+_LOCK_SESSION = (
+    select(SESSIONS).where(SESSIONS.c.session_id == bindparam("session_id")).with_for_update()
+)
+_STORED_IDS = select(MESSAGES.c.message_id).where(
+    MESSAGES.c.message_id.in_(bindparam("ids", expanding=True)))
+_INSERT_MESSAGES = insert(MESSAGES)
+_TOUCH = update(SESSIONS).where(SESSIONS.c.id == bindparam("pk"))
+
+
+@dataclass
+class LiveMessage:
+    """A validated message to store on a session."""
+
+    message_id: str
+    sender_role: SenderRole
+    content: str
+    sent_at: datetime
+    sender_id: str | None = None
+    message_type: str = "text"
+
+
+@dataclass
+class MessageOutcome:
+    accepted: int
+    duplicates: int
+    session: SessionView
+    accepted_ids: list[str] = field(default_factory=list)
+
+
+def _view(row: Row[Any], changes: dict[str, Any]) -> SessionView:
+    return SessionView.model_validate({**row._asdict(), **changes})
+
+
+class SessionActivity:
+    """Heartbeats and live messages, each one short transaction on the session's row."""
+
+    def __init__(
+        self, *, database: Database, deadline: Deadline,
+        counterpart_messages: Callable[[list[str]], None] = lambda ids: None,
+    ) -> None:
+        self.database = database
+        self.deadline = deadline
+        self.counterpart_messages = counterpart_messages
+
+    def _on_locked_row(self, session_id: str, work: Callable[[Connection, Row[Any]], T]) -> T:
+        """Run `work(conn, row)` with the session's row locked, in one transaction that
+        commits; retried from a fresh read on a deadlock or a duplicate key."""
+        last: Exception | None = None
+        for attempt in range(MAX_ATTEMPTS):
+            try:
+                with self.database.unit_of_work() as uow:
+                    conn = uow.session.connection()
+                    row = conn.execute(_LOCK_SESSION, {"session_id": session_id}).one_or_none()
+                    if row is None:
+                        raise NotFound(f"session {session_id} not found")
+                    result = work(conn, row)
+                    uow.commit()
+                return result
+            except (IntegrityError, OperationalError) as exc:
+                if isinstance(exc, OperationalError) and not is_retryable_db_error(exc):
+                    raise
+                last = exc
+                log.info("session %s attempt %d retried: %s", session_id, attempt + 1,
+                         exc.__class__.__name__)
+        raise ServiceUnavailable(
+            f"session {session_id} stayed contended after {MAX_ATTEMPTS} attempts; retry"
+        ) from last
+
+    def heartbeat(self, session_id: str, *, control: Control | None = None) -> SessionView:
+        """Keep a live session alive; answers its current status (terminal ones included,
+        and unchanged for a caller that does not control it)."""
+
+        def work(conn: Connection, row: Row[Any]) -> SessionView:
+            in_control = control(conn, row) if control is not None else True
+            if S(row.status).is_terminal or not in_control:
+                return _view(row, {})
+            now = utcnow()  # after the lock: ordered with any change of the row
+            changes: dict[str, Any] = {"last_activity_at": now}
+            changes["deadline_at"] = self.deadline({**row._asdict(), **changes}, now)
+            conn.execute(_TOUCH, {"pk": row.id, **changes})
+            return _view(row, changes)
+
+        return self._on_locked_row(session_id, work)
+
+    def record_messages(
+        self, session_id: str, messages: Sequence[LiveMessage], *,
+        control: Control | None = None, posted_by: str | None = None,
+        agent_id: str | None = None,
+    ) -> MessageOutcome:
+        """Store live messages on an ACTIVE or TRANSFERRED session, de-duplicated by id."""
+        unique: dict[str, LiveMessage] = {}
+        for message in messages:
+            unique.setdefault(message.message_id, message)
+
+        def work(conn: Connection, row: Row[Any]) -> MessageOutcome:
+            if control is not None and not control(conn, row):
+                raise NotInControl(
+                    f"cannot post messages to session {session_id}: it is {row.status} and "
+                    "controlled by another party", current_status=str(row.status))
+            if not S(row.status).occupies_slot:
+                raise Conflict(
+                    f"session {session_id} is {row.status}; messages are accepted only "
+                    "while it is ACTIVE or TRANSFERRED", current_status=str(row.status))
+            now = utcnow()  # after the lock: before any change that waits for it
+            stored = set(conn.execute(_STORED_IDS, {"ids": list(unique)}).scalars()) \
+                if unique else set()
+            fresh = [m for mid, m in unique.items() if mid not in stored]
+            changes: dict[str, Any] = {}
+            if fresh:
+                conn.execute(_INSERT_MESSAGES, [{
+                    "message_id": m.message_id, "session_pk": row.id,
+                    "account_id": row.account_id, "shop_id": row.shop_id,
+                    "sender_role": str(m.sender_role), "sender_id": m.sender_id,
+                    "content": m.content, "message_type": m.message_type,
+                    "sent_at": m.sent_at, "received_at": now, "posted_by": posted_by,
+                    "agent_id": agent_id,
+                } for m in fresh])
+                changes = _counters(row, fresh, now)
+                changes["deadline_at"] = self.deadline({**row._asdict(), **changes}, now)
+                conn.execute(_TOUCH, {"pk": row.id, **changes})
+            return MessageOutcome(
+                accepted=len(fresh), duplicates=len(messages) - len(fresh),
+                session=_view(row, changes), accepted_ids=[m.message_id for m in fresh])
+
+        outcome = self._on_locked_row(session_id, work)
+        if outcome.accepted and any(
+                m.sender_role == SenderRole.COUNTERPART for m in unique.values()):
+            try:
+                self.counterpart_messages([session_id])
+            except Exception:  # committed; the next message is judged again
+                log.exception("after-commit detection kick failed")
+        return outcome
+
+
+def _counters(row: Row[Any], fresh: Sequence[LiveMessage], now: datetime) -> dict[str, Any]:
+    """The session's counters and times after `fresh` (its row is locked: exact)."""
+    by_role = {role: 0 for role in SenderRole}
+    for m in fresh:
+        by_role[m.sender_role] += 1
+    first = min(m.sent_at for m in fresh)
+    last = max(m.sent_at for m in fresh)
+    return {
+        "message_count": row.message_count + len(fresh),
+        "robot_message_count": row.robot_message_count + by_role[SenderRole.ROBOT],
+        "human_message_count": row.human_message_count + by_role[SenderRole.HUMAN],
+        "counterpart_message_count":
+            row.counterpart_message_count + by_role[SenderRole.COUNTERPART],
+        "first_message_at": first if row.first_message_at is None
+        else min(first, row.first_message_at),
+        "last_message_at": last if row.last_message_at is None
+        else max(last, row.last_message_at),
+        "last_activity_at": now,
+    }

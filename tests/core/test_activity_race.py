@@ -1,0 +1,149 @@
+"""Live messages and heartbeats take the session's row lock, not the slot transaction:
+racing a pause, a transfer, a preemption or a timeout, each either lands before the
+change or is refused after it. Proved on MariaDB + Redis with threads posting while
+another changes the session: every accepted message was received before the session
+left ACTIVE/TRANSFERRED, and no heartbeat answered ACTIVE after it."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from app.api.access import control_of
+from app.audit.models import Operation
+from app.clients.service import ClientIdentity, ClientRole
+from app.db import utcnow
+from app.errors import AutoSessionError
+from app.messages.models import Message
+from app.runtime import Runtime
+from app.sessions.activity import LiveMessage
+from app.sessions.enums import SenderRole
+from app.sessions.schemas import SessionRequest, TransferRequest
+from tests.core.helpers import ask
+
+pytestmark = [pytest.mark.services, pytest.mark.slow]
+POSTERS = 6
+_ids = itertools.count()
+BOT = ClientIdentity(client_id="cli_racing_bot", name="racing-bot", role=ClientRole.BOT)
+
+
+def left_at(runtime: Runtime, session_id: str) -> datetime:
+    """When the session stopped being ACTIVE (its first audit row leaving ACTIVE)."""
+    with runtime.database.read() as db:
+        rows = db.execute(select(Operation).where(Operation.session_id == session_id)
+                          .order_by(Operation.id)).scalars().all()
+    for row in rows:
+        if row.from_status == "ACTIVE" and row.to_status != "ACTIVE":
+            return row.created_at
+    raise AssertionError(f"session {session_id} never left ACTIVE: {rows}")
+
+
+def race(runtime: Runtime, change: Callable[[str], Any], *, heartbeats: bool = False
+         ) -> tuple[str, list[tuple[str, Any]]]:
+    """Posters (and heartbeats) hammer one ACTIVE robot session; `change` runs midway."""
+    service = runtime.sessions
+    request = SessionRequest(account_id="acc", shop_id=f"race-{next(_ids)}",
+                             session_type="AUTO_FOLLOW_UP")
+    session_id = service.create(request, actor=BOT.actor,
+                                client_id=BOT.client_id).session.session_id
+    answers: list[tuple[str, Any]] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def post() -> None:
+        while not stop.is_set():
+            mid = f"m-{next(_ids)}"
+            try:
+                if heartbeats:
+                    view = service.heartbeat(session_id, actor=BOT.actor,
+                                             control=control_of(BOT, messages=False))
+                    outcome: Any = ("heartbeat", view.status, view.last_activity_at)
+                else:
+                    service.record_messages(session_id, [LiveMessage(
+                        message_id=mid, sender_role=SenderRole.ROBOT, content="hi",
+                        sent_at=utcnow())], actor=BOT.actor,
+                        control=control_of(BOT, messages=True))
+                    outcome = ("accepted", mid)
+            except AutoSessionError as exc:
+                outcome = ("refused", type(exc).__name__)
+            with lock:
+                answers.append(outcome)
+
+    threads = [threading.Thread(target=post) for _ in range(POSTERS)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.4)
+    change(session_id)
+    time.sleep(0.4)
+    stop.set()
+    for thread in threads:
+        thread.join(30)
+    return session_id, answers
+
+
+def assert_messages_before_leaving(runtime: Runtime, session_id: str,
+                                   answers: list[tuple[str, Any]]) -> None:
+    accepted = {a[1] for a in answers if a[0] == "accepted"}
+    refused = [a for a in answers if a[0] == "refused"]
+    assert accepted and refused, (len(accepted), len(refused))
+    moment = left_at(runtime, session_id)
+    with runtime.database.read() as db:
+        stored = db.execute(select(Message.message_id, Message.received_at)
+                            .where(Message.message_id.in_(accepted))).all()
+    assert len(stored) == len(accepted)
+    late = [(mid, at) for mid, at in stored if at > moment]
+    assert not late, (moment, late[:5])
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_messages_racing_a_pause_land_before_it_or_are_refused(runtime: Runtime, attempt: int):
+    session_id, answers = race(runtime, lambda sid: runtime.sessions.pause(sid, actor="bot"))
+    assert_messages_before_leaving(runtime, session_id, answers)
+
+
+def test_messages_racing_a_transfer_land_before_it_or_are_refused(runtime: Runtime):
+    """The bot controls its session until the transfer; after it the desk does."""
+
+    def transfer(sid: str) -> None:
+        runtime.sessions.transfer(sid, TransferRequest(reason="help"), actor=BOT.actor)
+
+    session_id, answers = race(runtime, transfer)
+    assert_messages_before_leaving(runtime, session_id, answers)
+
+
+def test_messages_racing_a_preemption_land_before_it_or_are_refused(runtime: Runtime):
+    def preempt(sid: str) -> None:
+        session = runtime.sessions.get(sid)
+        ask(runtime.sessions, "MANUAL_CUSTOMER_SERVICE", account=session.account_id,
+            shop=session.shop_id)
+
+    session_id, answers = race(runtime, preempt)
+    assert_messages_before_leaving(runtime, session_id, answers)
+
+
+def test_messages_racing_a_timeout_land_before_it_or_are_refused(runtime: Runtime):
+    def time_out(sid: str) -> None:
+        assert runtime.sessions.expire(sid, now=utcnow() + timedelta(days=1)) is not None
+
+    session_id, answers = race(runtime, time_out)
+    assert_messages_before_leaving(runtime, session_id, answers)
+
+
+def test_heartbeats_racing_a_timeout_never_answer_active_after_it(runtime: Runtime):
+    def time_out(sid: str) -> None:
+        assert runtime.sessions.expire(sid, now=utcnow() + timedelta(days=1)) is not None
+
+    session_id, answers = race(runtime, time_out, heartbeats=True)
+    moment = left_at(runtime, session_id)
+    active = [a for a in answers if a[0] == "heartbeat" and a[1] == "ACTIVE"]
+    ended = [a for a in answers if a[0] == "heartbeat" and a[1] == "TIMEOUT"]
+    assert active and ended, (len(active), len(ended))
+    assert all(a[2] <= moment for a in active)
+    assert runtime.sessions.get(session_id).status == "TIMEOUT"
