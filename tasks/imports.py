@@ -6,6 +6,11 @@ no-op, finish closes a job once. A worker killed mid-chunk loses its transaction
 the chunk is redelivered (acks_late + reject on worker loss), or re-dispatched by
 `resume_unfinished_imports` when a worker starts.
 
+A job always ends: infrastructure errors are retried a bounded number of times, then
+the step fails (a chunk after MAX_CHUNK_ATTEMPTS attempts, however they died; a split
+or a close that keeps failing fails its job), and anything unexpected fails the step
+at once with its reason.
+
 On the embedded default (no Redis) Celery runs eagerly in-process; the upload
 then runs the pipeline on a background thread so that it still answers at once.
 """
@@ -21,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from celery import chord
+from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_ready
 from sqlalchemy.exc import OperationalError
 
@@ -35,6 +41,9 @@ log = logging.getLogger(__name__)
 # before committing, after touching the marker file (the worker-kill test uses it).
 PAUSE_ENV = "AUTO_SESSION_IMPORT_PAUSE_BEFORE_COMMIT"
 RETRYABLE = (OperationalError, ServiceUnavailable)
+# A chunk that ran out of time is retried too: a paged chunk goes on after the last page
+# it stored, and the chunk's attempt count bounds how often.
+CHUNK_RETRYABLE = (*RETRYABLE, SoftTimeLimitExceeded)
 
 
 def service() -> ImportService:
@@ -42,13 +51,21 @@ def service() -> ImportService:
 
 
 @celery.task(name="imports.prepare", bind=True, acks_late=True, time_limit=3600,
-             soft_time_limit=3500, autoretry_for=RETRYABLE, retry_backoff=True,
-             max_retries=5)
+             soft_time_limit=3500, max_retries=5)
 def prepare_import_task(self: Any, job_id: str) -> dict[str, Any]:
     """Split the staged upload into chunks, then run them as a chord ending in finish.
     If another run is splitting the job right now, look again once its lease could have
-    run out (it dispatches the chunks itself if it finishes; if it died, this takes over)."""
-    outcome = service().prepare(job_id)
+    run out (it dispatches the chunks itself if it finishes; if it died, this takes over).
+    The database or Redis away: retried with backoff, then the job fails."""
+    svc = service()
+    try:
+        outcome = svc.prepare(job_id)
+    except RETRYABLE as exc:
+        if self.request.retries < self.max_retries and not celery.conf.task_always_eager:
+            raise self.retry(exc=exc, countdown=min(60, 2 ** (self.request.retries + 1))
+                             ) from exc
+        svc.fail_job(job_id, f"the upload could not be split: {type(exc).__name__}: {exc}")
+        return {"job_id": job_id, "chunks": 0, "failed": True}
     if outcome.retry_in is not None and not celery.conf.task_always_eager:
         prepare_import_task.apply_async((job_id,), countdown=outcome.retry_in + 1)
     dispatch_chunks(job_id, outcome.chunk_pks, ready_to_finish=outcome.ready_to_finish)
@@ -59,21 +76,29 @@ def prepare_import_task(self: Any, job_id: str) -> dict[str, Any]:
 @celery.task(name="imports.chunk", bind=True, acks_late=True, time_limit=900,
              soft_time_limit=840, max_retries=5)
 def import_chunk_task(self: Any, job_id: str, chunk_pk: int) -> dict[str, Any]:
-    """One chunk in one transaction. Infrastructure errors are retried with backoff;
-    anything else (or too many retries) marks the chunk failed so the job can close."""
+    """One chunk (one transaction, or time-ordered pages of a huge one). Infrastructure
+    errors and time-outs are retried with backoff; anything else, or too many retries,
+    marks the chunk failed so the job can close."""
     svc = service()
     try:
-        counts = svc.process_chunk(chunk_pk, after_write=_test_pause())
-    except RETRYABLE as exc:
+        try:
+            counts = svc.process_chunk(chunk_pk, after_write=_test_pause())
+        except CHUNK_RETRYABLE as exc:
+            if self.request.retries < self.max_retries and not celery.conf.task_always_eager:
+                raise self.retry(exc=exc, countdown=min(60, 2 ** self.request.retries)
+                                 ) from exc
+            svc.fail_chunk(chunk_pk, f"{type(exc).__name__}: {exc}")
+            counts = None
+        except Exception as exc:
+            log.exception("import chunk %s failed", chunk_pk)
+            svc.fail_chunk(chunk_pk, f"{type(exc).__name__}: {exc}")
+            counts = None
+        left = svc.chunks_left(job_id)
+    except RETRYABLE as exc:  # could not even record the failure: try the whole task again
         if self.request.retries < self.max_retries and not celery.conf.task_always_eager:
             raise self.retry(exc=exc, countdown=min(60, 2 ** self.request.retries)) from exc
-        svc.fail_chunk(chunk_pk, f"{type(exc).__name__}: {exc}")
-        counts = None
-    except Exception as exc:
-        log.exception("import chunk %s failed", chunk_pk)
-        svc.fail_chunk(chunk_pk, f"{type(exc).__name__}: {exc}")
-        counts = None
-    if svc.chunks_left(job_id) == 0:
+        raise
+    if left == 0:
         # The chord's callback normally closes the job; doing it here too covers
         # chunks re-dispatched outside the chord after a crash (finish is idempotent).
         finish_import_task.delay(job_id=job_id)
@@ -83,9 +108,18 @@ def import_chunk_task(self: Any, job_id: str, chunk_pk: int) -> dict[str, Any]:
 @celery.task(name="imports.finish", acks_late=True, time_limit=600, soft_time_limit=540,
              autoretry_for=RETRYABLE, retry_backoff=True, max_retries=5)
 def finish_import_task(*_results: Any, job_id: str | None = None) -> dict[str, Any]:
-    """Add up the chunks and close the job (chord callback; safe to call again)."""
+    """Add up the chunks and close the job (chord callback; safe to call again). A close
+    that fails for another reason than the database being away fails the job."""
     assert job_id is not None
-    view = service().finish(job_id)
+    svc = service()
+    try:
+        view = svc.finish(job_id)
+    except RETRYABLE:
+        raise
+    except Exception as exc:
+        log.exception("import %s could not be closed", job_id)
+        svc.fail_job(job_id, f"the job could not be closed: {type(exc).__name__}: {exc}")
+        return {"job_id": job_id, "status": "failed"}
     return {"job_id": job_id, "status": view.status}
 
 
@@ -132,8 +166,12 @@ def _run_eagerly(job_id: str) -> None:
     try:
         prepare_import_task.apply(args=(job_id,), throw=True)
         service().finish(job_id)
-    except Exception:
+    except Exception as exc:
         log.exception("import %s failed in-process", job_id)
+        try:  # the job must end, whatever went wrong
+            service().fail_job(job_id, f"the import failed: {type(exc).__name__}: {exc}")
+        except Exception:
+            log.exception("import %s could not be marked failed", job_id)
     finally:
         _eager_threads.pop(job_id, None)
 

@@ -15,13 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from app.imports.formats import staged_row
-from app.imports.rows import id_text
-
-# The row fields the import reads (SPEC §4 names and aliases); others are dropped early.
-KNOWN_FIELDS = frozenset({
-    "message_id", "account_id", "user_id", "shop_id", "sender_role", "is_robot", "direction",
-    "sender_id", "content", "message_type", "sent_at", "timestamp", "session_id", "task_type",
-})
+from app.imports.rows import KNOWN_FIELDS, id_text
 
 StagedRow = str  # `<line>\t<JSON object>`, see `formats.staged_row`
 

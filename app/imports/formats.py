@@ -2,7 +2,11 @@
 
 Formats: a JSON array, NDJSON (one object per line) or CSV with a header; text in
 UTF-8, UTF-8 with a BOM or GBK; optionally gzip-compressed. Nothing here holds
-more than one block of the file in memory, so memory stays flat as files grow.
+more than one block of the file in memory, so memory stays flat as files grow —
+whatever the file holds: a line, a record or an element past its bound is one bad
+record (never read whole), a row nested deeper than `MAX_JSON_DEPTH` or holding a
+string that is not valid Unicode is one bad row, and reading stops with
+`DecompressedTooLarge` once the decompressed bytes pass the job's limit (a gzip bomb).
 
 Lines are counted on `\\n` only. A bare `\\r` is not a line break: real exports
 carry stray carriage returns inside unquoted CSV fields, and Python's `csv`
@@ -22,13 +26,20 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import IO, Any
 
+from app.imports.rows import KNOWN_FIELDS
+from app.validation import MAX_JSON_DEPTH, check_tree, unicode_problem
+
 BLOCK = 1 << 16
 MAX_ELEMENT_CHARS = 1 << 20  # a JSON element bigger than this is malformed, not unfinished
+MAX_LINE_CHARS = 1 << 20  # an NDJSON or CSV line longer than this is a bad record
+MAX_RECORD_CHARS = 1 << 20  # a CSV record (quoted fields may span lines) longer: bad record
+MAX_CSV_COLUMNS = 1000
 GZIP_MAGIC = b"\x1f\x8b"
 UTF8_BOM = codecs.BOM_UTF8
 CR_STAND_IN = "\U0010fffd"  # a private-use code point that stands for a bare \r in CSV
 _BARE_CR = re.compile(r"\r(?!\n)")
-_SURROGATE = re.compile("[\udc80-\udcff]")
+_UNDECODABLE = re.compile("[\udc80-\udcff]")  # surrogateescape's stand-ins for bad bytes
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 OpenBinary = Callable[[], IO[bytes]]
 
@@ -44,6 +55,15 @@ ENCODINGS = ("utf-8", "utf-8-sig", "gbk")
 
 class UnreadableUpload(ValueError):
     """The upload as a whole cannot be read (not a row-level problem)."""
+
+
+class DecompressedTooLarge(UnreadableUpload):
+    """The upload expands past MAX_UPLOAD_EXPANDED_BYTES once decompressed."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the upload expands past MAX_UPLOAD_EXPANDED_BYTES ({limit} bytes) "
+                         "once decompressed; nothing of it was imported")
+        self.limit = limit
 
 
 @dataclass(slots=True)
@@ -75,30 +95,62 @@ def is_gzip(head: bytes) -> bool:
     return head[:2] == GZIP_MAGIC
 
 
-def open_decompressed(open_binary: OpenBinary) -> IO[bytes]:
-    """The upload's bytes, gunzipped on the fly when it starts with the gzip magic."""
+class _CountedStream(io.RawIOBase):
+    """Bytes of `inner`, refused with `DecompressedTooLarge` past `limit` in total: a
+    gzip bomb stops after `limit` bytes were inflated, whichever pass reads it."""
+
+    def __init__(self, inner: IO[bytes], limit: int) -> None:
+        self._inner = inner
+        self._limit = limit
+        self._read = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._inner.read(min(len(buffer), BLOCK))
+        size = len(data)
+        self._read += size
+        if self._read > self._limit:
+            raise DecompressedTooLarge(self._limit)
+        buffer[:size] = data
+        return size
+
+    def close(self) -> None:
+        self._inner.close()
+        super().close()
+
+
+def open_decompressed(open_binary: OpenBinary, max_bytes: int | None = None) -> IO[bytes]:
+    """The upload's bytes, gunzipped on the fly when it starts with the gzip magic;
+    with `max_bytes`, reading past that many (decompressed) bytes raises
+    DecompressedTooLarge."""
     raw = open_binary()
     buffered = raw if isinstance(raw, io.BufferedReader) else io.BufferedReader(raw, BLOCK)  # type: ignore[arg-type,type-var]
+    stream: IO[bytes] = buffered  # type: ignore[assignment]
     if is_gzip(buffered.peek(2)[:2]):
         import gzip
 
-        return gzip.GzipFile(fileobj=buffered, mode="rb")  # type: ignore[return-value]
-    return buffered  # type: ignore[return-value]
+        stream = gzip.GzipFile(fileobj=buffered, mode="rb")  # type: ignore[assignment]
+    if max_bytes is None:
+        return stream
+    return io.BufferedReader(_CountedStream(stream, max_bytes), BLOCK)  # type: ignore[return-value]
 
 
-def detect_encoding(open_binary: OpenBinary) -> str:
+def detect_encoding(open_binary: OpenBinary, max_bytes: int | None = None) -> str:
     """UTF-8 with a BOM, else UTF-8 if every byte decodes as UTF-8, else GBK.
 
     The whole stream is checked (incrementally), so a GBK character deep in a file
     that starts in ASCII is still found."""
-    return scan_upload(open_binary).encoding
+    return scan_upload(open_binary, max_bytes=max_bytes).encoding
 
 
-def scan_upload(open_binary: OpenBinary, encoding: str | None = None) -> Scan:
+def scan_upload(open_binary: OpenBinary, encoding: str | None = None, *,
+                max_bytes: int | None = None) -> Scan:
     """One pass over the decompressed bytes: the encoding as `detect_encoding` finds it
     (unless given), whether every byte decodes in it, and the number of lines (`\\n`,
-    plus a last line without one)."""
-    stream = open_decompressed(open_binary)
+    plus a last line without one). Past `max_bytes` decompressed: DecompressedTooLarge."""
+    stream = open_decompressed(open_binary, max_bytes)
     try:
         head = stream.read(len(UTF8_BOM))
         if encoding is None:
@@ -134,16 +186,36 @@ def scan_upload(open_binary: OpenBinary, encoding: str | None = None) -> Scan:
         stream.close()
 
 
-def open_text(open_binary: OpenBinary, encoding: str) -> IO[str]:
+def open_text(open_binary: OpenBinary, encoding: str, max_bytes: int | None = None
+              ) -> IO[str]:
     """Decoded text, split into lines on `\\n` only; undecodable bytes become
     surrogates so that the row holding them is reported, not the whole file."""
     return io.TextIOWrapper(
-        open_decompressed(open_binary), encoding=encoding, errors="surrogateescape",
-        newline="\n",
+        open_decompressed(open_binary, max_bytes), encoding=encoding,
+        errors="surrogateescape", newline="\n",
     )
 
 
-def detect_format(filename: str | None, open_binary: OpenBinary, encoding: str) -> ImportFormat:
+def bounded_lines(text: IO[str], limit: int = MAX_LINE_CHARS) -> Iterator[str | None]:
+    """The lines of `text` (each ending in `\\n`, but perhaps the last); None stands for
+    a line longer than `limit` characters, which is skipped without being held whole."""
+    readline = text.readline
+    while True:
+        line = readline(limit + 1)
+        if not line:
+            return
+        if len(line) > limit and not line.endswith("\n"):
+            while True:  # the rest of the over-long line, a block at a time
+                rest = readline(BLOCK)
+                if not rest or rest.endswith("\n"):
+                    break
+            yield None
+            continue
+        yield line
+
+
+def detect_format(filename: str | None, open_binary: OpenBinary, encoding: str,
+                  max_bytes: int | None = None) -> ImportFormat:
     """From the file name when it says (`.csv`, `.json`, `.ndjson`/`.jsonl`, with or
     without `.gz`), else from the first non-blank character: `[` JSON, `{` NDJSON,
     anything else CSV."""
@@ -152,7 +224,7 @@ def detect_format(filename: str | None, open_binary: OpenBinary, encoding: str) 
                         (".jsonl", ImportFormat.NDJSON), (".json", ImportFormat.JSON)):
         if name.endswith(suffix):
             return fmt
-    with open_text(open_binary, encoding) as text:
+    with open_text(open_binary, encoding, max_bytes) as text:
         head = text.read(4096).lstrip("\ufeff \t\r\n")
     if head.startswith("["):
         return ImportFormat.JSON
@@ -191,26 +263,76 @@ def _normal_key(key: str) -> str:
 
 
 def has_undecodable(fields: dict[str, Any]) -> bool:
-    return any(isinstance(v, str) and _SURROGATE.search(v) for v in fields.values())
+    """A top-level string of the row holds a lone surrogate (an undecodable byte, or a
+    JSON escape such as ``"\ud800"``)."""
+    return any(isinstance(v, str) and _LONE_SURROGATE.search(v) for v in fields.values())
 
 
 def may_hold_undecodable(raw: str) -> bool:
     """False when the record's source text can hold no lone surrogate: neither an
     undecodable byte (decoded as a surrogate) nor a JSON `\\u` escape (that could
     spell one). Lets the per-field check be skipped for the usual clean row."""
-    return "\\u" in raw or _SURROGATE.search(raw) is not None
+    return "\\u" in raw or _UNDECODABLE.search(raw) is not None
+
+
+def _surrogate_problem(fields: dict[str, Any], raw: str | None, encoding_note: str
+                       ) -> str | None:
+    for key, value in fields.items():
+        if isinstance(value, str) and _LONE_SURROGATE.search(value):
+            if raw is None or _UNDECODABLE.search(raw):
+                return f"the row holds bytes that are not valid {encoding_note}"
+            return f"{key}: {unicode_problem(value)}"
+    return None
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether containers nest more than `limit` levels inside `value` (iterative)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return False
+
+
+def _nested_problem(fields: dict[str, Any]) -> str | None:
+    """A row nests at most MAX_JSON_DEPTH levels (the row itself is the first); a field
+    the import reads holds only valid Unicode and numbers storage can keep."""
+    for key, value in fields.items():
+        if not isinstance(value, dict | list):
+            continue
+        if _deeper_than(value, MAX_JSON_DEPTH - 1):
+            return f"{key[:64]}: {TOO_DEEP}"
+        if key in KNOWN_FIELDS:
+            try:
+                check_tree(value)
+            except ValueError as exc:
+                return f"{key}: {str(exc)[:300]}"
+    return None
 
 
 def _checked(record: Record, encoding_note: str, raw: str | None = None, *,
-             clean: bool = False) -> Record:
-    if record.fields is None:
+             clean: bool = False, flat: bool = False) -> Record:
+    """The record, or a bad record naming why: a string that is not valid Unicode (an
+    undecodable byte, a lone surrogate escape), a row nested too deep. `flat` says no
+    field can hold a container (CSV), `raw` is the record's source text if any."""
+    fields = record.fields
+    if fields is None:
         return record
     if clean:  # every byte decoded: only a JSON escape can spell a lone surrogate
         suspect = raw is not None and "\\u" in raw
     else:
         suspect = raw is None or may_hold_undecodable(raw)
-    if suspect and has_undecodable(record.fields):
-        return Record(record.line, None, f"the row holds bytes that are not valid {encoding_note}")
+    if suspect:
+        problem = _surrogate_problem(fields, raw, encoding_note)
+        if problem:
+            return Record(record.line, None, problem)
+    if not flat and (raw is None or "[" in raw or raw.find("{", 1) >= 0):
+        problem = _nested_problem(fields)
+        if problem:
+            return Record(record.line, None, problem)
     return record
 
 
@@ -220,38 +342,62 @@ def count_records(text: IO[str], fmt: ImportFormat) -> int:
     NDJSON holds one record per non-blank line, so its lines are counted without
     decoding them; the other formats are parsed."""
     if fmt is ImportFormat.NDJSON:
-        return sum(1 for line in text if line.strip().lstrip("\ufeff"))
+        return sum(1 for line in bounded_lines(text)
+                   if line is None or line.strip().lstrip("\ufeff"))
     return sum(1 for _ in iter_records(text, fmt))
+
+
+class _TooLong(Exception):
+    """Raised inside the CSV reader's line source: a line or a record past its bound."""
 
 
 def iter_csv(text: IO[str], *, clean: bool = False) -> Iterator[Record]:
     """CSV with a header row; quoted fields may span lines (the record's line is where
-    it starts); a bare \\r inside a field is kept as part of the field."""
+    it starts); a bare \\r inside a field is kept as part of the field. A line longer
+    than MAX_LINE_CHARS, a record longer than MAX_RECORD_CHARS or a field longer than
+    the csv module's limit is a bad record; reading goes on after it."""
     encoding = getattr(text, "encoding", "utf-8")
+    consumed = 0  # lines taken from `text` so far
+    record_chars = 0  # characters of the record being read
 
     def lines() -> Iterator[str]:
-        for line in text:
+        nonlocal consumed, record_chars
+        for line in bounded_lines(text):
+            consumed += 1
+            if line is None:
+                raise _TooLong(f"line {consumed} is longer than {MAX_LINE_CHARS} characters")
+            record_chars += len(line)
+            if record_chars > MAX_RECORD_CHARS:
+                raise _TooLong(f"the record is longer than {MAX_RECORD_CHARS} characters")
             yield _BARE_CR.sub(CR_STAND_IN, line) if "\r" in line else line
 
-    reader = csv.reader(lines(), strict=False)
-    consumed = 0
     header: list[str] | None = None
+    reader = csv.reader(lines(), strict=False)
     while True:
         start = consumed + 1
+        record_chars = 0
         try:
             values = next(reader)
         except StopIteration:
             return
+        except _TooLong as exc:
+            if header is None:
+                raise UnreadableUpload(f"line {start}: the CSV header is unreadable: {exc}"
+                                       ) from None
+            yield Record(start, None, f"unreadable CSV record: {exc}")
+            reader = csv.reader(lines(), strict=False)  # the old one stopped mid-record
+            continue
         except csv.Error as exc:
-            consumed = reader.line_num
             yield Record(start, None, f"unreadable CSV record: {exc}")
             continue
-        consumed = reader.line_num
         if not values or (len(values) == 1 and not values[0].strip()):
             continue  # blank line
         if any(CR_STAND_IN in v for v in values):
             values = [v.replace(CR_STAND_IN, "\r") for v in values]
         if header is None:
+            if len(values) > MAX_CSV_COLUMNS:
+                raise UnreadableUpload(f"line {start}: the CSV header has {len(values)} "
+                                       f"columns; at most {MAX_CSV_COLUMNS}")
             header = [normalize_key(h) for h in values]
             if not any(header):
                 raise UnreadableUpload("line 1: the CSV header is empty")
@@ -261,13 +407,16 @@ def iter_csv(text: IO[str], *, clean: bool = False) -> Iterator[Record]:
                          f"the record has {len(values)} fields, the header has {len(header)}")
             continue
         fields = {k: v for k, v in zip(header, values, strict=True) if k}
-        yield _checked(Record(start, fields), encoding, clean=clean)
+        yield _checked(Record(start, fields), encoding, clean=clean, flat=True)
     # unreachable
 
 
 def iter_ndjson(text: IO[str], *, clean: bool = False) -> Iterator[Record]:
     encoding = getattr(text, "encoding", "utf-8")
-    for number, line in enumerate(text, start=1):
+    for number, line in enumerate(bounded_lines(text), start=1):
+        if line is None:
+            yield Record(number, None, f"the line is longer than {MAX_LINE_CHARS} characters")
+            continue
         body = line.strip().lstrip("\ufeff")
         if not body:
             continue
@@ -279,26 +428,58 @@ def iter_ndjson(text: IO[str], *, clean: bool = False) -> Iterator[Record]:
 
 
 _DECODER = json.JSONDecoder()
+TOO_DEEP = f"nested deeper than {MAX_JSON_DEPTH} levels"
 
 
 def _decode_line(body: str) -> tuple[Any, str | None]:
     """`json.loads(body)` for a stripped line: one whole decode is what it does there,
-    without its two whitespace regexes; anything else is left to it (and its error)."""
+    without its two whitespace regexes; anything else is left to it (and its error).
+    A nesting the parser cannot follow (RecursionError) is an error of this line."""
     try:
         value, end = _DECODER.raw_decode(body)
         if end == len(body):
             return value, None
     except ValueError:
         pass
+    except RecursionError:
+        return None, TOO_DEEP
     try:
         return json.loads(body), None
     except ValueError as exc:
         return None, f"not valid JSON: {_json_error(exc)}"
+    except RecursionError:
+        return None, TOO_DEEP
+
+
+# Tokens of JSON text, for finding where an element too deep to decode ends: runs of
+# openers, runs of closers, strings (or an unterminated one: a lone quote), the rest.
+_JSON_TOKENS = re.compile(r'[\[{]+|[\]}]+|"[^"\\]*(?:\\.[^"\\]*)*"|"|[^\[\]{}"]+', re.S)
+
+
+def _element_end(buf: str, pos: int) -> int | None:
+    """Where the container starting at `buf[pos]` ends (just after its last closer), or
+    None if it does not end inside `buf`; iterative, so any depth is fine."""
+    depth = 0
+    for match in _JSON_TOKENS.finditer(buf, pos):
+        token = match.group()
+        first = token[0]
+        if first in "[{":
+            depth += len(token)
+        elif first in "]}":
+            if len(token) >= depth:
+                return match.start() + depth
+            depth -= len(token)
+        elif token == '"':
+            return None  # a string that does not end in the buffer
+        if depth == 0:
+            return match.end()
+    return None
 
 
 def iter_json_array(text: IO[str], *, clean: bool = False) -> Iterator[Record]:
     """The elements of a top-level JSON array, decoded one at a time from a moving
-    window; a malformed element is reported and skipped up to the next element."""
+    window; a malformed element is reported and skipped up to the next element, and so
+    is an element nested too deep for the parser (found by `_element_end`)."""
     encoding = getattr(text, "encoding", "utf-8")
     decoder = json.JSONDecoder()
     buf = ""
@@ -353,6 +534,19 @@ def iter_json_array(text: IO[str], *, clean: bool = False) -> Iterator[Record]:
             continue
         try:
             value, end = decoder.raw_decode(buf, pos)
+        except RecursionError:
+            deep_end = _element_end(buf, pos)
+            if deep_end is None:
+                if not eof and len(buf) - pos < MAX_ELEMENT_CHARS and fill():
+                    continue
+                raise UnreadableUpload(
+                    f"line {line}: an element is {TOO_DEEP} and does not end within "
+                    f"{MAX_ELEMENT_CHARS} characters") from None
+            yield Record(line, None, TOO_DEEP)
+            line += buf.count("\n", pos, deep_end)
+            pos = deep_end
+            expect_value = False
+            continue
         except ValueError as exc:
             if not eof and len(buf) - pos < MAX_ELEMENT_CHARS and fill():
                 continue  # probably unfinished: read more and decode again

@@ -31,7 +31,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from pydantic import ValidationError
-from sqlalchemy import select, tuple_
+from sqlalchemy import and_, bindparam, func, or_, select, tuple_
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session as DbSession
 
@@ -55,6 +55,7 @@ from app.sessions.enums import (
 from app.sessions.models import Session
 from app.sessions.schemas import TransferRequest
 from app.transfers.models import Transfer
+from app.validation import EARLIEST_TIME, LATEST_AHEAD
 
 log = logging.getLogger(__name__)
 
@@ -132,18 +133,36 @@ class Msg:
         )
 
 
-def validate_row(line: int, fields: dict[str, Any], tz: Any) -> Msg | str:
-    """A `Msg`, or the reason the row is refused (naming the field)."""
-    msg = plain_msg(line, fields, tz)
-    if msg is not None:
-        return check_msg(msg)
+def validate_row(line: int, fields: dict[str, Any], tz: Any, *,
+                 latest: datetime | None = None) -> Msg | str:
+    """A `Msg`, or the reason the row is refused (naming the field). `latest` is the
+    newest time accepted (default: now + 1 day); the import pins it to the job's start
+    so that a retried chunk judges every row as the first attempt did."""
+    bound = latest if latest is not None else utcnow() + LATEST_AHEAD
+    msg = plain_msg(line, fields, tz, latest=bound)
+    if msg is None:
+        try:
+            row = ChatRow.model_validate(fields, context={"tz": tz})
+        except ValidationError as exc:
+            return row_error_text(exc)
+        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+            return f"row: {type(exc).__name__}: {str(exc)[:200]}"
+        msg = Msg.from_row(line, row)
+        if msg.sent_at > bound:
+            return (f"sent_at: time {msg.sent_at.isoformat()} is outside 1970-01-01 … "
+                    "now + 1 day")
+    return check_msg(msg)
+
+
+def _valid_text(text: str) -> bool:
+    """Valid Unicode (no lone surrogate): free for ASCII, one encode otherwise."""
+    if text.isascii():
+        return True
     try:
-        row = ChatRow.model_validate(fields, context={"tz": tz})
-    except ValidationError as exc:
-        return row_error_text(exc)
-    except (TypeError, ValueError) as exc:
-        return str(exc)
-    return check_msg(Msg.from_row(line, row))
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 _ROLES = {alias: SenderRole(role) for alias, role in ROLE_ALIASES.items()}
@@ -163,11 +182,13 @@ def _plain_id(value: Any, max_length: int, *, required: bool) -> str | None | bo
     return text or None
 
 
-def plain_msg(line: int, fields: dict[str, Any], tz: Any) -> Msg | None:
+def plain_msg(line: int, fields: dict[str, Any], tz: Any, *,
+              latest: datetime | None = None) -> Msg | None:
     """The `Msg` that `ChatRow` validation gives for the common, plain row (text ids,
-    a known sender_role, an ISO time, no aliases), built without pydantic: the import
-    validates every row, and this is several times cheaper. None means "not plain":
-    the caller validates the row with `ChatRow` (which also words every error)."""
+    a known sender_role, an ISO time within 1970-01-01 … `latest`, valid Unicode, no
+    aliases), built without pydantic: the import validates every row, and this is
+    several times cheaper. None means "not plain": the caller validates the row with
+    `ChatRow` (which also words every error)."""
     get = fields.get
     for name in _PLAIN_ABSENT:
         if get(name) is not None:
@@ -206,6 +227,16 @@ def plain_msg(line: int, fields: dict[str, Any], tz: Any) -> Msg | None:
         moment = parse_time(sent_at, tz)
     except ValueError:
         return None
+    if moment < EARLIEST_TIME or moment > (latest or utcnow() + LATEST_AHEAD):
+        return None
+    if not (content.isascii() and message_id.isascii()  # type: ignore[union-attr]
+            and account_id.isascii() and shop_id.isascii()  # type: ignore[union-attr]
+            and message_type.isascii() and (sender_id is None or sender_id.isascii())  # type: ignore[union-attr]
+            and (session_id is None or session_id.isascii())):  # type: ignore[union-attr]
+        texts = (content, message_id, account_id, shop_id, message_type, sender_id,
+                 session_id)
+        if not all(_valid_text(t) for t in texts if isinstance(t, str)):
+            return None
     return Msg(line=line, message_id=message_id, account_id=account_id,  # type: ignore[arg-type]
                shop_id=shop_id, sender_role=sender_role, sender_id=sender_id,  # type: ignore[arg-type]
                content=content, message_type=message_type, sent_at=moment,
@@ -403,20 +434,65 @@ def stored_ids(db: DbSession, ids: Sequence[str]) -> set[str]:
     return found
 
 
-def known_sessions(db: DbSession, slots: Iterable[Slot], *, lock: bool = False
-                   ) -> dict[Slot, list[Session]]:
-    """The stored sessions of exactly these slots. A row-value IN keeps the index
-    ranges to one per slot (`account IN … AND shop IN …` asks for their cross
-    product: 50 accounts × 200 shops are 10,000 index dives per batch)."""
+@dataclass(frozen=True)
+class TimeWindow:
+    """The stored sessions a batch can touch: those that may overlap or continue within
+    the gap `[since, until]` (its first message − gap … its last + gap), every open one,
+    and those its rows name by `session_ids`. A slot with years of history then loads
+    the few sessions around the batch, not all of them."""
+
+    since: datetime
+    until: datetime
+    session_ids: tuple[str, ...] = ()
+
+    @classmethod
+    def around(cls, msgs: Iterable[Msg], gap: timedelta) -> TimeWindow | None:
+        batch = list(msgs)
+        if not batch:
+            return None
+        times = [m.sent_at for m in batch]
+        named = sorted({m.session_id for m in batch if m.session_id})
+        if len(named) > ID_BATCH:
+            return None  # an odd batch: no window rather than a huge IN list
+        return cls(min(times) - gap, max(times) + gap, tuple(named))
+
+
+_TERMINAL = [str(status) for status in S if status.is_terminal]
+_START = func.coalesce(Session.first_message_at, Session.activated_at, Session.created_at)
+# A superset of `choose_target`'s test (`Known.of` gives start and end), built once.
+_NEAR = or_(
+    Session.status.not_in(_TERMINAL),
+    and_(bindparam("window_until", type_=UTCDateTime()) >= _START,
+         or_(Session.ended_at >= bindparam("window_since", type_=UTCDateTime()),
+             Session.last_message_at >= bindparam("window_since"),
+             bindparam("window_since") <= _START)),
+)
+
+
+def known_sessions(db: DbSession, slots: Iterable[Slot], *, lock: bool = False,
+                   window: TimeWindow | None = None) -> dict[Slot, list[Session]]:
+    """The stored sessions of exactly these slots (within `window`, when given). A
+    row-value IN keeps the index ranges to one per slot (`account IN … AND shop IN …`
+    asks for their cross product: 50 accounts × 200 shops are 10,000 index dives per
+    batch)."""
     wanted = set(slots)
     ordered = sorted(wanted)
     result: dict[Slot, list[Session]] = defaultdict(list)
+    near: Any = None
+    params: dict[str, Any] = {}
+    if window is not None:
+        near = _NEAR
+        if window.session_ids:
+            near = or_(near, Session.session_id.in_(window.session_ids))
+        params = {"window_since": window.since, "window_until": window.until}
     for i in range(0, len(ordered), ID_BATCH):
         stmt = select(Session).where(
             tuple_(Session.account_id, Session.shop_id).in_(ordered[i:i + ID_BATCH]))
+        if near is not None:
+            stmt = stmt.where(near)
         if lock:
             stmt = stmt.with_for_update()
-        for session in db.execute(stmt).scalars():
+        for session in db.execute(stmt, params).scalars():
             if session.slot in wanted:  # byte-exact, whatever the collation pads
                 result[session.slot].append(session)
     return result
@@ -942,7 +1018,8 @@ def _bulk(uow: UnitOfWork, slots: dict[Slot, list[Msg]], actor: str,
     db = uow.session
     counts = ImportCounts()
     fresh = fresh_messages(db, slots, counts, probe=probe)
-    known = known_sessions(db, fresh)
+    known = known_sessions(db, fresh, window=TimeWindow.around(
+        (m for msgs in fresh.values() for m in msgs), gap))
     now = utcnow()
     writer = Writer(db, now=now, actor=actor, job_id=context.job_id)
     live: list[Slot] = []
@@ -975,7 +1052,9 @@ def _run_live_slot(runtime: Any, slot: Slot, msgs: list[Msg], actor: str,
             if slot in marks:
                 return marks[slot]
         fresh = fresh_messages(tx.db, {slot: msgs}, counts)
-        sessions = [Known.of(s) for s in known_sessions(tx.db, [slot]).get(slot, [])]
+        window = TimeWindow.around(fresh.get(slot, []), gap)
+        sessions = [Known.of(s) for s in known_sessions(tx.db, [slot], window=window)
+                    .get(slot, [])]
         steps = plan_slot(fresh.get(slot, []), sessions, now=tx.now, gap=gap,
                           segmenter=context.segmenter)
         apply_live_slot(tx, steps, job_id=context.job_id, counts=counts)

@@ -1,17 +1,21 @@
 """One chat-export row (SPEC §4): aliases, sender role, time zone and a stable id.
 
 Shared by the history import, live messages and `AutoSessionManager.process_chat_messages`.
+A row is checked at the boundary like every request (`app.validation.BoundaryModel`):
+each string must be valid Unicode, `sent_at` lies between 1970-01-01 and one day from
+now, and a bad value is a `ValueError` (one bad row), never anything that fails the
+rows around it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from datetime import UTC, datetime, tzinfo
 from typing import Any
 
 from pydantic import (
     AliasChoices,
-    BaseModel,
     ConfigDict,
     Field,
     ValidationError,
@@ -21,6 +25,13 @@ from pydantic import (
 )
 
 from app.sessions.enums import SenderRole, TaskType
+from app.validation import BoundaryModel, BoundedTime, check_tree
+
+# The row fields the import reads (the names and aliases above); others are dropped early.
+KNOWN_FIELDS = frozenset({
+    "message_id", "account_id", "user_id", "shop_id", "sender_role", "is_robot", "direction",
+    "sender_id", "content", "message_type", "sent_at", "timestamp", "session_id", "task_type",
+})
 
 ROLE_ALIASES: dict[str, SenderRole] = {
     "robot": SenderRole.ROBOT,
@@ -66,29 +77,45 @@ def parse_flag(value: Any) -> bool | None:
 
 
 def parse_time(value: Any, tz: tzinfo) -> datetime:
-    """ISO 8601 (a naive time is in `tz`), or epoch seconds/milliseconds."""
-    if isinstance(value, datetime):
-        moment = value
-    elif isinstance(value, int | float) and not isinstance(value, bool):
-        seconds = value / 1000 if value > 1e11 else value
-        return datetime.fromtimestamp(seconds, UTC)
-    elif isinstance(value, str) and value.strip():
-        text = value.strip()
-        if text.endswith("Z"):
-            text = text[:-1] + "+00:00"
-        try:
-            moment = datetime.fromisoformat(text)
-        except ValueError:
-            raise ValueError(f"is not an ISO 8601 time: {value!r}") from None
-    else:
-        raise ValueError("is missing")
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=tz)
-    return moment.astimezone(UTC)
+    """ISO 8601 (a naive time is in `tz`), or epoch seconds/milliseconds.
+
+    Raises ValueError for anything it cannot turn into an aware UTC time, including a
+    number or a date at the edge of the calendar that no UTC time can hold (1e300,
+    ``0001-01-01T00:00:00+14:00``): those are one bad row, not an OverflowError."""
+    try:
+        if isinstance(value, datetime):
+            moment = value
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError("is not a finite number")
+            try:
+                seconds = value / 1000 if value > 1e11 else value
+                return datetime.fromtimestamp(seconds, UTC)
+            except (OverflowError, OSError, ValueError):
+                raise ValueError("epoch number is outside 1970-01-01 … now + 1 day") from None
+        elif isinstance(value, str) and value.strip():
+            text = value.strip()
+            if text.endswith("Z"):
+                text = text[:-1] + "+00:00"
+            try:
+                moment = datetime.fromisoformat(text)
+            except ValueError:
+                raise ValueError(f"is not an ISO 8601 time: {value[:64]!r}") from None
+        else:
+            raise ValueError("is missing")
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=tz)
+        return moment.astimezone(UTC)
+    except (OverflowError, OSError):
+        # fromtimestamp/astimezone past the calendar's ends (years 1 and 9999, huge epochs)
+        raise ValueError("time is outside 1970-01-01 … now + 1 day") from None
 
 
-class ChatRow(BaseModel):
-    """A validated message row. Validate with `context={"tz": ZoneInfo(...)}`."""
+class ChatRow(BoundaryModel):
+    """A validated message row. Validate with `context={"tz": ZoneInfo(...)}`.
+
+    Every string field must be valid Unicode (`BoundaryModel`); unknown fields are
+    ignored (exports carry columns of their own)."""
 
     model_config = ConfigDict(extra="ignore", populate_by_name=True, str_strip_whitespace=False)
 
@@ -103,7 +130,7 @@ class ChatRow(BaseModel):
     sender_id: str | None = Field(default=None, max_length=64)
     content: str = Field(max_length=65535)
     message_type: str = Field(default="text", max_length=32)
-    sent_at: datetime = Field(validation_alias=AliasChoices("sent_at", "timestamp"))
+    sent_at: BoundedTime = Field(validation_alias=AliasChoices("sent_at", "timestamp"))
     session_id: str | None = Field(default=None, max_length=40)
     task_type: TaskType | None = None
 
@@ -150,6 +177,8 @@ class ChatRow(BaseModel):
     def _content(cls, value: Any) -> Any:
         if value is None:
             raise ValueError("is missing")
+        if isinstance(value, dict | list):
+            check_tree(value)  # depth and Unicode first: str() of a crafted tree recurses
         return value if isinstance(value, str) else str(value)
 
     @field_validator("sent_at", mode="before")

@@ -21,17 +21,18 @@ import io
 import logging
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import IO, Any
 
 from pydantic import BaseModel
 from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session as DbSession
 
 from app.db import Database, affected_rows, utcnow
-from app.errors import NotFound, ValidationFailed
+from app.errors import AutoSessionError, NotFound, ServiceUnavailable, ValidationFailed
 from app.events.outbox import Audience, record_event
 from app.ids import new_id
 from app.imports import formats
@@ -57,11 +58,25 @@ from app.imports.models import (
     ImportSlotMark,
     ImportUploadPart,
 )
+from app.imports.pages import (
+    RUN_SEQ_BASE,
+    PageLimits,
+    RowErrors,
+    SortedRuns,
+    SortKey,
+    read_staged,
+    slot_pages,
+    sort_key,
+)
+from app.validation import LATEST_AHEAD
 
 log = logging.getLogger(__name__)
 
 UPLOAD_PIECE = 1 << 20
 MAX_ERRORS = 100
+# A chunk attempted this often without finishing (its worker killed, timed out) fails:
+# a job always ends, however its chunks die.
+MAX_CHUNK_ATTEMPTS = 10
 TERMINAL = ("succeeded", "partially_succeeded", "failed")
 # A split that shows no sign of life (a staged batch, a piece of the upload read) for
 # this long may be taken over by another run of prepare; until then, prepare leaves it
@@ -113,6 +128,18 @@ class ImportJobView(BaseModel):
     @property
     def finished(self) -> bool:
         return self.status in TERMINAL
+
+
+class UploadTooLarge(AutoSessionError):
+    """An upload past MAX_UPLOAD_BYTES on the wire: refused, nothing of it kept."""
+
+    status = 413
+    type = "/problems/upload-too-large"
+    title = "Upload too large"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the upload is larger than MAX_UPLOAD_BYTES ({limit} bytes)",
+                         max_upload_bytes=limit)
 
 
 class AlreadyApplied(Exception):
@@ -206,12 +233,14 @@ class ImportService:
     """Every step of an import job; each one safe to run twice."""
 
     def __init__(self, runtime: Any, *, segmenter: Segmenter = split_at_gaps,
-                 split_lease: float = SPLIT_LEASE) -> None:
+                 split_lease: float = SPLIT_LEASE,
+                 page_limits: PageLimits | None = None) -> None:
         self.runtime = runtime
         self.database: Database = runtime.database
         self.settings = runtime.settings
         self.segmenter = segmenter
         self.split_lease = split_lease
+        self.page_limits = page_limits or PageLimits()
 
     # ---- upload -------------------------------------------------------------------------
     def create_job(
@@ -222,9 +251,13 @@ class ImportService:
         format: str | None = None,
         encoding: str | None = None,
         actor: str = ACTOR,
+        max_bytes: int | None = None,
     ) -> ImportJobView:
         """Stage an upload in the database and queue it. The caller starts the pipeline
-        (`tasks.imports.enqueue_import`) once this has returned (i.e. committed)."""
+        (`tasks.imports.enqueue_import`) once this has returned (i.e. committed). An
+        upload past `max_bytes` (default MAX_UPLOAD_BYTES), counted as it streams in,
+        is refused with UploadTooLarge and nothing of it is kept."""
+        limit = max_bytes or self.settings.max_upload_bytes
         fmt = _choice("format", format, [f.value for f in ImportFormat])
         enc = _choice("encoding", encoding, list(ENCODINGS))
         with self.database.unit_of_work() as uow:
@@ -240,13 +273,15 @@ class ImportService:
             uow.session.flush()
             size = parts = 0
             while piece := stream.read(UPLOAD_PIECE):
+                if size + len(piece) > limit:
+                    raise UploadTooLarge(limit)  # the transaction rolls back: nothing kept
                 uow.session.execute(insert(ImportUploadPart),
                                     [{"job_pk": job.id, "seq": parts, "data": piece}])
                 size += len(piece)
                 parts += 1
             if size == 0:
                 raise ValidationFailed("the upload is empty",
-                                       [{"field": "file", "error": "no bytes received"}])
+                                       [{"field": "file", "message": "no bytes received"}])
             job.size_bytes, job.upload_parts = size, parts
             job.compression = "gzip" if _first_bytes(uow.session, job.id).startswith(
                 formats.GZIP_MAGIC) else None
@@ -283,36 +318,44 @@ class ImportService:
             job_pk, parts, batch = job.id, job.upload_parts, job.batch_size
             filename, fmt_name, encoding = job.filename, job.format, job.encoding
         fence = SplitFence(self.database, job_pk, token)
+        expanded = self.settings.max_upload_expanded_bytes
 
         def opener() -> IO[bytes]:
             return UploadReader(self.database, job_pk, parts,  # type: ignore[return-value]
                                 on_piece=fence.beat)
 
         try:
-            scan = formats.scan_upload(opener, encoding)
+            scan = formats.scan_upload(opener, encoding, max_bytes=expanded)
             encoding = scan.encoding
             fmt = ImportFormat(fmt_name) if fmt_name else formats.detect_format(
-                filename, opener, encoding)
+                filename, opener, encoding, expanded)
             if fmt is ImportFormat.NDJSON:
                 rows_hint = scan.lines  # at most one record per line: no parse to size chunks
             else:
-                with formats.open_text(opener, encoding) as text:
+                with formats.open_text(opener, encoding, expanded) as text:
                     rows_hint = formats.count_records(text, fmt)
             outcome = self._split(job_pk, opener, fmt, encoding, rows_hint, batch,
-                                  clean=scan.clean, fence=fence)
+                                  clean=scan.clean, fence=fence, max_bytes=expanded)
         except SplitTakenOver:
             log.info("import %s: split taken over by another run; this one stops", job_id)
             return PrepareOutcome(job_id, [], False)
-        except UnreadableUpload as exc:
+        except UnreadableUpload as exc:  # DecompressedTooLarge (a gzip bomb) among them
             self._fail(job_id, str(exc), encoding=encoding, split_token=token)
             return PrepareOutcome(job_id, [], False)
         except (UnicodeDecodeError, OSError, EOFError, zlib.error) as exc:  # a broken gzip
             self._fail(job_id, f"the upload cannot be read: {exc}", encoding=encoding,
                        split_token=token)
             return PrepareOutcome(job_id, [], False)
+        except (OperationalError, ServiceUnavailable):
+            raise  # the database or Redis is away: the task retries, the split resumes
+        except Exception as exc:  # anything else would leave the job 'running' for good
+            log.exception("import %s: the split failed", job_id)
+            self._fail(job_id, f"the upload could not be read: {type(exc).__name__}: "
+                               f"{str(exc)[:300]}", encoding=encoding, split_token=token)
+            return PrepareOutcome(job_id, [], False)
         with self.database.unit_of_work() as uow:
             job = self._job(uow.session, job_id, lock=True)
-            if job.split_token != token:
+            if job.split_token != token or job.status in TERMINAL:
                 log.info("import %s: split taken over at its end; this one stops", job_id)
                 return PrepareOutcome(job_id, [], False)
             for bucket, rows in sorted(outcome.rows_per_bucket.items()):
@@ -341,8 +384,8 @@ class ImportService:
         errors: list[dict[str, Any]]
 
     def _split(self, job_pk: int, opener: Callable[[], IO[bytes]], fmt: ImportFormat,
-               encoding: str, rows_hint: int, batch: int, *, clean: bool, fence: SplitFence
-               ) -> ImportService._Split:
+               encoding: str, rows_hint: int, batch: int, *, clean: bool, fence: SplitFence,
+               max_bytes: int | None = None) -> ImportService._Split:
         """Route every record to its slot's chunk. The split is the one serial step of a
         job (chunks wait for it), so it only finds each row's slot; the chunks validate."""
         buckets = chunk_count(rows_hint, batch)
@@ -392,7 +435,7 @@ class ImportService:
                 uow.commit()
             pending.clear()
 
-        with formats.open_text(opener, encoding) as text:
+        with formats.open_text(opener, encoding, max_bytes) as text:
             for record in formats.iter_records(text, fmt, clean=clean):
                 records += 1
                 if record.fields is None:
@@ -426,55 +469,87 @@ class ImportService:
     def process_chunk(
         self, chunk_pk: int, *, after_write: Callable[[], None] | None = None
     ) -> ImportCounts | None:
-        """Validate, group and store one chunk; None if it was already done."""
-        with self.database.read() as db:
-            chunk = db.get(ImportChunk, chunk_pk)
+        """Validate, group and store one chunk; None if it was already done (or another
+        run of it is ahead). A chunk whose valid rows fit one run is stored in one
+        transaction whose commit marks it done; a bigger one (a huge slot) is stored in
+        time-ordered pages (`app.imports.pages`), each committed with the chunk's
+        progress, so that a retry goes on after the last page stored."""
+        with self.database.unit_of_work() as uow:  # count the attempt (visible on crashes)
+            db = uow.session
+            chunk = db.get(ImportChunk, chunk_pk, with_for_update=True)
             if chunk is None:
                 raise NotFound(f"import chunk {chunk_pk} not found")
             if chunk.status != "pending":
                 return None
             job = db.get(ImportJob, chunk.job_pk)
             assert job is not None
-            job_id = job.job_id
-            payloads = list(db.execute(
-                select(ImportChunkPart.payload)
-                .where(ImportChunkPart.job_pk == chunk.job_pk,
-                       ImportChunkPart.bucket == chunk.bucket)
-                .order_by(ImportChunkPart.seq)
-            ).scalars())
-        with self.database.unit_of_work() as uow:  # count the attempt (visible on crashes)
-            uow.session.execute(update(ImportChunk).where(ImportChunk.id == chunk_pk)
-                                .values(attempts=ImportChunk.attempts + 1))
+            if job.status in TERMINAL:
+                return None  # failed while this chunk waited: its staged rows are gone
+            job_id, job_pk, bucket = job.job_id, chunk.job_pk, chunk.bucket
+            row_count = chunk.row_count
+            # Rows are judged against the job's start, so every attempt judges alike.
+            latest = (job.started_at or job.created_at) + LATEST_AHEAD
+            attempt = chunk.attempts + 1  # read under the row lock: this attempt's own
+            db.execute(update(ImportChunk).where(ImportChunk.id == chunk_pk)
+                       .values(attempts=attempt))
             uow.commit()
-        checked = ImportCounts()
+        if attempt > MAX_CHUNK_ATTEMPTS:
+            self.fail_chunk(chunk_pk, f"gave up after {MAX_CHUNK_ATTEMPTS} attempts (each "
+                                      "died, timed out or failed before finishing)")
+            return None
+        limits = self.page_limits
+        checked = RowErrors(MAX_ERRORS)
+        runs = SortedRuns(self.database, job_pk, bucket, attempt, limits)
         msgs: list[Msg] = []
+        chars = 0
         tz = self.settings.tz
-        for payload in payloads:
-            for line, fields in formats.unpack_rows(payload):
-                result = validate_row(line, fields, tz)
+        try:
+            for line, fields in read_staged(self.database, job_pk, bucket, rows=row_count,
+                                            group_rows=limits.read_rows):
+                result = validate_row(line, fields, tz, latest=latest)
                 if isinstance(result, str):
-                    checked.error(line, result)
-                else:
-                    msgs.append(result)
-        del payloads
+                    checked.add(line, result)
+                    continue
+                msgs.append(result)
+                chars += len(result.content) + 160  # msg_chars, inline: every row passes
+                if len(msgs) >= limits.run_rows or chars >= limits.run_chars:
+                    runs.add_run(msgs)
+                    msgs, chars = [], 0
+            if not runs.pieces:
+                return self._store_at_once(chunk_pk, job_id, msgs, checked.counts(),
+                                           after_write)
+            if msgs:
+                runs.add_run(msgs)
+                msgs = []
+            return self._store_in_pages(chunk_pk, job_id, runs, checked.counts(),
+                                        after_write)
+        finally:
+            if runs.pieces:
+                try:
+                    runs.discard()
+                except Exception:  # the job's end deletes them anyway
+                    log.warning("import chunk %s: sorted runs not deleted", chunk_pk)
 
-        def mark_done(db: DbSession, counts: ImportCounts) -> None:
-            final = ImportCounts()
-            final.add(checked)
-            final.add(counts)
-            body = final.as_dict(MAX_ERRORS)
-            body["first_error_line"] = body["errors"][0]["line"] if body["errors"] else None
-            result = db.execute(
-                update(ImportChunk)
-                .where(ImportChunk.id == chunk_pk, ImportChunk.status == "pending")
-                .values(status="done", done_at=utcnow(), **body)
-            )
-            if affected_rows(result) != 1:
-                raise AlreadyApplied(f"chunk {chunk_pk} was committed by another run")
+    def _mark_done(self, db: DbSession, chunk_pk: int, counts: ImportCounts) -> None:
+        body = counts.as_dict(MAX_ERRORS)
+        body["first_error_line"] = body["errors"][0]["line"] if body["errors"] else None
+        result = db.execute(
+            update(ImportChunk)
+            .where(ImportChunk.id == chunk_pk, ImportChunk.status == "pending")
+            .values(status="done", done_at=utcnow(), **body)
+        )
+        if affected_rows(result) != 1:
+            raise AlreadyApplied(f"chunk {chunk_pk} was committed by another run")
 
+    def _store_at_once(self, chunk_pk: int, job_id: str, msgs: list[Msg],
+                       checked: ImportCounts, after_write: Callable[[], None] | None
+                       ) -> ImportCounts | None:
+        """The usual chunk: one transaction, whose commit also marks the chunk done."""
         context = BatchContext(
             job_id=job_id, chunk_pk=chunk_pk, segmenter=self.segmenter,
-            before_commit=mark_done, after_write=after_write,
+            before_commit=lambda db, counts: self._mark_done(db, chunk_pk,
+                                                             combined(checked, counts)),
+            after_write=after_write,
             live_marks=lambda db: self._slot_marks(db, chunk_pk),
             mark_slot=lambda db, slot, counts: self._mark_slot(db, chunk_pk, slot, counts),
         )
@@ -484,6 +559,99 @@ class ImportService:
             return None
         counts.add(checked)
         return counts
+
+    def _store_in_pages(self, chunk_pk: int, job_id: str, runs: SortedRuns,
+                        checked: ImportCounts, after_write: Callable[[], None] | None
+                        ) -> ImportCounts | None:
+        """A chunk too big for one transaction: one page (one slot's rows, cut where its
+        conversation pauses) per transaction, each committed with the chunk's progress
+        mark — the pages stored, their counts, the last row stored — which is advanced
+        only from the value this run read (another run ahead of it stops this one)."""
+        progress = self._progress(chunk_pk)
+        totals = progress.counts
+        gap = timedelta(seconds=self.settings.session_gap)
+        stream: Iterator[Msg] = runs.merged()
+        if progress.cursor is not None:
+            cursor = progress.cursor
+            stream = (m for m in stream if sort_key(m) > cursor)
+        try:
+            for page in slot_pages(stream, gap, self.page_limits):
+                commit = _PageCommit(self, progress, totals, page)
+                context = BatchContext(
+                    job_id=job_id, chunk_pk=chunk_pk, segmenter=self.segmenter,
+                    before_commit=commit.in_bulk, after_write=after_write,
+                    live_marks=commit.already_stored, mark_slot=commit.in_slot,
+                )
+                counts = import_messages(self.runtime, page, actor=ACTOR, context=context)
+                counts.errors = []
+                totals = combined(totals, counts)
+                progress.pages += 1
+                progress.cursor = commit.last
+            final = combined(totals, checked)
+            with self.database.unit_of_work() as uow:
+                self._mark_done(uow.session, chunk_pk, final)
+                uow.commit()
+        except AlreadyApplied:
+            return None
+        return final
+
+    # The chunk's progress through its pages: a mark with no slot (account_id "") whose
+    # shop_id counts the pages stored, so that advancing it is a conditional update.
+    @dataclass
+    class _Progress:
+        pk: int
+        pages: int
+        counts: ImportCounts
+        cursor: SortKey | None
+
+    def _progress(self, chunk_pk: int) -> ImportService._Progress:
+        def read() -> ImportService._Progress | None:
+            with self.database.read() as db:
+                mark = db.execute(select(ImportSlotMark).where(
+                    ImportSlotMark.chunk_pk == chunk_pk, ImportSlotMark.account_id == ""
+                )).scalar_one_or_none()
+                if mark is None:
+                    return None
+                cursor = mark.counts.get("cursor")
+                return ImportService._Progress(
+                    pk=mark.id, pages=int(mark.shop_id),
+                    counts=ImportCounts.from_dict(mark.counts),
+                    cursor=(cursor[0], cursor[1], datetime.fromisoformat(cursor[2]),
+                            int(cursor[3])) if cursor else None)
+
+        found = read()
+        if found is None:
+            try:
+                with self.database.unit_of_work() as uow:
+                    uow.session.add(ImportSlotMark(chunk_pk=chunk_pk, account_id="",
+                                                   shop_id="0",
+                                                   counts=ImportCounts().as_dict(0)))
+                    uow.commit()
+            except IntegrityError:  # another run made it first
+                pass
+            found = read()
+        assert found is not None
+        return found
+
+    @staticmethod
+    def _progress_moved(db: DbSession, progress: ImportService._Progress) -> bool:
+        pages = db.execute(select(ImportSlotMark.shop_id).where(
+            ImportSlotMark.id == progress.pk)).scalar_one()
+        return pages != str(progress.pages)
+
+    @staticmethod
+    def _advance(db: DbSession, progress: ImportService._Progress, totals: ImportCounts,
+                 last: SortKey) -> None:
+        body = totals.as_dict(0)
+        body["cursor"] = [last[0], last[1], last[2].isoformat(), last[3]]
+        result = db.execute(
+            update(ImportSlotMark)
+            .where(ImportSlotMark.id == progress.pk,
+                   ImportSlotMark.shop_id == str(progress.pages))
+            .values(shop_id=str(progress.pages + 1), counts=body)
+        )
+        if affected_rows(result) != 1:
+            raise AlreadyApplied("another run of the chunk stored this page")
 
     @staticmethod
     def _slot_marks(db: DbSession, chunk_pk: int) -> dict[Slot, ImportCounts]:
@@ -528,7 +696,8 @@ class ImportService:
     def _chunk_first_line(db: DbSession, chunk: ImportChunk) -> int:
         payload = db.execute(
             select(ImportChunkPart.payload).where(
-                ImportChunkPart.job_pk == chunk.job_pk, ImportChunkPart.bucket == chunk.bucket)
+                ImportChunkPart.job_pk == chunk.job_pk, ImportChunkPart.bucket == chunk.bucket,
+                ImportChunkPart.seq < RUN_SEQ_BASE)
             .order_by(ImportChunkPart.seq).limit(1)
         ).scalar_one_or_none()
         if payload is None:
@@ -572,7 +741,9 @@ class ImportService:
                 job.status, job.detail = JobStatus.FAILED, "the upload holds no rows"
             elif stored == 0:
                 job.status = JobStatus.FAILED
-                job.detail = job.detail or "no row could be imported"
+                first = job.errors[0] if job.errors else None
+                job.detail = job.detail or "no row could be imported" + (
+                    f" (line {first['line']}: {first['error']})"[:500] if first else "")
             elif totals.invalid or failed:
                 job.status = JobStatus.PARTIALLY_SUCCEEDED
                 if failed:
@@ -583,8 +754,7 @@ class ImportService:
             job.finished_at = utcnow()
             self._announce(db, job)
             # The staged upload has served its purpose; counts and errors stay on the job.
-            db.execute(delete(ImportChunkPart).where(ImportChunkPart.job_pk == job.id))
-            db.execute(delete(ImportUploadPart).where(ImportUploadPart.job_pk == job.id))
+            self._delete_staged(db, job.id)
             uow.commit()
             view = self._view(db, job)
         self._events_written()
@@ -623,10 +793,17 @@ class ImportService:
         except Exception:  # the event is committed; delivery catches up
             log.exception("events_written hook failed")
 
+    def fail_job(self, job_id: str, detail: str) -> None:
+        """Close a job that cannot go on as failed (the task layer's last resort: a split
+        or a close that keeps failing), so that no job stays 'running' for good."""
+        self._fail(job_id, detail)
+
     def _fail(self, job_id: str, detail: str, *, encoding: str | None = None,
               split_token: str | None = None) -> None:
         """Close the job as failed (unless it is closed, or, for a split that failed,
-        someone else's split by now)."""
+        someone else's split by now). Its staged data is deleted (the upload and the
+        staged rows: README, "the upload is deleted when the job ends"); chunks still
+        pending are failed too, and a split still running is fenced off."""
         with self.database.unit_of_work() as uow:
             job = self._job(uow.session, job_id, lock=True)
             if job.status in TERMINAL:
@@ -636,11 +813,22 @@ class ImportService:
             job.status, job.phase, job.detail = JobStatus.FAILED, "finished", detail[:2000]
             job.encoding = job.encoding or encoding
             job.finished_at = utcnow()
-            job.errors = job.errors or []
+            job.errors = job.errors or job.prepare_errors or []
+            job.invalid = job.invalid or job.prepare_invalid
+            job.split_token = None
+            uow.session.execute(
+                update(ImportChunk)
+                .where(ImportChunk.job_pk == job.id, ImportChunk.status == "pending")
+                .values(status="failed", detail="the job failed", done_at=utcnow()))
             self._announce(uow.session, job)
-            uow.session.execute(delete(ImportChunkPart).where(ImportChunkPart.job_pk == job.id))
+            self._delete_staged(uow.session, job.id)
             uow.commit()
         self._events_written()
+
+    @staticmethod
+    def _delete_staged(db: DbSession, job_pk: int) -> None:
+        db.execute(delete(ImportChunkPart).where(ImportChunkPart.job_pk == job_pk))
+        db.execute(delete(ImportUploadPart).where(ImportUploadPart.job_pk == job_pk))
 
     # ---- reads ----------------------------------------------------------------------------
     def get(self, job_id: str) -> ImportJobView:
@@ -715,6 +903,43 @@ class ImportService:
                                          ImportChunk.status == "pending")
             .order_by(ImportChunk.id)
         ).scalars())
+
+
+def combined(*parts: ImportCounts) -> ImportCounts:
+    total = ImportCounts()
+    for part in parts:
+        total.add(part)
+    return total
+
+
+class _PageCommit:
+    """How one page of a paged chunk commits: with the chunk's progress mark advanced
+    in the same transaction — the bulk one, or the slot transaction when the page's slot
+    has anything live (then the bulk transaction that follows has nothing to add)."""
+
+    def __init__(self, service: ImportService, progress: ImportService._Progress,
+                 totals: ImportCounts, page: list[Msg]) -> None:
+        self.service = service
+        self.progress = progress
+        self.totals = totals
+        self.slot = (page[0].account_id, page[0].shop_id)
+        self.last = sort_key(page[-1])
+        self.stored_by_slot = False
+
+    def in_bulk(self, db: DbSession, counts: ImportCounts) -> None:
+        if not self.stored_by_slot:
+            self.service._advance(db, self.progress, combined(self.totals, counts), self.last)
+
+    def in_slot(self, db: DbSession, _slot: Slot, counts: ImportCounts) -> None:
+        self.service._advance(db, self.progress, combined(self.totals, counts), self.last)
+        self.stored_by_slot = True  # holds once run_on_slot returns (it commits last)
+
+    def already_stored(self, db: DbSession) -> dict[Slot, ImportCounts]:
+        """Another run stored this page (it advanced the mark): nothing to do here; the
+        commit that follows then fails the advance and this run stops."""
+        if self.service._progress_moved(db, self.progress):
+            return {self.slot: ImportCounts()}
+        return {}
 
 
 def _first_bytes(db: DbSession, job_pk: int) -> bytes:

@@ -7,35 +7,66 @@
     GET  /api/v1/imports            jobs, newest first (`limit`, `after`, `status`)
 
 The body is streamed into the database in 1 MiB pieces; the workers take it from
-there, so the web server's disk is never part of the pipeline.
+there, so the web server's disk is never part of the pipeline. An upload is bounded by
+MAX_UPLOAD_BYTES (not the smaller MAX_REQUEST_BYTES of other requests): a declared
+Content-Length past it is refused before a byte is read, and a body without one
+(chunked) is counted as it streams in; either way the answer is 413 and nothing of it
+is kept (`bounded_upload`, shared with the console's upload).
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import IO, Literal
 
 from flask import Blueprint, Response, request, url_for
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from app.api.auth import current_client, require_roles
 from app.api.http import parse_query, respond, runtime
 from app.api.openapi import documented
-from app.errors import ValidationFailed
-from app.imports.service import ImportJobView, ImportService
+from app.errors import NotFound, ValidationFailed
+from app.imports.service import ImportJobView, ImportService, UploadTooLarge
+from app.validation import BoundaryModel
 
 bp = Blueprint("imports", __name__)
 
 
-class UploadQuery(BaseModel):
+def bounded_upload[**P](view: Callable[P, Response]) -> Callable[P, Response]:
+    """An upload view: its body may reach MAX_UPLOAD_BYTES (`request.max_content_length`
+    is raised for this request only, before anything reads the body); past it — declared
+    or counted while streaming, multipart or raw — the answer is 413 problem+json."""
+
+    @functools.wraps(view)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> Response:
+        limit = runtime().settings.max_upload_bytes
+        request.max_content_length = limit
+        if request.content_length is not None and request.content_length > limit:
+            raise UploadTooLarge(limit)
+        try:
+            return view(*args, **kwargs)
+        except RequestEntityTooLarge:  # werkzeug's own count (multipart parsing, stream)
+            raise UploadTooLarge(limit) from None
+
+    return wrapper
+
+
+class UploadQuery(BoundaryModel):
+    model_config = ConfigDict(extra="ignore")
+
     format: Literal["auto", "json", "ndjson", "csv"] = "auto"
     encoding: Literal["auto", "utf-8", "utf-8-sig", "gbk"] = "auto"
     filename: str | None = Field(default=None, max_length=255)
 
 
-class JobListQuery(BaseModel):
+class JobListQuery(BoundaryModel):
+    model_config = ConfigDict(extra="ignore")
+
     limit: int = Field(default=50, ge=1, le=500)
-    after: str | None = None
-    status: str | None = None
+    after: str | None = Field(default=None, max_length=40, description="a job_id")
+    status: str | None = Field(default=None, max_length=24)
 
 
 class JobList(BaseModel):
@@ -55,6 +86,7 @@ class JobList(BaseModel):
     errors=(401, 403, 413, 422),
 )
 @require_roles("admin")
+@bounded_upload
 def upload() -> Response:
     query = parse_query(UploadQuery)
     stream: IO[bytes]
@@ -63,7 +95,7 @@ def upload() -> Response:
         part = request.files.get("file")
         if part is None:
             raise ValidationFailed("send the export as the multipart part named 'file'",
-                                   [{"field": "file", "error": "missing"}])
+                                   [{"field": "file", "message": "missing"}])
         stream = part.stream
         filename = filename or part.filename
     else:
@@ -93,8 +125,12 @@ def get_job(job_id: str) -> Response:
 @require_roles("admin")
 def list_jobs() -> Response:
     query = parse_query(JobListQuery)
-    items = ImportService(runtime()).list(limit=query.limit + 1, before=query.after,
-                                          status=query.status)
+    try:
+        items = ImportService(runtime()).list(limit=query.limit + 1, before=query.after,
+                                              status=query.status)
+    except NotFound:
+        raise ValidationFailed("unknown cursor", [{"field": "after", "message":
+                                                   "no such import job"}]) from None
     more = len(items) > query.limit
     items = items[:query.limit]
     return respond(JobList(items=items, next=items[-1].job_id if more else None))

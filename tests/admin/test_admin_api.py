@@ -8,13 +8,14 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from app.agents.service import AgentService, AgentUpdate
 from app.audit.models import Operation
 from app.db import utcnow
 from app.delivery.models import WebhookDelivery
 from app.events.models import Event
+from app.imports.models import ImportJob, ImportUploadPart
 from app.runtime import Runtime
 from app.sessions.enums import SenderRole, SessionStatus, TransferTrigger
 from app.sessions.schemas import TransferRequest
@@ -368,23 +369,31 @@ def test_import_jobs_upload_list_detail_and_row_errors(admin: Caller, runtime):
     assert admin.get("/admin/api/imports/imp_nope").status_code == 404
 
 
-def test_a_failed_import_job_is_retried_with_another_format(admin: Caller, runtime):
+def test_a_failed_import_keeps_nothing_staged_and_is_uploaded_again(admin: Caller, runtime):
+    """SPEC §13: an ended job's staged data is deleted, failed or not; so a failed job
+    cannot be retried from it (409 says to upload again), and the upload again works."""
     response = admin.http.post("/admin/api/imports?format=json", headers=admin.headers(),
                                data=CSV_EXPORT.encode(), content_type="text/plain")
     assert response.status_code == 202, response.get_json()
     job_id = response.get_json()["job_id"]
     failed = wait_for_job(admin, job_id)
     assert failed["status"] == "failed" and "JSON" in failed["detail"]
+    with runtime.database.read() as db:
+        job_pk = db.execute(select(ImportJob.id).where(ImportJob.job_id == job_id)).scalar_one()
+        assert db.execute(select(func.count()).select_from(ImportUploadPart)
+                          .where(ImportUploadPart.job_pk == job_pk)).scalar_one() == 0
 
     retried = admin.post(f"/admin/api/imports/{job_id}/retry", {"format": "csv"})
-    assert retried.status_code == 202, retried.get_json()
-    job = wait_for_job(admin, job_id)
-    assert (job["status"], job["format"], job["inserted"], job["invalid"]) == (
-        "partially_succeeded", "csv", 2, 2)
-    again = admin.post(f"/admin/api/imports/{job_id}/retry", {})
-    assert again.status_code == 409
+    assert retried.status_code == 409
+    assert "upload the file again" in retried.get_json()["detail"]
     assert admin.post(f"/admin/api/imports/{job_id}/retry", {"format": "xml"}
                       ).status_code == 422
+
+    again = admin.http.post("/admin/api/imports?format=csv", headers=admin.headers(),
+                            data=CSV_EXPORT.encode(), content_type="text/plain")
+    job = wait_for_job(admin, again.get_json()["job_id"])
+    assert (job["status"], job["format"], job["inserted"], job["invalid"]) == (
+        "partially_succeeded", "csv", 2, 2)
 
 
 # ---- statistics ------------------------------------------------------------------------------

@@ -6,7 +6,15 @@ import csv
 import gzip
 import io
 import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -15,6 +23,9 @@ from app.imports.service import ImportJobView, ImportService
 from app.messages.models import Message
 from app.runtime import Runtime
 from app.sessions.models import Session
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
 
 COLUMNS = ["message_id", "account_id", "shop_id", "sender_role", "sender_id", "content",
            "sent_at", "task_type"]
@@ -92,3 +103,96 @@ def message_count(runtime: Runtime) -> int:
 
     with runtime.database.read() as db:
         return db.execute(select(func.count()).select_from(Message)).scalar_one()
+
+
+# ---- hostile inputs --------------------------------------------------------------------
+def gzip_of_repeated(block: bytes, total: int, level: int = 6) -> bytes:
+    """A gzip stream that inflates to `total` bytes of `block` repeated, built a block at
+    a time (the expanded bytes are never held: a bomb stays small in the test too)."""
+    out = io.BytesIO()
+    with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=level) as archive:
+        written = 0
+        while written < total:
+            archive.write(block)
+            written += len(block)
+    return out.getvalue()
+
+
+def staged_left(runtime: Runtime, job_id: str) -> tuple[int, int]:
+    """(upload pieces, staged row pieces) still kept for a job."""
+    from sqlalchemy import func
+
+    from app.imports.models import ImportChunkPart, ImportJob, ImportUploadPart
+
+    with runtime.database.read() as db:
+        job_pk = db.execute(select(ImportJob.id).where(ImportJob.job_id == job_id)
+                            ).scalar_one()
+        return (
+            db.execute(select(func.count()).select_from(ImportUploadPart)
+                       .where(ImportUploadPart.job_pk == job_pk)).scalar_one(),
+            db.execute(select(func.count()).select_from(ImportChunkPart)
+                       .where(ImportChunkPart.job_pk == job_pk)).scalar_one(),
+        )
+
+
+def stored_by_job(runtime: Runtime, job_id: str) -> int:
+    from sqlalchemy import func
+
+    with runtime.database.read() as db:
+        return db.execute(select(func.count()).select_from(Message)
+                          .where(Message.import_job_id == job_id)).scalar_one()
+
+
+# ---- real workers (MariaDB + Redis tests) -------------------------------------------------
+def start_worker(env: dict[str, str], log: Path, name: str, *,
+                 memory_cap: int | None = None) -> subprocess.Popen:
+    """A Celery worker (one prefork child) in its own process group; `memory_cap` bounds
+    its address space (RLIMIT_AS), so a leak fails its task instead of the machine."""
+    def limit() -> None:
+        if memory_cap is not None:
+            resource.setrlimit(resource.RLIMIT_AS, (memory_cap, memory_cap))
+
+    return subprocess.Popen(
+        [str(BIN / "celery"), "-A", "tasks.celery_app:celery", "worker", "--loglevel", "INFO",
+         "--concurrency", "1", "--pool", "prefork", "-n", f"{name}@127.0.0.1",
+         "--without-gossip", "--without-mingle", "--without-heartbeat"],
+        cwd=ROOT, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT,
+        start_new_session=True, preexec_fn=limit,
+    )
+
+
+def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, sig)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str, log: Path) -> None:
+    import pytest
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}; worker log:\n{log.read_text()[-4000:]}")
+        time.sleep(0.2)
+
+
+def peak_rss_of_group(pgid: int) -> int:
+    """The largest peak resident size (VmHWM, bytes) among the processes of a group."""
+    peak = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.getpgid(int(entry.name)) != pgid:
+                continue
+            for status_line in (entry / "status").read_text().splitlines():
+                if status_line.startswith("VmHWM:"):
+                    peak = max(peak, int(status_line.split()[1]) * 1024)
+        except (OSError, ValueError):
+            continue
+    return peak

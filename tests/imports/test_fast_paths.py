@@ -64,6 +64,18 @@ NOT_PLAIN = [
     {**BASE, "content": 42},
     {**BASE, "content": None},
     {**BASE, "shop_id": "s" * 65},
+    # bad times and strings that are not Unicode: a bad row either way, never an exception
+    {**BASE, "sent_at": "0001-01-01T00:00:00+14:00"},
+    {**BASE, "sent_at": "9999-12-31T23:59:59-14:00"},
+    {**BASE, "sent_at": "1969-12-31T23:59:59Z"},
+    {**BASE, "sent_at": "2999-01-01T00:00:00"},
+    {**BASE, "sent_at": 1e300},
+    {**BASE, "sent_at": -1e300},
+    {**BASE, "sent_at": float("nan")},
+    {**BASE, "sent_at": 10 ** 30},
+    {**BASE, "content": "lone \ud800 surrogate"},
+    {**BASE, "sender_id": "\udc80"},
+    {**BASE, "message_id": "m\udfff"},
 ]
 
 

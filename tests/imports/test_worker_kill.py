@@ -4,14 +4,10 @@ nothing doubled. MariaDB + Redis only."""
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
-import sys
-import time
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
@@ -21,41 +17,19 @@ from app.imports.service import ImportService
 from app.messages.models import Message
 from app.sessions.models import Session
 from tasks.imports import PAUSE_ENV
-from tests.imports.helpers import as_ndjson, conversation
+from tests.imports.helpers import (
+    BIN,
+    ROOT,
+    as_ndjson,
+    conversation,
+    start_worker,
+    stop,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 T0 = datetime(2024, 5, 1, 9, 0, tzinfo=UTC)
-
-
-def start_worker(env: dict[str, str], log: Path, name: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [str(BIN / "celery"), "-A", "tasks.celery_app:celery", "worker", "--loglevel", "INFO",
-         "--concurrency", "1", "--pool", "prefork", "-n", f"{name}@127.0.0.1",
-         "--without-gossip", "--without-mingle", "--without-heartbeat"],
-        cwd=ROOT, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-
-def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, sig)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-
-
-def wait_until(predicate, timeout: float, what: str, log: Path) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}; worker log:\n{log.read_text()[-4000:]}")
-        time.sleep(0.2)
 
 
 def counts(runtime) -> tuple[int, int]:  # type: ignore[no-untyped-def]
