@@ -17,7 +17,7 @@ from typing import Any, cast
 
 from sqlalchemy import JSON, BigInteger, DateTime, Integer, MetaData, String, create_engine, event
 from sqlalchemy.dialects import mysql
-from sqlalchemy.engine import CursorResult, Engine, make_url
+from sqlalchemy.engine import Connection, CursorResult, Engine, make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as SATimeoutError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
@@ -279,6 +279,19 @@ class Database:
             yield session
         finally:
             session.close()  # ends the transaction; loaded objects stay readable
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """One short Core transaction: committed when the block ends normally, rolled
+        back if it raises (the hot paths that need no ORM unit of work)."""
+        with self.engine.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def connect(self) -> Iterator[Connection]:
+        """A short read on a Core connection (no ORM session around it)."""
+        with self.engine.connect() as conn:
+            yield conn
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -19,16 +19,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Connection, Row, select
-from sqlalchemy.orm import Session as DbSession
+from sqlalchemy import Connection, Row, bindparam, select
 from sqlalchemy.orm import object_session
 
 from app.clients.service import ClientIdentity, ClientRole
 from app.errors import Forbidden, NotFound, NotInControl
 from app.sessions.activity import Control
 from app.sessions.enums import SessionStatus, SessionType
-from app.sessions.models import Session
-from app.sessions.queries import Viewer, visible_session, visible_to
+from app.sessions.models import SESSIONS, Session
+from app.sessions.queries import Viewer, visible_to
 from app.sessions.schemas import SessionView
 from app.sessions.service import Guard
 from app.transfers.models import Transfer
@@ -42,11 +41,16 @@ def not_found(session_id: str) -> NotFound:
     return NotFound(f"session {session_id} not found")
 
 
-def load_visible(db: DbSession, client: ClientIdentity, session_id: str) -> SessionView:
-    row = visible_session(db, session_id, viewer_of(client))
-    if row is None:
+_SESSION_BY_ID = select(SESSIONS).where(SESSIONS.c.session_id == bindparam("session_id"))
+
+
+def read_visible(conn: Connection, client: ClientIdentity, session_id: str) -> SessionView:
+    """One session as `client` may see it (404 otherwise): one Core SELECT of its row,
+    no ORM identity map for a row nobody changes."""
+    row = conn.execute(_SESSION_BY_ID, {"session_id": session_id}).one_or_none()
+    if row is None or not may_see_row(conn, client, row):
         raise not_found(session_id)
-    return SessionView.model_validate(row)
+    return SessionView.model_validate(row._asdict())
 
 
 def robot_side(session: Session | SessionView | Row[Any]) -> bool:

@@ -15,8 +15,8 @@ from app.api.access import (
     check_may_create,
     control_guard,
     control_of,
-    load_visible,
     may_see_view,
+    read_visible,
     viewer_of,
 )
 from app.api.auth import current_client, require_roles
@@ -124,8 +124,8 @@ def list_all() -> Response:
 @documented(summary="One session", tags=TAGS, responses={200: SessionView}, errors=(404,))
 @require_roles("bot", "desk", "admin")
 def get_one(session_id: str) -> Response:
-    with runtime().database.read() as db:
-        view = load_visible(db, current_client(), session_id)
+    with runtime().database.connect() as conn:
+        view = read_visible(conn, current_client(), session_id)
     return respond(view)
 
 

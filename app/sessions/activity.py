@@ -98,13 +98,11 @@ class SessionActivity:
         last: Exception | None = None
         for attempt in range(MAX_ATTEMPTS):
             try:
-                with self.database.unit_of_work() as uow:
-                    conn = uow.session.connection()
+                with self.database.transaction() as conn:
                     row = conn.execute(_LOCK_SESSION, {"session_id": session_id}).one_or_none()
                     if row is None:
                         raise NotFound(f"session {session_id} not found")
                     result = work(conn, row)
-                    uow.commit()
                 return result
             except (IntegrityError, OperationalError) as exc:
                 if isinstance(exc, OperationalError) and not is_retryable_db_error(exc):

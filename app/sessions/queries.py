@@ -74,13 +74,6 @@ def visible_to(viewer: Viewer) -> ColumnElement[bool]:
     return false()
 
 
-def visible_session(db: DbSession, session_id: str, viewer: Viewer) -> Session | None:
-    """The session if it exists and `viewer` may see it, else None (callers answer 404)."""
-    return db.execute(
-        select(Session).where(Session.session_id == session_id, visible_to(viewer))
-    ).scalar_one_or_none()
-
-
 def encode_cursor(pk: int) -> str:
     return base64.urlsafe_b64encode(f"s{pk}".encode()).decode().rstrip("=")
 
