@@ -33,6 +33,7 @@ KNOWN_FIELDS = frozenset({
     "sender_id", "content", "message_type", "sent_at", "timestamp", "session_id", "task_type",
 })
 
+MAX_CONTENT_BYTES = 65535  # MySQL TEXT
 ROLE_ALIASES: dict[str, SenderRole] = {
     "robot": SenderRole.ROBOT,
     "bot": SenderRole.ROBOT,
@@ -180,6 +181,14 @@ class ChatRow(BoundaryModel):
         if isinstance(value, dict | list):
             check_tree(value)  # depth and Unicode first: str() of a crafted tree recurses
         return value if isinstance(value, str) else str(value)
+
+    @field_validator("content")
+    @classmethod
+    def _fits_a_text_column(cls, value: str) -> str:
+        # MySQL's TEXT holds 65,535 bytes: a longer message is refused, never truncated
+        if len(value) * 4 > MAX_CONTENT_BYTES and len(value.encode("utf-8", "surrogatepass")) > MAX_CONTENT_BYTES:
+            raise ValueError(f"longer than {MAX_CONTENT_BYTES} bytes in UTF-8")
+        return value
 
     @field_validator("sent_at", mode="before")
     @classmethod

@@ -216,3 +216,20 @@ def test_a_lone_surrogate_already_stored_does_not_break_reads(
     assert answer.status_code == 200
     assert answer.get_json()["context"] == {"note": "\ufffd"}
     assert_everyone_still_served(bot, desk, admin)
+
+
+@pytest.mark.parametrize("content", ["价" * 21846, "😀" * 16384, "x" * 65536])
+def test_a_message_too_long_for_its_column_is_refused_not_truncated(
+    bot: Caller, snapshot: Any, content: str
+) -> None:
+    """TEXT holds 65,535 bytes: 21,846 CJK characters (65,538 bytes) are one too many."""
+    session_id = bot.create("AUTO_BARGAIN", shop="long")["session_id"]
+    before = snapshot()
+    answer = bot.post(f"/api/v1/sessions/{session_id}/messages",
+                      {"messages": [{"content": content, "sender_role": "counterpart"}]})
+    assert answer.status_code == 422, answer.get_data(as_text=True)[:300]
+    assert "messages.0.content" in field_names(answer)
+    assert snapshot() == before
+    fits = bot.post(f"/api/v1/sessions/{session_id}/messages",
+                    {"messages": [{"content": "价" * 21845, "sender_role": "counterpart"}]})
+    assert fits.status_code == 200
