@@ -77,7 +77,10 @@ class Base(DeclarativeBase):
 PING_IF_IDLE_FOR = 1.0
 
 
-def make_engine(url: str, *, ping_if_idle_for: float = PING_IF_IDLE_FOR, **kwargs: Any) -> Engine:
+def make_engine(
+    url: str, *, ping_if_idle_for: float = PING_IF_IDLE_FOR, autocommit: bool = False,
+    **kwargs: Any,
+) -> Engine:
     """An engine tuned for the backend: WAL + IMMEDIATE transactions on SQLite,
     READ COMMITTED on MySQL, whose connections are pinged on checkout when they sat
     idle in the pool for `ping_if_idle_for` seconds or more (`_ping_when_idle`)."""
@@ -113,12 +116,15 @@ def make_engine(url: str, *, ping_if_idle_for: float = PING_IF_IDLE_FOR, **kwarg
         kwargs.setdefault("max_overflow", 20)
         engine = create_engine(
             parsed,
-            isolation_level="READ COMMITTED",
+            isolation_level="AUTOCOMMIT" if autocommit else "READ COMMITTED",
             pool_recycle=1800,
             pool_reset_on_return=None,  # `_reset_unless_ended` below does it, when needed
             **kwargs,
         )
-        _reset_unless_ended(engine)
+        if autocommit:
+            _no_transaction_round_trips(engine)
+        else:
+            _reset_unless_ended(engine)
         _ping_when_idle(engine, ping_if_idle_for)
         return engine
     return create_engine(url, **kwargs)
@@ -150,6 +156,16 @@ def _reset_unless_ended(engine: Engine) -> None:
             return
         if record.info.get("transaction_open", True):
             dbapi_conn.rollback()
+
+
+def _no_transaction_round_trips(engine: Engine) -> None:
+    """An AUTOCOMMIT engine: every statement is its own transaction on the server, so
+    the COMMIT and ROLLBACK that SQLAlchemy's connection sends on its way out (it does,
+    even in autocommit mode: one round trip in two for a one-statement read) have
+    nothing to end. They are skipped for this engine's dialect only."""
+    dialect = engine.dialect
+    dialect.do_rollback = lambda dbapi_connection: None  # type: ignore[method-assign]
+    dialect.do_commit = lambda dbapi_connection: None  # type: ignore[method-assign]
 
 
 def _ping_when_idle(engine: Engine, idle_for: float) -> None:
@@ -263,6 +279,12 @@ class Database:
         self.url = url
         self.engine = make_engine(url, **engine_kwargs)
         self.session_factory = sessionmaker(self.engine, expire_on_commit=False)
+        # One-statement reads and conditional updates (the hot paths) on MySQL run on a
+        # pool of AUTOCOMMIT connections: one round trip each, no COMMIT or ROLLBACK.
+        # SQLite has one writer at a time anyway: the same engine.
+        self.autocommit_engine = (
+            make_engine(url, autocommit=True, **engine_kwargs)
+            if self.engine.dialect.name == "mysql" else self.engine)
 
     @property
     def dialect(self) -> str:
@@ -289,12 +311,19 @@ class Database:
 
     @contextmanager
     def connect(self) -> Iterator[Connection]:
-        """A short read on a Core connection (no ORM session around it)."""
-        with self.engine.connect() as conn:
+        """Single statements on a Core connection, each its own transaction (AUTOCOMMIT
+        on MySQL; on SQLite the block is one transaction, committed at its end)."""
+        if self.autocommit_engine is self.engine:
+            with self.engine.begin() as conn:
+                yield conn
+            return
+        with self.autocommit_engine.connect() as conn:
             yield conn
 
     def dispose(self) -> None:
         self.engine.dispose()
+        if self.autocommit_engine is not self.engine:
+            self.autocommit_engine.dispose()
 
 
 def affected_rows(result: Any) -> int:

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Connection, Row, bindparam, select
+from sqlalchemy import ColumnElement, Connection, Row, and_, bindparam, false, not_, select, true
 from sqlalchemy.orm import object_session
 
 from app.clients.service import ClientIdentity, ClientRole
 from app.errors import Forbidden, NotFound, NotInControl
 from app.sessions.activity import Control
-from app.sessions.enums import SessionStatus, SessionType
+from app.sessions.enums import ROBOT_TYPES, SessionStatus, SessionType
 from app.sessions.models import SESSIONS, Session
 from app.sessions.queries import Viewer, visible_to
 from app.sessions.schemas import SessionView
@@ -116,6 +116,21 @@ def may_see_row(conn: Connection, client: ClientIdentity, row: Row[Any]) -> bool
         return True
     return conn.execute(
         select(Transfer.id).where(Transfer.session_pk == row.id).limit(1)).first() is not None
+
+
+def controlled_by(client: ClientIdentity, *, messages: bool) -> ColumnElement[bool]:
+    """`in_control` as a SQL condition on a live session's row (it implies that the
+    client may see it): what the one-statement paths put in their WHERE."""
+    c = SESSIONS.c
+    robot_side_sql = and_(c.session_type.in_(sorted(str(t) for t in ROBOT_TYPES)),
+                          c.status != SessionStatus.TRANSFERRED)
+    if client.is_bot:
+        return and_(c.client_id == client.client_id, robot_side_sql)
+    if client.is_desk or (client.is_admin and messages):
+        return not_(robot_side_sql)
+    if client.is_admin:
+        return true()
+    return false()
 
 
 def control_of(client: ClientIdentity, *, messages: bool) -> Control:

@@ -15,6 +15,7 @@ from app.api.access import (
     check_may_create,
     control_guard,
     control_of,
+    controlled_by,
     may_see_view,
     read_visible,
     viewer_of,
@@ -138,7 +139,8 @@ def heartbeat(session_id: str) -> Response:
     # A bot whose session went to the desk learns the status, and its heartbeat does not
     # keep the human conversation alive (`control_of` answers False: nothing changes).
     return respond(runtime().sessions.heartbeat(
-        session_id, actor=client.actor, control=control_of(client, messages=False)))
+        session_id, actor=client.actor, control=control_of(client, messages=False),
+        controlled_if=controlled_by(client, messages=False)))
 
 
 def _transition(session_id: str, action: str) -> Response:

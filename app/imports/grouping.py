@@ -17,6 +17,11 @@ For every slot (account_id, shop_id) of a batch:
    the slot lock, the fence and the §3.5 rules apply exactly as for a request.
 
 Every session touched gets an audit row by `system:import`.
+
+The rows of a batch are written by executemany in database batches of at most
+`BatchContext.batch_rows` rows each — BATCH_SIZE, the seed's 批处理大小 (SPEC §10:
+it bounds one database batch) — whatever the number of rows one worker task takes
+(`app.imports.chunking.TASK_ROWS`), which is the project's choice.
 """
 
 from __future__ import annotations
@@ -529,14 +534,29 @@ def fresh_messages(db: DbSession, slots: dict[Slot, list[Msg]], counts: ImportCo
 
 
 # ---- writing ------------------------------------------------------------------------
-def core_insert(db: DbSession, model: Any, rows: list[dict[str, Any]]) -> None:
-    """One executemany INSERT of same-keyed rows on the transaction's connection.
+# A multi-row INSERT written out here (`_mysql_insert`) holds at most this many
+# characters — at most 4 bytes each in UTF-8: about PyMySQL's own 1 MB statements, far
+# inside max_allowed_packet — and at most `batch` rows.
+STATEMENT_CHARS = 256 * 1024
+# PyMySQL's string escapes (`pymysql.converters.escape_string`), as a translate table.
+_MYSQL_ESCAPES = str.maketrans({"\0": "\\0", "\\": "\\\\", "\n": "\\n", "\r": "\\r",
+                                "\032": "\\Z", '"': '\\"', "'": "\\'"})
+
+
+def core_insert(db: DbSession, model: Any, rows: list[dict[str, Any]], *,
+                batch: int | None = None) -> None:
+    """Same-keyed rows inserted on the transaction's connection, in database batches
+    of at most `batch` rows (the import passes BATCH_SIZE, the seed's 批处理大小: one
+    database batch — on MySQL one multi-row INSERT — holds at most that many rows), or
+    all of them in one batch without `batch`.
 
     The ORM's bulk path (`db.execute(insert(Model), rows)`) and even Core's spend
     more time arranging each row's parameters than the driver spends sending them.
     Here every column's bind processor (UTC times, JSON, …) is applied in one tight
-    loop and the rows go to the driver's executemany as they are; on MySQL times go
-    as the text of their literal (`mysql_utc_text`)."""
+    loop; on MySQL times go as the text of their literal (`mysql_utc_text`), and with
+    PyMySQL the multi-row INSERT is written out here (`_mysql_insert`) — what PyMySQL's
+    executemany sends, without its generic escaping of each value — elsewhere the rows
+    go to the driver's executemany as they are."""
     if not rows:
         return
     conn = db.connection()
@@ -548,6 +568,14 @@ def core_insert(db: DbSession, model: Any, rows: list[dict[str, Any]]) -> None:
     procs = [(i, proc) for i, name in enumerate(names)
              if (proc := _bind_processor(table.c[name].type, dialect)) is not None]
     pick = operator.itemgetter(*names)
+    step = batch if batch and batch > 0 else len(rows)
+    statement = str(compiled)
+    if dialect.name == "mysql" and dialect.driver == "pymysql":
+        quote = dialect.identifier_preparer
+        prefix = (f"INSERT INTO {quote.format_table(table)} "
+                  f"({', '.join(quote.quote(name) for name in names)}) VALUES ")
+        _mysql_insert(conn, prefix, rows, pick, len(names), procs, step)
+        return
     params: list[Any] = []
     for row in rows:
         values = list(pick(row)) if len(names) > 1 else [pick(row)]
@@ -555,7 +583,52 @@ def core_insert(db: DbSession, model: Any, rows: list[dict[str, Any]]) -> None:
             values[i] = proc(values[i])
         params.append(tuple(values) if compiled.positional else dict(zip(names, values,
                                                                          strict=True)))
-    conn.exec_driver_sql(str(compiled), params)
+    for start in range(0, len(params), step):
+        conn.exec_driver_sql(statement, params[start:start + step])
+
+
+def _mysql_insert(conn: Any, prefix: str, rows: list[dict[str, Any]],
+                  pick: Callable[[dict[str, Any]], Any], width: int,
+                  procs: list[tuple[int, Callable[[Any], Any]]], step: int) -> None:
+    """`prefix` (`INSERT INTO t (a, b) VALUES `) then `(…),(…)`: statements of at most
+    `step` rows and STATEMENT_CHARS characters each, the values written as PyMySQL
+    writes them — a str escaped by PyMySQL's table, in quotes; an int in digits; None as
+    NULL; anything else (bytes, bools, floats, …) by the connection's own `escape` (a
+    server in NO_BACKSLASH_ESCAPES mode gets every value from it). Sent without
+    parameters (no `%` formatting), through SQLAlchemy, so its errors (a duplicate key)
+    are the usual ones."""
+    raw = conn.connection.dbapi_connection
+    escape = raw.escape
+    from pymysql.constants import SERVER_STATUS
+
+    table: Any = _MYSQL_ESCAPES
+    if raw.server_status & SERVER_STATUS.SERVER_STATUS_NO_BACKSLASH_ESCAPES:
+        table = None
+    options = {"no_parameters": True}
+    parts: list[str] = []
+    chars = 0
+    for row in rows:
+        values = pick(row) if width > 1 else (pick(row),)
+        if procs:
+            values = list(values)
+            for i, proc in procs:
+                values[i] = proc(values[i])
+        if table is None:
+            text = "(" + ",".join([escape(v) for v in values]) + ")"
+        else:
+            text = "(" + ",".join([
+                "'" + v.translate(table) + "'" if v.__class__ is str
+                else "NULL" if v is None
+                else str(v) if v.__class__ is int
+                else escape(v)
+                for v in values]) + ")"
+        if parts and (len(parts) >= step or chars + len(text) > STATEMENT_CHARS):
+            conn.exec_driver_sql(prefix + ",".join(parts), execution_options=options)
+            parts, chars = [], 0
+        parts.append(text)
+        chars += len(text) + 1
+    if parts:
+        conn.exec_driver_sql(prefix + ",".join(parts), execution_options=options)
 
 
 def _bind_processor(type_: Any, dialect: Any) -> Callable[[Any], Any] | None:
@@ -621,11 +694,13 @@ def add_to_session(session: Session, messages: Sequence[Msg]) -> None:
 class Writer:
     """Collects one transaction's rows and writes them with a few bulk statements."""
 
-    def __init__(self, db: DbSession, *, now: datetime, actor: str, job_id: str | None) -> None:
+    def __init__(self, db: DbSession, *, now: datetime, actor: str, job_id: str | None,
+                 batch: int | None = None) -> None:
         self.db = db
         self.now = now
         self.actor = actor
         self.job_id = job_id
+        self.batch = batch  # rows per INSERT (BATCH_SIZE), None: no bound
         self.counts = ImportCounts()
         self._sessions: list[tuple[dict[str, Any], NewSession]] = []
         self._messages: list[tuple[Msg, int | str]] = []  # session pk, or public id if new
@@ -665,7 +740,7 @@ class Writer:
         db = self.db
         public_to_pk: dict[str, int] = {}
         if self._sessions:
-            core_insert(db, Session, [values for values, _ in self._sessions])
+            core_insert(db, Session, [values for values, _ in self._sessions], batch=self.batch)
             ids = [values["session_id"] for values, _ in self._sessions]
             for i in range(0, len(ids), ID_BATCH):
                 public_to_pk.update(dict(db.execute(
@@ -692,9 +767,9 @@ class Writer:
                     from_status=None, to_status=S.COMPLETED, actor=self.actor, at=self.now,
                     prev_hash=None, reason="history import", details=details,
                 ))
-            core_insert(db, Operation, audits)
+            core_insert(db, Operation, audits, batch=self.batch)
             if transfers:
-                core_insert(db, Transfer, transfers)
+                core_insert(db, Transfer, transfers, batch=self.batch)
         if self._attached:
             pks = sorted(self._attached)
             rows = {s.id: s for s in db.execute(
@@ -725,16 +800,16 @@ class Writer:
                     details=details,
                 ))
                 self.counts.sessions_updated += 1
-            core_insert(db, Operation, audits)
+            core_insert(db, Operation, audits, batch=self.batch)
             if transfers:
-                core_insert(db, Transfer, transfers)
+                core_insert(db, Transfer, transfers, batch=self.batch)
         if self._messages:
             message_rows = [
                 message_values(m, public_to_pk[ref] if isinstance(ref, str) else ref,
                                self.now, self.job_id)
                 for m, ref in self._messages
             ]
-            core_insert(db, Message, message_rows)
+            core_insert(db, Message, message_rows, batch=self.batch)
             self.counts.inserted += len(message_rows)
         db.flush()
 
@@ -775,9 +850,9 @@ def handoff_transfer(session: dict[str, Any] | Session, session_pk: int,
 
 # ---- the live path: one slot under its lock --------------------------------------------
 def apply_live_slot(tx: Any, steps: list[Step], *, job_id: str | None,
-                    counts: ImportCounts) -> None:
+                    counts: ImportCounts, batch: int | None = None) -> None:
     """Apply a slot's plan inside `SessionService.run_on_slot` (a SlotTx)."""
-    writer = Writer(tx.db, now=tx.now, actor=tx.actor, job_id=job_id)
+    writer = Writer(tx.db, now=tx.now, actor=tx.actor, job_id=job_id, batch=batch)
     for step in steps:
         if isinstance(step, NewSession):
             if step.closed:
@@ -799,7 +874,7 @@ def apply_live_slot(tx: Any, steps: list[Step], *, job_id: str | None,
 
 def _store_on(tx: Any, writer: Writer, session: Session, msgs: list[Msg]) -> None:
     core_insert(tx.db, Message, [message_values(m, session.id, tx.now, writer.job_id)
-                                 for m in msgs])
+                                 for m in msgs], batch=writer.batch)
     add_to_session(session, msgs)
     writer.counts.inserted += len(msgs)
 
@@ -899,6 +974,8 @@ class BatchContext:
     job_id: str | None = None
     chunk_pk: int | None = None
     segmenter: Segmenter = split_at_gaps
+    # Rows per INSERT (BATCH_SIZE: one database batch); None: no bound.
+    batch_rows: int | None = None
     # Runs inside the bulk transaction before its commit (the chunk's 'done' marker).
     before_commit: Callable[[DbSession, ImportCounts], None] | None = None
     # Test hook: called after the bulk rows are written, before the commit.
@@ -929,7 +1006,8 @@ def import_rows(
             counts.error(line, checked)
         else:
             msgs.append(checked)
-    counts.add(import_messages(runtime, msgs, actor=actor, context=BatchContext()))
+    counts.add(import_messages(runtime, msgs, actor=actor, context=BatchContext(
+        batch_rows=runtime.settings.batch_size)))
     return counts
 
 
@@ -1021,7 +1099,7 @@ def _bulk(uow: UnitOfWork, slots: dict[Slot, list[Msg]], actor: str,
     known = known_sessions(db, fresh, window=TimeWindow.around(
         (m for msgs in fresh.values() for m in msgs), gap))
     now = utcnow()
-    writer = Writer(db, now=now, actor=actor, job_id=context.job_id)
+    writer = Writer(db, now=now, actor=actor, job_id=context.job_id, batch=context.batch_rows)
     live: list[Slot] = []
     plans: list[list[Step]] = []
     for slot, msgs in fresh.items():
@@ -1057,7 +1135,8 @@ def _run_live_slot(runtime: Any, slot: Slot, msgs: list[Msg], actor: str,
                     .get(slot, [])]
         steps = plan_slot(fresh.get(slot, []), sessions, now=tx.now, gap=gap,
                           segmenter=context.segmenter)
-        apply_live_slot(tx, steps, job_id=context.job_id, counts=counts)
+        apply_live_slot(tx, steps, job_id=context.job_id, counts=counts,
+                        batch=context.batch_rows)
         if context.mark_slot:
             context.mark_slot(tx.db, slot, counts)
         return counts

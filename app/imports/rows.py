@@ -186,7 +186,8 @@ class ChatRow(BoundaryModel):
     @classmethod
     def _fits_a_text_column(cls, value: str) -> str:
         # MySQL's TEXT holds 65,535 bytes: a longer message is refused, never truncated
-        if len(value) * 4 > MAX_CONTENT_BYTES and len(value.encode("utf-8", "surrogatepass")) > MAX_CONTENT_BYTES:
+        if len(value) * 4 > MAX_CONTENT_BYTES and (
+                len(value.encode("utf-8", "surrogatepass")) > MAX_CONTENT_BYTES):
             raise ValueError(f"longer than {MAX_CONTENT_BYTES} bytes in UTF-8")
         return value
 

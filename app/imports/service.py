@@ -3,14 +3,20 @@
     create_job   stage the raw upload in the database (pieces of 1 MiB); job `queued`
     prepare      read the staged upload as a stream: one pass over its bytes (encoding,
                  lines; CSV and JSON records are counted by parsing), then split the
-                 records into chunks of about BATCH_SIZE rows, all rows of a slot in one
-                 chunk (the one serial step: it only finds each row's slot)
+                 records into chunks of about TASK_ROWS rows (`chunking`), all rows of a
+                 slot in one chunk (the one serial step: it only finds each row's slot)
     process_chunk  validate, de-duplicate, group and store one chunk in one transaction
-                 whose commit also marks the chunk done (a retry is harmless)
-    finish       add up the chunks, keep the first row errors, emit `import.finished`
+                 whose commit also marks the chunk done (a retry is harmless); its rows
+                 go to the database in batches of at most BATCH_SIZE rows (the job's
+                 `batch_size`, the seed's 批处理大小: one database batch)
+    finish       claim the job (one conditional UPDATE: running, every chunk done, not
+                 finished), add up the chunks, keep the first row errors, emit
+                 `import.finished` — in one transaction, so the close happens once
+                 however many callers race for it
 
-The task layer (`tasks.imports`) runs these steps on Celery workers: prepare, then
-a chord of chunks, then finish. Nothing here imports Celery or Flask.
+The task layer (`tasks.imports`) runs these steps on Celery workers: prepare, then one
+task per chunk; the chunk task that finds no chunk left pending closes the job. Nothing
+here imports Celery or Flask.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from datetime import datetime, timedelta
 from typing import IO, Any
 
 from pydantic import BaseModel
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import delete, exists, func, insert, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session as DbSession
 
@@ -36,7 +42,7 @@ from app.errors import AutoSessionError, NotFound, ServiceUnavailable, Validatio
 from app.events.outbox import Audience, record_event
 from app.ids import new_id
 from app.imports import formats
-from app.imports.chunking import ChunkSpool, StagedRow, chunk_count, slot_of
+from app.imports.chunking import TASK_ROWS, ChunkSpool, StagedRow, chunk_count, slot_of
 from app.imports.formats import ENCODINGS, ImportFormat, UnreadableUpload
 from app.imports.grouping import (
     ACTOR,
@@ -234,13 +240,14 @@ class ImportService:
 
     def __init__(self, runtime: Any, *, segmenter: Segmenter = split_at_gaps,
                  split_lease: float = SPLIT_LEASE,
-                 page_limits: PageLimits | None = None) -> None:
+                 page_limits: PageLimits | None = None, task_rows: int = TASK_ROWS) -> None:
         self.runtime = runtime
         self.database: Database = runtime.database
         self.settings = runtime.settings
         self.segmenter = segmenter
         self.split_lease = split_lease
         self.page_limits = page_limits or PageLimits()
+        self.task_rows = task_rows  # rows one chunk task takes (about)
 
     # ---- upload -------------------------------------------------------------------------
     def create_job(
@@ -386,9 +393,11 @@ class ImportService:
     def _split(self, job_pk: int, opener: Callable[[], IO[bytes]], fmt: ImportFormat,
                encoding: str, rows_hint: int, batch: int, *, clean: bool, fence: SplitFence,
                max_bytes: int | None = None) -> ImportService._Split:
-        """Route every record to its slot's chunk. The split is the one serial step of a
-        job (chunks wait for it), so it only finds each row's slot; the chunks validate."""
-        buckets = chunk_count(rows_hint, batch)
+        """Route every record to its slot's chunk: about `task_rows` rows a chunk (the
+        rows of a task, not BATCH_SIZE: `batch` bounds only the pieces one INSERT
+        stages). The split is the one serial step of a job (chunks wait for it), so it
+        only finds each row's slot; the chunks validate."""
+        buckets = chunk_count(rows_hint, self.task_rows)
         records = 0
         seqs: dict[int, int] = {}
 
@@ -396,8 +405,10 @@ class ImportService:
             pending.append((bucket, rows))
 
         pending: list[tuple[int, list[StagedRow]]] = []
+        # Every bucket's buffer is written out once the spool holds about 500 rows a
+        # bucket (5,000 to 50,000 rows in all): pieces of a few hundred rows each.
         spool = ChunkSpool(buckets, write_batch,
-                           spool_rows=max(5_000, min(50_000, batch * 25)))
+                           spool_rows=max(5_000, min(50_000, 500 * buckets)))
         invalid = 0
         errors: list[dict[str, Any]] = []
         unresolved: list[tuple[int, dict[str, Any]]] = []
@@ -431,7 +442,7 @@ class ImportService:
                     seqs[bucket] = seq + 1
                     values.append({"job_pk": job_pk, "bucket": bucket, "seq": seq,
                                    "row_count": len(rows), "payload": formats.pack_staged(rows)})
-                core_insert(uow.session, ImportChunkPart, values)
+                core_insert(uow.session, ImportChunkPart, values, batch=batch)
                 uow.commit()
             pending.clear()
 
@@ -486,7 +497,7 @@ class ImportService:
             if job.status in TERMINAL:
                 return None  # failed while this chunk waited: its staged rows are gone
             job_id, job_pk, bucket = job.job_id, chunk.job_pk, chunk.bucket
-            row_count = chunk.row_count
+            row_count, batch = chunk.row_count, job.batch_size
             # Rows are judged against the job's start, so every attempt judges alike.
             latest = (job.started_at or job.created_at) + LATEST_AHEAD
             attempt = chunk.attempts + 1  # read under the row lock: this attempt's own
@@ -517,12 +528,12 @@ class ImportService:
                     msgs, chars = [], 0
             if not runs.pieces:
                 return self._store_at_once(chunk_pk, job_id, msgs, checked.counts(),
-                                           after_write)
+                                           after_write, batch)
             if msgs:
                 runs.add_run(msgs)
                 msgs = []
             return self._store_in_pages(chunk_pk, job_id, runs, checked.counts(),
-                                        after_write)
+                                        after_write, batch)
         finally:
             if runs.pieces:
                 try:
@@ -542,11 +553,11 @@ class ImportService:
             raise AlreadyApplied(f"chunk {chunk_pk} was committed by another run")
 
     def _store_at_once(self, chunk_pk: int, job_id: str, msgs: list[Msg],
-                       checked: ImportCounts, after_write: Callable[[], None] | None
-                       ) -> ImportCounts | None:
+                       checked: ImportCounts, after_write: Callable[[], None] | None,
+                       batch: int) -> ImportCounts | None:
         """The usual chunk: one transaction, whose commit also marks the chunk done."""
         context = BatchContext(
-            job_id=job_id, chunk_pk=chunk_pk, segmenter=self.segmenter,
+            job_id=job_id, chunk_pk=chunk_pk, segmenter=self.segmenter, batch_rows=batch,
             before_commit=lambda db, counts: self._mark_done(db, chunk_pk,
                                                              combined(checked, counts)),
             after_write=after_write,
@@ -561,8 +572,8 @@ class ImportService:
         return counts
 
     def _store_in_pages(self, chunk_pk: int, job_id: str, runs: SortedRuns,
-                        checked: ImportCounts, after_write: Callable[[], None] | None
-                        ) -> ImportCounts | None:
+                        checked: ImportCounts, after_write: Callable[[], None] | None,
+                        batch: int) -> ImportCounts | None:
         """A chunk too big for one transaction: one page (one slot's rows, cut where its
         conversation pauses) per transaction, each committed with the chunk's progress
         mark — the pages stored, their counts, the last row stored — which is advanced
@@ -579,7 +590,7 @@ class ImportService:
                 commit = _PageCommit(self, progress, totals, page)
                 context = BatchContext(
                     job_id=job_id, chunk_pk=chunk_pk, segmenter=self.segmenter,
-                    before_commit=commit.in_bulk, after_write=after_write,
+                    batch_rows=batch, before_commit=commit.in_bulk, after_write=after_write,
                     live_marks=commit.already_stored, mark_slot=commit.in_slot,
                 )
                 counts = import_messages(self.runtime, page, actor=ACTOR, context=context)
@@ -713,13 +724,38 @@ class ImportService:
 
     # ---- close ----------------------------------------------------------------------------
     def finish(self, job_id: str) -> ImportJobView:
-        """Close the job once every chunk is done (safe to call early or twice)."""
+        """Close the job once every chunk is done (safe to call early or twice): the job
+        as it is now, closed by this call or not."""
+        return self.close(job_id) or self.get(job_id)
+
+    def close(self, job_id: str) -> ImportJobView | None:
+        """Close the job if every chunk is done and nobody closed it: the closed job, or
+        None when this call did not close it (a chunk still pending, the job closed or
+        failed already, or closed by a caller that raced this one).
+
+        The claim is one conditional UPDATE — the job running in its chunks phase, not
+        finished, no chunk pending — in the same transaction as the close: of callers
+        racing for it, the first takes the job row's lock and the others wait for its
+        commit, then match nothing (a close that rolls back leaves the claim to the
+        next). So the close, its counts and its `import.finished` event happen once."""
         with self.database.unit_of_work() as uow:
             db = uow.session
-            job = self._job(db, job_id, lock=True)
-            if job.status in TERMINAL or job.phase != "chunks" or self._pending_chunks(
-                    db, job.id):
-                return self._view(db, job)
+            job_pk = db.execute(select(ImportJob.id).where(ImportJob.job_id == job_id)
+                                ).scalar_one_or_none()
+            if job_pk is None:
+                raise NotFound(f"import job {job_id} not found")
+            pending = exists().where(ImportChunk.job_pk == job_pk,
+                                     ImportChunk.status == "pending")
+            claimed = db.execute(
+                update(ImportJob)
+                .where(ImportJob.id == job_pk, ImportJob.status == JobStatus.RUNNING,
+                       ImportJob.phase == "chunks", ImportJob.finished_at.is_(None), ~pending)
+                .values(phase="finishing")
+                .execution_options(synchronize_session=False)
+            )
+            if affected_rows(claimed) != 1:
+                return None
+            job = self._job(db, job_id)
             totals = ImportCounts(invalid=job.prepare_invalid)
             failed = 0
             for chunk in db.execute(select(ImportChunk).where(ImportChunk.job_pk == job.id)

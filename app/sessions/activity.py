@@ -23,16 +23,28 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import Connection, Row, Table, bindparam, insert, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Row,
+    Table,
+    bindparam,
+    case,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from app.db import Database, is_retryable_db_error, utcnow
+from app.config import Settings
+from app.db import Database, affected_rows, is_retryable_db_error, utcnow
 from app.errors import Conflict, NotFound, NotInControl, ServiceUnavailable
 from app.messages.models import Message
-from app.sessions.enums import SenderRole, SessionStatus
+from app.sessions.enums import HUMAN_TYPES, SenderRole, SessionStatus
 from app.sessions.models import SESSIONS
 from app.sessions.schemas import SessionView
 
@@ -87,10 +99,28 @@ class SessionActivity:
     def __init__(
         self, *, database: Database, deadline: Deadline,
         counterpart_messages: Callable[[list[str]], None] = lambda ids: None,
+        settings: Settings | None = None,
     ) -> None:
         self.database = database
         self.deadline = deadline
         self.counterpart_messages = counterpart_messages
+        self.settings = settings
+
+    def _touch_if(self, session_id: str, controlled_if: ColumnElement[bool]
+                  ) -> SessionView | None:
+        assert self.settings is not None
+        now = utcnow()
+        with self.database.connect() as conn:
+            touched = conn.execute(_touch_statement(controlled_if), {
+                "sid": session_id, "now": now,
+                "human_deadline": now + timedelta(seconds=self.settings.human_session_timeout),
+                "robot_deadline": now + timedelta(
+                    seconds=self.settings.default_session_timeout),
+            })
+            if affected_rows(touched) != 1:
+                return None
+            row = conn.execute(_SESSION_BY_ID, {"session_id": session_id}).one()
+        return _view(row, {})
 
     def _on_locked_row(self, session_id: str, work: Callable[[Connection, Row[Any]], T]) -> T:
         """Run `work(conn, row)` with the session's row locked, in one transaction that
@@ -114,9 +144,21 @@ class SessionActivity:
             f"session {session_id} stayed contended after {MAX_ATTEMPTS} attempts; retry"
         ) from last
 
-    def heartbeat(self, session_id: str, *, control: Control | None = None) -> SessionView:
+    def heartbeat(
+        self, session_id: str, *, control: Control | None = None,
+        controlled_if: ColumnElement[bool] | None = None,
+    ) -> SessionView:
         """Keep a live session alive; answers its current status (terminal ones included,
-        and unchanged for a caller that does not control it)."""
+        and unchanged for a caller that does not control it).
+
+        `controlled_if` is `control` as a SQL condition: given it, the common case is one
+        conditional UPDATE (which takes the row lock itself) and the read of the answer;
+        when it matches nothing (a terminal session, a caller not in control, an unknown
+        id) the locked path below says why."""
+        if controlled_if is not None and self.settings is not None:
+            view = self._touch_if(session_id, controlled_if)
+            if view is not None:
+                return view
 
         def work(conn: Connection, row: Row[Any]) -> SessionView:
             in_control = control(conn, row) if control is not None else True
@@ -178,6 +220,30 @@ class SessionActivity:
             except Exception:  # committed; the next message is judged again
                 log.exception("after-commit detection kick failed")
         return outcome
+
+
+_LIVE = [S.PENDING, S.ACTIVE, S.PAUSED, S.TRANSFERRED]
+_HUMAN = sorted(str(t) for t in HUMAN_TYPES)
+_SESSION_BY_ID = select(SESSIONS).where(SESSIONS.c.session_id == bindparam("session_id"))
+
+
+def _touch_statement(controlled_if: ColumnElement[bool]) -> Any:
+    """The heartbeat as one statement: `deadline_after` in SQL (a PENDING session keeps
+    its deadline; a human or TRANSFERRED one gets the human timeout)."""
+    c = SESSIONS.c
+    return (
+        update(SESSIONS)
+        .where(c.session_id == bindparam("sid"), c.status.in_(_LIVE), controlled_if)
+        .values(
+            last_activity_at=bindparam("now"),
+            deadline_at=case(
+                (c.status == S.PENDING, c.deadline_at),
+                (or_(c.session_type.in_(_HUMAN), c.status == S.TRANSFERRED),
+                 bindparam("human_deadline", type_=c.deadline_at.type)),
+                else_=bindparam("robot_deadline", type_=c.deadline_at.type),
+            ),
+        )
+    )
 
 
 def _counters(row: Row[Any], fresh: Sequence[LiveMessage], now: datetime) -> dict[str, Any]:

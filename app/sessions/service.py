@@ -471,6 +471,7 @@ class SessionService:
             database=database,
             deadline=lambda session, now: deadline_after(self.settings, session, now),
             counterpart_messages=lambda ids: self.hooks.counterpart_messages(ids),
+            settings=settings,
         )
 
     # ---- the slot transaction --------------------------------------------------------
@@ -755,11 +756,13 @@ class SessionService:
         return self.run_on_session(session_id, actor, work)
 
     def heartbeat(
-        self, session_id: str, *, actor: str, control: Control | None = None
+        self, session_id: str, *, actor: str, control: Control | None = None,
+        controlled_if: Any = None,
     ) -> SessionView:
         """Keep a session alive; answers its current status (terminal ones included).
         Under the session's row lock, not a slot transaction (`app.sessions.activity`)."""
-        return self.activity.heartbeat(session_id, control=control)
+        return self.activity.heartbeat(session_id, control=control,
+                                       controlled_if=controlled_if)
 
     # ---- transfer to a human ----------------------------------------------------------
     def transfer(

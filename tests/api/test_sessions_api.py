@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from sqlalchemy import func, select
 
 from app.sessions.models import Session
@@ -223,3 +225,35 @@ def test_admin_drives_any_transition_but_does_not_talk_over_a_robot(bot, admin):
     assert talk.status_code == 409 and talk.get_json()["type"] == "/problems/not-in-control"
     assert admin.post(f"/api/v1/sessions/{sid}/pause").get_json()["status"] == "PAUSED"
     assert admin.post(f"/api/v1/sessions/{sid}/cancel").get_json()["status"] == "CANCELLED"
+
+
+def test_a_heartbeat_moves_the_deadline_as_the_rules_say_for_every_live_status(
+        bot, desk, runtime):
+    """The heartbeat's one-statement path computes the deadline in SQL; it must agree
+    with `deadline_after` for a robot ACTIVE, PENDING and PAUSED session, a human one and
+    a TRANSFERRED one."""
+    from app.sessions.service import deadline_after
+
+    active = bot.create("AUTO_BARGAIN", shop="hb")
+    pending = bot.create("AUTO_FOLLOW_UP", shop="hb")
+    paused = bot.create("AUTO_FOLLOW_UP", shop="hb2")
+    bot.post(f"/api/v1/sessions/{paused['session_id']}/pause")
+    human = desk.create("MANUAL_CUSTOMER_SERVICE", shop="hb3")
+    moved = bot.create("AUTO_BARGAIN", shop="hb4")
+    bot.post(f"/api/v1/sessions/{moved['session_id']}/transfer", {"reason": "help"})
+    for caller, session in ((bot, active), (bot, pending), (bot, paused), (desk, human),
+                            (desk, moved)):
+        beat = caller.post(f"/api/v1/sessions/{session['session_id']}/heartbeat")
+        assert beat.status_code == 200
+        view = beat.get_json()
+        with runtime.database.read() as db:
+            stored = db.execute(select(Session).where(
+                Session.session_id == session["session_id"])).scalar_one()
+        assert stored.last_activity_at > datetime.fromisoformat(session["last_activity_at"])
+        assert stored.deadline_at == deadline_after(
+            runtime.settings, stored, stored.last_activity_at), view["status"]
+    # the bot's heartbeat on its session now with the desk changes nothing
+    before = runtime.sessions.get(moved["session_id"])
+    assert bot.post(f"/api/v1/sessions/{moved['session_id']}/heartbeat").get_json()[
+        "status"] == "TRANSFERRED"
+    assert runtime.sessions.get(moved["session_id"]).last_activity_at == before.last_activity_at

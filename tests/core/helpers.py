@@ -60,15 +60,18 @@ def kill(backend, conn_id: int) -> None:  # type: ignore[no-untyped-def]
 
 
 def pooled_connection_ids(runtime) -> list[int]:  # type: ignore[no-untyped-def]
-    """The server-side ids of the connections the runtime's pool holds now."""
-    pool = runtime.database.engine.pool
-    held = [pool.connect() for _ in range(pool.checkedin())]
+    """The server-side ids of the connections the runtime's pools hold now (the
+    transactional pool and the AUTOCOMMIT one of the one-statement paths)."""
+    engines = {id(e): e for e in (runtime.database.engine, runtime.database.autocommit_engine)}
     ids = []
-    for fairy in held:
-        cursor = fairy.cursor()
-        cursor.execute("SELECT CONNECTION_ID()")
-        ids.append(int(cursor.fetchone()[0]))
-        cursor.close()
-    for fairy in held:
-        fairy.close()
+    for engine in engines.values():
+        pool = engine.pool
+        held = [pool.connect() for _ in range(pool.checkedin())]
+        for fairy in held:
+            cursor = fairy.cursor()
+            cursor.execute("SELECT CONNECTION_ID()")
+            ids.append(int(cursor.fetchone()[0]))
+            cursor.close()
+        for fairy in held:
+            fairy.close()
     return ids

@@ -20,12 +20,11 @@ T0 = datetime(2024, 5, 1, 9, 0, tzinfo=UTC)
 
 
 def test_the_first_errors_of_a_running_job_are_its_lowest_lines(runtime):
-    runtime.settings.batch_size = 4
     rows = []
     for i in range(400):  # 400 slots, one bad row each, spread over ~250 chunks
         rows += conversation(f"shop-{i}", T0 + timedelta(minutes=i), "cr")
         rows.append(row(f"shop-{i}", "robot", T0, "no time", sent_at="yesterday-ish"))
-    service = ImportService(runtime)
+    service = ImportService(runtime, task_rows=4)
     job = service.create_job(io.BytesIO(as_ndjson(rows)), filename="x.ndjson")
     outcome = service.prepare(job.job_id)
     assert len(outcome.chunk_pks) > MAX_ERRORS

@@ -1,6 +1,7 @@
 """The import's shortcuts give exactly what the general path gives (no database).
 
-The chunk validates plain rows without pydantic, NDJSON records are counted without
+The chunk validates plain rows without pydantic and writes its multi-row INSERTs
+itself on MariaDB, NDJSON records are counted without
 decoding them, clean rows skip the per-field undecodable check, one pass over the bytes
 finds the encoding and the lines, the split stages an NDJSON line's own text, and times
 are bound as text. Each shortcut is compared here with the path it stands in for."""
@@ -22,7 +23,16 @@ from app.db import UTCDateTime
 from app.imports import formats
 from app.imports.chunking import ChunkSpool, bucket_of
 from app.imports.formats import ImportFormat
-from app.imports.grouping import Msg, check_msg, mysql_utc_text, plain_msg, validate_row
+from app.imports.grouping import (
+    _MYSQL_ESCAPES,
+    STATEMENT_CHARS,
+    Msg,
+    check_msg,
+    core_insert,
+    mysql_utc_text,
+    plain_msg,
+    validate_row,
+)
 from app.imports.rows import ChatRow
 from tests.imports.helpers import gz
 
@@ -217,3 +227,85 @@ def test_times_are_bound_as_the_literal_pymysql_would_send(moment):
     assert mysql_utc_text(None) is None
     with pytest.raises(ValueError):
         mysql_utc_text(moment.replace(tzinfo=None))
+
+
+HOSTILE_TEXT = ["", "plain", "it's \"quoted\"", "back\\slash \\' \\\\", "nul \0 ctrl \x1a \r\n",
+                "100% %s %(name)s %%", "长 emoji \U0001f600", "'); DROP TABLE messages; --",
+                "".join(chr(i) for i in range(1, 300))]
+
+
+@pytest.mark.parametrize("text", HOSTILE_TEXT)
+def test_strings_are_escaped_as_pymysql_escapes_them(text):
+    assert text.translate(_MYSQL_ESCAPES) == pymysql.converters.escape_string(text)
+
+
+def test_the_written_out_insert_stores_what_executemany_stores(runtime):
+    """On MariaDB the import writes its multi-row INSERT itself (`_mysql_insert`); the
+    rows stored are those PyMySQL's executemany stores, whatever the values hold, and
+    no statement holds more rows than the batch or more than STATEMENT_CHARS."""
+    if runtime.database.dialect != "mysql":
+        pytest.skip("the written-out INSERT is MySQL's (PyMySQL) path")
+    from sqlalchemy import event, select
+
+    from app.imports.models import ImportChunkPart, ImportJob
+    from app.imports.service import ImportService
+
+    job = ImportService(runtime).create_job(io.BytesIO(b"{}\n"), filename="x.ndjson")
+    values = [{"job_pk": None, "bucket": i % 3 - 1, "seq": i, "row_count": i * 1000,
+               "payload": (text.encode("utf-8") + bytes(range(256)) * (i % 2))}
+              for i, text in enumerate(HOSTILE_TEXT * 3)]
+    big = "x" * (STATEMENT_CHARS // 3)
+    values += [{"job_pk": None, "bucket": 9, "seq": 100 + i, "row_count": 0,
+                "payload": big.encode()} for i in range(7)]
+    statements: list[tuple[int, int]] = []
+
+    def seen(_conn, _cursor, statement, _parameters, _context, _many):  # type: ignore[no-untyped-def]
+        if statement.startswith("INSERT INTO import_chunk_parts"):
+            statements.append((statement.count("),(") + 1, len(statement)))
+
+    with runtime.database.unit_of_work() as uow:
+        job_pk = uow.session.execute(select(ImportJob.id).where(
+            ImportJob.job_id == job.job_id)).scalar_one()
+        for row in values:
+            row["job_pk"] = job_pk
+        event.listen(runtime.database.engine, "before_cursor_execute", seen)
+        try:
+            core_insert(uow.session, ImportChunkPart, values, batch=4)
+        finally:
+            event.remove(runtime.database.engine, "before_cursor_execute", seen)
+        uow.commit()
+    with runtime.database.read() as db:
+        stored = db.execute(select(ImportChunkPart.bucket, ImportChunkPart.seq,
+                                   ImportChunkPart.row_count, ImportChunkPart.payload)
+                            .order_by(ImportChunkPart.seq)).all()
+    assert [tuple(r) for r in stored] == [
+        (v["bucket"], v["seq"], v["row_count"], v["payload"]) for v in values]
+    assert max(rows for rows, _ in statements) == 4, statements
+    assert all(chars < STATEMENT_CHARS + 4096 for _, chars in statements)
+    assert len(statements) > len(values) / 4  # the big payloads went two a statement
+
+    from app.messages.models import Message
+    from app.sessions.models import Session
+
+    with runtime.database.unit_of_work() as uow:
+        session = Session(session_id="ses_x", account_id="a", shop_id="s",
+                          session_type="AUTO_BARGAIN", task_type="negotiation", priority=3,
+                          status="COMPLETED", origin="import", created_at=datetime.now(UTC),
+                          requested_at=datetime.now(UTC), last_activity_at=datetime.now(UTC),
+                          message_count=0, robot_message_count=0, human_message_count=0,
+                          counterpart_message_count=0, unanswered=False)
+        uow.session.add(session)
+        uow.session.flush()
+        moment = datetime(2024, 5, 1, 17, 30, 5, 7, tzinfo=timezone(timedelta(hours=8)))
+        core_insert(uow.session, Message, [
+            {"message_id": f"m{i}\\'", "session_pk": session.id, "account_id": "a",
+             "shop_id": "s", "sender_role": "robot", "sender_id": None, "content": text,
+             "message_type": "text", "sent_at": moment, "received_at": moment,
+             "import_job_id": None} for i, text in enumerate(HOSTILE_TEXT)], batch=100)
+        uow.commit()
+    with runtime.database.read() as db:
+        messages = db.execute(select(Message).order_by(Message.id)).scalars().all()
+    assert [m.content for m in messages] == HOSTILE_TEXT
+    assert [m.message_id for m in messages] == [f"m{i}\\'" for i in range(len(HOSTILE_TEXT))]
+    assert {m.sent_at for m in messages} == {moment.astimezone(UTC)}
+    assert all(m.sender_id is None for m in messages)

@@ -53,8 +53,7 @@ def one_slot_history(account: str, n: int, *, seed: int = 7, live_tail: int = 0,
 
 def import_with(runtime: Any, rows: list[dict[str, Any]], limits: PageLimits | None,
                 **kw: Any) -> ImportJobView:
-    runtime.settings.batch_size = 10_000  # one chunk holds everything
-    service = ImportService(runtime, page_limits=limits)
+    service = ImportService(runtime, page_limits=limits, task_rows=10_000)  # one chunk
     job = service.create_job(io.BytesIO(as_ndjson(rows)), filename="x.ndjson")
     for pk in service.prepare(job.job_id).chunk_pks:
         service.process_chunk(pk, **kw)
@@ -117,8 +116,7 @@ def test_a_crash_between_pages_loses_and_doubles_nothing(runtime):
         if calls["n"] == 5:
             raise RuntimeError("worker died between pages")
 
-    runtime.settings.batch_size = 10_000
-    service = ImportService(runtime, page_limits=SMALL)
+    service = ImportService(runtime, page_limits=SMALL, task_rows=10_000)
     job = service.create_job(io.BytesIO(as_ndjson(rows)), filename="x.ndjson")
     (chunk_pk,) = service.prepare(job.job_id).chunk_pks
     with pytest.raises(RuntimeError):
@@ -145,8 +143,7 @@ def test_runs_are_merged_in_several_rounds_when_there_are_many(runtime):
 
 
 def peak_of(runtime: Any, rows: list[dict[str, Any]], limits: PageLimits | None) -> int:
-    runtime.settings.batch_size = 100_000
-    service = ImportService(runtime, page_limits=limits)
+    service = ImportService(runtime, page_limits=limits, task_rows=100_000)
     job = service.create_job(io.BytesIO(as_ndjson(rows)), filename="x.ndjson")
     (chunk_pk,) = service.prepare(job.job_id).chunk_pks
     tracemalloc.start()

@@ -9,9 +9,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from freezegun import freeze_time
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 
 from app.imports import formats
+from app.imports.chunking import TASK_ROWS
 from app.imports.models import ImportChunk, ImportChunkPart, ImportUploadPart
 from app.imports.service import ImportService
 from app.messages.models import Message
@@ -29,10 +30,9 @@ def many_slots(n: int, roles: str = "crcrh") -> list[dict]:
     return sorted(rows, key=lambda r: (r["sent_at"], r["shop_id"]))
 
 
-def test_chunks_are_about_batch_size_and_hold_every_row_of_a_slot(runtime):
-    runtime.settings.batch_size = 20
+def test_chunks_are_about_task_rows_and_hold_every_row_of_a_slot(runtime):
     rows = many_slots(40)
-    service = ImportService(runtime)
+    service = ImportService(runtime, task_rows=20)
     with freeze_time(LATER):
         job = service.create_job(io.BytesIO(as_ndjson(rows)), filename="x.ndjson")
         outcome = service.prepare(job.job_id)
@@ -55,6 +55,40 @@ def test_chunks_are_about_batch_size_and_hold_every_row_of_a_slot(runtime):
     with runtime.database.read() as db:  # the staged upload is cleaned away
         assert db.execute(select(func.count()).select_from(ImportChunkPart)).scalar() == 0
         assert db.execute(select(func.count()).select_from(ImportUploadPart)).scalar() == 0
+
+
+def test_rows_per_task_are_not_batch_size_which_bounds_each_insert(runtime):
+    """At the default, a task takes thousands of rows (TASK_ROWS), and BATCH_SIZE — the
+    seed's 批处理大小 — bounds one database batch: no INSERT of the chunk holds more."""
+    assert runtime.settings.batch_size == 100  # the shipped default
+    runtime.settings.batch_size = 7
+    rows = many_slots(60, "crcrh")  # 300 rows, 60 sessions, 60 audit rows
+    service = ImportService(runtime)
+    assert service.task_rows == TASK_ROWS >= 10 * 100
+    inserts: dict[str, list[int]] = defaultdict(list)
+
+    def count(_conn, _cursor, statement, parameters, _context, executemany):  # noqa: ANN001
+        table = statement.split()[2].strip("`\"") if statement.startswith("INSERT") else None
+        if table in ("messages", "sessions", "session_operations", "session_transfers"):
+            # executemany, or one multi-row INSERT written out (MariaDB)
+            inserts[table].append(len(parameters) if executemany
+                                  else statement.count("),(") + 1)
+
+    with freeze_time(LATER):
+        job = service.create_job(io.BytesIO(as_ndjson(rows)), filename="x.ndjson")
+        pks = service.prepare(job.job_id).chunk_pks
+        assert len(pks) == 1  # 300 rows: one task
+        event.listen(runtime.database.engine, "before_cursor_execute", count)
+        try:
+            service.process_chunk(pks[0])
+        finally:
+            event.remove(runtime.database.engine, "before_cursor_execute", count)
+        view = service.finish(job.job_id)
+    assert (view.status, view.inserted, view.sessions_created) == ("succeeded", 300, 60)
+    assert sum(inserts["messages"]) == 300 and sum(inserts["sessions"]) == 60
+    assert sum(inserts["session_operations"]) == 60
+    assert max(n for sizes in inserts.values() for n in sizes) == 7
+    assert len(inserts["messages"]) == 43  # ceil(300 / 7)
 
 
 def test_bad_rows_are_reported_by_line_and_every_good_row_is_stored(runtime):
@@ -90,9 +124,8 @@ def test_content_too_long_for_the_column_is_refused_not_truncated(runtime):
 
 
 def test_a_chunk_that_dies_before_commit_is_retried_exactly_once(runtime):
-    runtime.settings.batch_size = 10
     rows = many_slots(6, "crh")
-    service = ImportService(runtime)
+    service = ImportService(runtime, task_rows=10)
 
     class Crash(RuntimeError):
         pass
@@ -117,8 +150,7 @@ def test_a_chunk_that_dies_before_commit_is_retried_exactly_once(runtime):
 
 
 def test_progress_is_visible_while_the_job_runs_and_jobs_are_listed(runtime):
-    runtime.settings.batch_size = 10
-    service = ImportService(runtime)
+    service = ImportService(runtime, task_rows=10)
     with freeze_time(LATER):
         job = service.create_job(io.BytesIO(as_ndjson(many_slots(8, "cr"))), filename="a.ndjson")
         assert service.get(job.job_id).status == "queued"
