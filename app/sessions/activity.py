@@ -66,6 +66,8 @@ _LOCK_SESSION = (
 _STORED_IDS = select(MESSAGES.c.message_id).where(
     MESSAGES.c.message_id.in_(bindparam("ids", expanding=True)))
 _INSERT_MESSAGES = insert(MESSAGES)
+_INSERT_NEW_MESSAGE = (insert(MESSAGES).prefix_with("IGNORE", dialect="mysql")
+                       .prefix_with("OR IGNORE", dialect="sqlite"))
 _TOUCH = update(SESSIONS).where(SESSIONS.c.id == bindparam("pk"))
 
 
@@ -192,19 +194,32 @@ class SessionActivity:
                     f"session {session_id} is {row.status}; messages are accepted only "
                     "while it is ACTIVE or TRANSFERRED", current_status=str(row.status))
             now = utcnow()  # after the lock: before any change that waits for it
-            stored = set(conn.execute(_STORED_IDS, {"ids": list(unique)}).scalars()) \
-                if unique else set()
-            fresh = [m for mid, m in unique.items() if mid not in stored]
-            changes: dict[str, Any] = {}
-            if fresh:
-                conn.execute(_INSERT_MESSAGES, [{
+
+            def values(m: LiveMessage) -> dict[str, Any]:
+                return {
                     "message_id": m.message_id, "session_pk": row.id,
                     "account_id": row.account_id, "shop_id": row.shop_id,
                     "sender_role": str(m.sender_role), "sender_id": m.sender_id,
                     "content": m.content, "message_type": m.message_type,
                     "sent_at": m.sent_at, "received_at": now, "posted_by": posted_by,
                     "agent_id": agent_id,
-                } for m in fresh])
+                }
+
+            if len(unique) == 1:
+                # One message (the common case): the unique key decides in the insert
+                # itself; its count says whether it was new (validated values: nothing
+                # else for IGNORE to hide).
+                (only,) = unique.values()
+                inserted = conn.execute(_INSERT_NEW_MESSAGE, values(only))
+                fresh = [only] if affected_rows(inserted) == 1 else []
+            else:
+                stored = set(conn.execute(_STORED_IDS, {"ids": list(unique)}).scalars()) \
+                    if unique else set()
+                fresh = [m for mid, m in unique.items() if mid not in stored]
+                if fresh:
+                    conn.execute(_INSERT_MESSAGES, [values(m) for m in fresh])
+            changes: dict[str, Any] = {}
+            if fresh:
                 changes = _counters(row, fresh, now)
                 changes["deadline_at"] = self.deadline({**row._asdict(), **changes}, now)
                 conn.execute(_TOUCH, {"pk": row.id, **changes})
