@@ -9,13 +9,24 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
-from sqlalchemy import JSON, BigInteger, DateTime, Integer, MetaData, String, create_engine, event
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Integer,
+    MetaData,
+    String,
+    create_engine,
+    event,
+    literal,
+    or_,
+)
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Connection, CursorResult, Engine, make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
@@ -324,6 +335,13 @@ class Database:
         self.engine.dispose()
         if self.autocommit_engine is not self.engine:
             self.autocommit_engine.dispose()
+
+
+def one_of(column: Any, values: Iterable[Any]) -> Any:
+    """`column IN (values)` for a fixed, short list, as plain `=` comparisons: SQLAlchemy
+    renders `in_()` with an "expanding" parameter that it re-renders on every execution
+    (about a third of a one-row statement's cost); these compile once with the statement."""
+    return or_(*(column == literal(v, column.type) for v in values))
 
 
 def affected_rows(result: Any) -> int:

@@ -23,8 +23,9 @@ from sqlalchemy import ColumnElement, Connection, Row, and_, bindparam, false, n
 from sqlalchemy.orm import object_session
 
 from app.clients.service import ClientIdentity, ClientRole
+from app.db import one_of
 from app.errors import Forbidden, NotFound, NotInControl
-from app.sessions.activity import Control
+from app.sessions.activity import Control, ControlledIf
 from app.sessions.enums import ROBOT_TYPES, SessionStatus, SessionType
 from app.sessions.models import SESSIONS, Session
 from app.sessions.queries import Viewer, visible_to
@@ -118,19 +119,28 @@ def may_see_row(conn: Connection, client: ClientIdentity, row: Row[Any]) -> bool
         select(Transfer.id).where(Transfer.session_pk == row.id).limit(1)).first() is not None
 
 
-def controlled_by(client: ClientIdentity, *, messages: bool) -> ColumnElement[bool]:
+def controlled_by(client: ClientIdentity, *, messages: bool) -> ControlledIf:
     """`in_control` as a SQL condition on a live session's row (it implies that the
-    client may see it): what the one-statement paths put in their WHERE."""
+    client may see it), for the one-statement paths' WHERE: the condition is built once
+    per role (so its statement is compiled once), the client id is a parameter."""
+    return _CONTROL_SQL[(str(client.role), messages)], {"control_client_id": client.client_id}
+
+
+def _control_sql(role: str, messages: bool) -> ColumnElement[bool]:
     c = SESSIONS.c
-    robot_side_sql = and_(c.session_type.in_(sorted(str(t) for t in ROBOT_TYPES)),
+    robot_side_sql = and_(one_of(c.session_type, sorted(str(t) for t in ROBOT_TYPES)),
                           c.status != SessionStatus.TRANSFERRED)
-    if client.is_bot:
-        return and_(c.client_id == client.client_id, robot_side_sql)
-    if client.is_desk or (client.is_admin and messages):
+    if role == ClientRole.BOT:
+        return and_(c.client_id == bindparam("control_client_id"), robot_side_sql)
+    if role == ClientRole.DESK or (role == ClientRole.ADMIN and messages):
         return not_(robot_side_sql)
-    if client.is_admin:
+    if role == ClientRole.ADMIN:
         return true()
     return false()
+
+
+_CONTROL_SQL = {(str(role), messages): _control_sql(str(role), messages)
+                for role in ClientRole for messages in (False, True)}
 
 
 def control_of(client: ClientIdentity, *, messages: bool) -> Control:

@@ -538,9 +538,12 @@ def fresh_messages(db: DbSession, slots: dict[Slot, list[Msg]], counts: ImportCo
 # characters — at most 4 bytes each in UTF-8: about PyMySQL's own 1 MB statements, far
 # inside max_allowed_packet — and at most `batch` rows.
 STATEMENT_CHARS = 256 * 1024
-# PyMySQL's string escapes (`pymysql.converters.escape_string`), as a translate table.
-_MYSQL_ESCAPES = str.maketrans({"\0": "\\0", "\\": "\\\\", "\n": "\\n", "\r": "\\r",
-                                "\032": "\\Z", '"': '\\"', "'": "\\'"})
+# PyMySQL's string escapes (`pymysql.converters.escape_string`), as a translate table:
+# a list indexed by code point (a dict is several times slower to translate by).
+_MYSQL_ESCAPES = [chr(code) for code in range(128)]
+for _char, _escaped in {"\0": "\\0", "\\": "\\\\", "\n": "\\n", "\r": "\\r",
+                        "\032": "\\Z", '"': '\\"', "'": "\\'"}.items():
+    _MYSQL_ESCAPES[ord(_char)] = _escaped
 
 
 def core_insert(db: DbSession, model: Any, rows: list[dict[str, Any]], *,
@@ -592,43 +595,53 @@ def _mysql_insert(conn: Any, prefix: str, rows: list[dict[str, Any]],
                   procs: list[tuple[int, Callable[[Any], Any]]], step: int) -> None:
     """`prefix` (`INSERT INTO t (a, b) VALUES `) then `(…),(…)`: statements of at most
     `step` rows and STATEMENT_CHARS characters each, the values written as PyMySQL
-    writes them — a str escaped by PyMySQL's table, in quotes; an int in digits; None as
-    NULL; anything else (bytes, bools, floats, …) by the connection's own `escape` (a
-    server in NO_BACKSLASH_ESCAPES mode gets every value from it). Sent without
-    parameters (no `%` formatting), through SQLAlchemy, so its errors (a duplicate key)
-    are the usual ones."""
+    writes them (`_literals`). Sent without parameters (no `%` formatting), through
+    SQLAlchemy, so its errors (a duplicate key) are the usual ones."""
     raw = conn.connection.dbapi_connection
-    escape = raw.escape
     from pymysql.constants import SERVER_STATUS
 
-    table: Any = _MYSQL_ESCAPES
+    table: list[str] | None = _MYSQL_ESCAPES
     if raw.server_status & SERVER_STATUS.SERVER_STATUS_NO_BACKSLASH_ESCAPES:
-        table = None
+        table = None  # every value from the connection's `escape`, which knows the mode
+    picked = [pick(row) for row in rows] if width > 1 else [(pick(row),) for row in rows]
+    columns: list[Any] = list(zip(*picked, strict=True))
+    for i, proc in procs:
+        columns[i] = list(map(proc, columns[i]))
+    texts = ["(" + ",".join(values) + ")" for values in zip(
+        *(_literals(column, raw.escape, table) for column in columns), strict=True)]
     options = {"no_parameters": True}
-    parts: list[str] = []
-    chars = 0
-    for row in rows:
-        values = pick(row) if width > 1 else (pick(row),)
-        if procs:
-            values = list(values)
-            for i, proc in procs:
-                values[i] = proc(values[i])
-        if table is None:
-            text = "(" + ",".join([escape(v) for v in values]) + ")"
-        else:
-            text = "(" + ",".join([
-                "'" + v.translate(table) + "'" if v.__class__ is str
-                else "NULL" if v is None
-                else str(v) if v.__class__ is int
-                else escape(v)
-                for v in values]) + ")"
-        if parts and (len(parts) >= step or chars + len(text) > STATEMENT_CHARS):
-            conn.exec_driver_sql(prefix + ",".join(parts), execution_options=options)
-            parts, chars = [], 0
-        parts.append(text)
+    first = chars = 0
+    for index, text in enumerate(texts):
+        if index > first and (index - first >= step or chars + len(text) > STATEMENT_CHARS):
+            conn.exec_driver_sql(prefix + ",".join(texts[first:index]),
+                                 execution_options=options)
+            first, chars = index, 0
         chars += len(text) + 1
-    if parts:
-        conn.exec_driver_sql(prefix + ",".join(parts), execution_options=options)
+    conn.exec_driver_sql(prefix + ",".join(texts[first:]), execution_options=options)
+
+
+def _literals(values: Sequence[Any], escape: Callable[[Any], str],
+              table: list[str] | None) -> list[str]:
+    """One column's values as SQL literals, as PyMySQL writes them: a str escaped by
+    PyMySQL's table, in quotes; an int in digits; None as NULL; anything else (bytes,
+    bools, floats, …) by the connection's `escape` (and everything by it when `table` is
+    None). A column that repeats its values (a slot, a role, the job) has each distinct
+    value written once: equal values have the same literal."""
+    if table is None:
+        return [escape(v) for v in values]
+    try:  # judged by its first values: hashing a column of long texts costs
+        repeats = len(values) >= 8 and len(set(values[:64])) * 4 <= min(64, len(values))
+    except TypeError:  # an unhashable value: written one by one
+        repeats = False
+    if repeats:
+        distinct = list(set(values))
+        known = dict(zip(distinct, _literals(distinct, escape, table), strict=True))
+        return list(map(known.__getitem__, values))
+    return ["'" + v.translate(table) + "'" if v.__class__ is str
+            else "NULL" if v is None
+            else str(v) if v.__class__ is int
+            else escape(v)
+            for v in values]
 
 
 def _bind_processor(type_: Any, dialect: Any) -> Callable[[Any], Any] | None:

@@ -41,7 +41,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from app.config import Settings
-from app.db import Database, affected_rows, is_retryable_db_error, utcnow
+from app.db import Database, affected_rows, is_retryable_db_error, one_of, utcnow
 from app.errors import Conflict, NotFound, NotInControl, ServiceUnavailable
 from app.messages.models import Message
 from app.sessions.enums import HUMAN_TYPES, SenderRole, SessionStatus
@@ -58,6 +58,8 @@ S = SessionStatus
 Control = Callable[[Connection, Row[Any]], bool]
 """Whether the caller controls the (locked) session row; raises NotFound when the caller
 may not even see it. The HTTP layer builds one per request (`app.api.access`)."""
+ControlledIf = tuple[ColumnElement[bool], dict[str, Any]]
+"""`Control` as a SQL condition on the session's row, with its parameters."""
 Deadline = Callable[[Row[Any] | dict[str, Any], datetime], datetime | None]
 
 _LOCK_SESSION = (
@@ -108,13 +110,16 @@ class SessionActivity:
         self.counterpart_messages = counterpart_messages
         self.settings = settings
 
-    def _touch_if(self, session_id: str, controlled_if: ColumnElement[bool]
-                  ) -> SessionView | None:
+    def _touch_if(self, session_id: str, controlled_if: ControlledIf) -> SessionView | None:
         assert self.settings is not None
+        condition, parameters = controlled_if
+        statement = _TOUCH_STATEMENTS.get(id(condition))
+        if statement is None:  # conditions are module constants: their ids are stable
+            statement = _TOUCH_STATEMENTS.setdefault(id(condition), _touch_statement(condition))
         now = utcnow()
         with self.database.connect() as conn:
-            touched = conn.execute(_touch_statement(controlled_if), {
-                "sid": session_id, "now": now,
+            touched = conn.execute(statement, {
+                **parameters, "sid": session_id, "now": now,
                 "human_deadline": now + timedelta(seconds=self.settings.human_session_timeout),
                 "robot_deadline": now + timedelta(
                     seconds=self.settings.default_session_timeout),
@@ -148,7 +153,7 @@ class SessionActivity:
 
     def heartbeat(
         self, session_id: str, *, control: Control | None = None,
-        controlled_if: ColumnElement[bool] | None = None,
+        controlled_if: ControlledIf | None = None,
     ) -> SessionView:
         """Keep a live session alive; answers its current status (terminal ones included,
         and unchanged for a caller that does not control it).
@@ -237,9 +242,13 @@ class SessionActivity:
         return outcome
 
 
-_LIVE = [S.PENDING, S.ACTIVE, S.PAUSED, S.TRANSFERRED]
+_LIVE = [str(s) for s in (S.PENDING, S.ACTIVE, S.PAUSED, S.TRANSFERRED)]
 _HUMAN = sorted(str(t) for t in HUMAN_TYPES)
 _SESSION_BY_ID = select(SESSIONS).where(SESSIONS.c.session_id == bindparam("session_id"))
+
+
+# one compiled heartbeat per control condition (a handful: one per role)
+_TOUCH_STATEMENTS: dict[int, Any] = {}
 
 
 def _touch_statement(controlled_if: ColumnElement[bool]) -> Any:
@@ -248,12 +257,12 @@ def _touch_statement(controlled_if: ColumnElement[bool]) -> Any:
     c = SESSIONS.c
     return (
         update(SESSIONS)
-        .where(c.session_id == bindparam("sid"), c.status.in_(_LIVE), controlled_if)
+        .where(c.session_id == bindparam("sid"), one_of(c.status, _LIVE), controlled_if)
         .values(
             last_activity_at=bindparam("now"),
             deadline_at=case(
                 (c.status == S.PENDING, c.deadline_at),
-                (or_(c.session_type.in_(_HUMAN), c.status == S.TRANSFERRED),
+                (or_(one_of(c.session_type, _HUMAN), c.status == S.TRANSFERRED),
                  bindparam("human_deadline", type_=c.deadline_at.type)),
                 else_=bindparam("robot_deadline", type_=c.deadline_at.type),
             ),

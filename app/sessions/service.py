@@ -24,7 +24,7 @@ from sqlalchemy.orm import make_transient_to_detached
 from app.audit.models import OPERATIONS
 from app.audit.trail import last_hash, operation_values
 from app.config import Settings
-from app.db import Database, UnitOfWork, is_retryable_db_error, utcnow
+from app.db import Database, UnitOfWork, is_retryable_db_error, one_of, utcnow
 from app.errors import (
     AlreadyAccepted,
     Conflict,
@@ -39,7 +39,13 @@ from app.events.outbox import Audience, event_values
 from app.ids import new_id
 from app.messages.models import Message
 from app.sessions import rules
-from app.sessions.activity import Control, LiveMessage, MessageOutcome, SessionActivity
+from app.sessions.activity import (
+    Control,
+    ControlledIf,
+    LiveMessage,
+    MessageOutcome,
+    SessionActivity,
+)
 from app.sessions.enums import (
     Origin,
     PauseCause,
@@ -190,7 +196,7 @@ class SlotTx:
                    Session.status).where(
                 Session.account_id == self.account_id,
                 Session.shop_id == self.shop_id,
-                Session.status.in_([S.PENDING, S.PAUSED]),
+                one_of(Session.status, [str(S.PENDING), str(S.PAUSED)]),
                 or_(Session.pause_cause.is_(None), Session.pause_cause != PauseCause.OWNER),
             )
         ).all()
@@ -219,7 +225,7 @@ class SlotTx:
             select(func.count()).where(
                 Session.account_id == self.account_id,
                 Session.shop_id == self.shop_id,
-                Session.status.in_([S.PENDING, S.PAUSED]),
+                one_of(Session.status, [str(S.PENDING), str(S.PAUSED)]),
                 or_(Session.pause_cause.is_(None), Session.pause_cause != PauseCause.OWNER),
                 Session.id != session.id,
                 better_or_equal,
@@ -419,7 +425,8 @@ class SlotTx:
             self.db.execute(
                 select(Transfer).where(
                     Transfer.session_pk == session.id,
-                    Transfer.status.in_([TransferStatus.PENDING, TransferStatus.ACCEPTED]),
+                    one_of(Transfer.status, [str(TransferStatus.PENDING),
+                                            str(TransferStatus.ACCEPTED)]),
                 )
             ).scalars()
         )
@@ -757,7 +764,7 @@ class SessionService:
 
     def heartbeat(
         self, session_id: str, *, actor: str, control: Control | None = None,
-        controlled_if: Any = None,
+        controlled_if: ControlledIf | None = None,
     ) -> SessionView:
         """Keep a session alive; answers its current status (terminal ones included).
         Under the session's row lock, not a slot transaction (`app.sessions.activity`)."""
