@@ -18,14 +18,16 @@ written down by hand, so that the floor follows the code as it changes —
    warm-up request per bot token (auth cache, pool, dialect start-up);
    every call the app makes on PyMySQL — `Cursor.execute` / `executemany` with the
    statement text and parameters exactly as SQLAlchemy passed them, `Connection.commit`,
-   `rollback` and `ping` (pool checkout pings, pool-return rollbacks), per connection —
+   `rollback`, `ping` (pool checkout pings, pool-return rollbacks) and `autocommit`
+   (SQLAlchemy's AUTOCOMMIT isolation level), per connection —
    is recorded, and so is the number of Redis round trips (`send_packed_command`:
    rate-limit counter, slot lock, Celery publish…), which the floor does not replay;
 3. the recording is replayed in the same order, single-threaded, on one PyMySQL
    connection per recorded connection, against the clone — which is in the state the
    bench database was in, so every UPDATE matches the same rows and every INSERT gets
    the same AUTO_INCREMENT id (the rowcount of every statement is compared with the
-   recorded one; a mismatch or an error is reported, not hidden).
+   recorded one; a mismatch or an error is reported, not hidden; past 20 errors the
+   replay has diverged and the floor is reported void).
 
 The CPU per operation (one recorded request's statements) is this process's
 `time.process_time()` (the driver: building packets, parsing results) plus the CPU of
@@ -183,6 +185,8 @@ class Recorder:
         orig_init = conn_cls.__init__
         orig_execute, orig_many = cur_cls.execute, cur_cls.executemany
         orig_commit, orig_rollback, orig_ping = conn_cls.commit, conn_cls.rollback, conn_cls.ping
+        orig_autocommit, orig_begin = conn_cls.autocommit, conn_cls.begin
+        orig_select_db = conn_cls.select_db
 
         def init(self: Any, *args: Any, **kwargs: Any) -> None:
             if args:
@@ -208,7 +212,7 @@ class Recorder:
             def run(self: Any, *args: Any, **kwargs: Any) -> Any:
                 result = fn(self, *args, **kwargs)
                 if rec.ops is not None:
-                    rec.ops.append((kind, rec.key_of(self)))
+                    rec.ops.append((kind, rec.key_of(self), *args))
                 return result
             return run
 
@@ -218,6 +222,11 @@ class Recorder:
         self._patch(conn_cls, "commit", simple(orig_commit, "commit"))
         self._patch(conn_cls, "rollback", simple(orig_rollback, "rollback"))
         self._patch(conn_cls, "ping", simple(orig_ping, "ping"))
+        # SQLAlchemy's AUTOCOMMIT isolation level is `Connection.autocommit(True)` (a SET
+        # AUTOCOMMIT sent by PyMySQL itself, not through a cursor)
+        self._patch(conn_cls, "autocommit", simple(orig_autocommit, "autocommit"))
+        self._patch(conn_cls, "begin", simple(orig_begin, "begin"))
+        self._patch(conn_cls, "select_db", simple(orig_select_db, "select_db"))
 
         import redis.connection
 
@@ -322,6 +331,13 @@ def capture(spec: dict[str, Any], recorder: Recorder) -> dict[str, Any]:
 
 
 # ---- replay ----------------------------------------------------------------------------
+MAX_REPLAY_ERRORS = 20
+
+
+class ReplayDiverged(RuntimeError):
+    """The replay stopped matching the recording (errors piled up): the floor is void."""
+
+
 class Replayer:
     def __init__(self, recorder: Recorder, database: str, mariadbd: int) -> None:
         self.recorder = recorder
@@ -342,6 +358,8 @@ class Replayer:
             kwargs["database"] = self.database
             conn = pymysql.connect(**kwargs)
             cur = conn.cursor()
+            # a replay that diverged from the recording fails fast instead of waiting
+            cur.execute("SET SESSION innodb_lock_wait_timeout = 2")
             cur.execute("SELECT TID FROM information_schema.PROCESSLIST WHERE ID = "
                         "CONNECTION_ID()")
             self.tids.append(int(cur.fetchone()[0]))
@@ -368,10 +386,18 @@ class Replayer:
                     conn.commit()
                 elif kind == "rollback":
                     conn.rollback()
+                elif kind == "autocommit":
+                    conn.autocommit(*op[2:])
+                elif kind == "begin":
+                    conn.begin()
+                elif kind == "select_db":
+                    pass  # the replay connection stays on the clone
                 else:
                     conn.ping(reconnect=False)
             except pymysql.MySQLError as exc:
                 self.errors[f"{exc.__class__.__name__} {exc.args[0] if exc.args else ''}"] += 1
+                if sum(self.errors.values()) > MAX_REPLAY_ERRORS:
+                    raise ReplayDiverged(dict(self.errors)) from exc
 
     def close(self) -> None:
         for conn in self.conns.values():
@@ -431,7 +457,10 @@ def main() -> int:
     recorder.install()
     try:
         captured = capture(spec, recorder)
-        results = replay(recorder, captured, spec["replay_db"])
+        try:
+            results = replay(recorder, captured, spec["replay_db"])
+        except ReplayDiverged as exc:
+            results = {"_diverged": str(exc)}
     finally:
         recorder.uninstall()
         drop_database(server, spec["replay_db"])

@@ -1,0 +1,87 @@
+"""gunicorn settings of the Procfile's `web` process, sized from the machine.
+
+gunicorn reads `./gunicorn.conf.py` by default (`gunicorn --help`: `-c CONFIG …
+[./gunicorn.conf.py]`); a flag on the command line still wins over anything here, so
+`gunicorn --workers 2 --threads 4 …` (the tests, `auto-session serve`) is unaffected.
+
+- `workers`: `WEB_CONCURRENCY`, else one process per core available to this process
+  (CPU affinity and a cgroup v2 CPU quota honoured), at least 2 — a request is mostly
+  CPU in Python, so more processes than cores only add context switches and memory;
+- `threads`: `WEB_THREADS`, else THREADS_PER_WORKER (2) — a thread waits on MariaDB and
+  Redis for part of each request, so a second one per process keeps the core busy, while
+  more only queue behind the GIL and lengthen the tail. Measured on 2 cores with
+  `python -m tests.benchmarks.bench_hotpaths --sizes 2x2,2x4,4x2,3x2` (two runs, 32
+  paired path x round measurements per size and connection count): 2x2 had the lowest
+  p99 at 4 and at 16 connections (0.79x and 0.83x the mean of the four sizes) with a CPU
+  per request within 3% of the best; 4 processes cost more CPU per request, 4 threads a
+  longer tail at 16 connections (README "Performance");
+- on the embedded default (no Redis: SQLite and in-process locks and beat) one process
+  with 8 threads, as `auto-session serve` does — several processes would each run the
+  in-process beat and could not share the in-process slot locks.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+THREADS_PER_WORKER = 2
+MIN_WORKERS = 2
+EMBEDDED_THREADS = 8
+
+
+def available_cores() -> int:
+    """Cores this process may run on: its CPU affinity, capped by a cgroup v2 quota."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
+def setting(name: str, default: int) -> int:
+    """A positive integer from the environment, else `default`; a bad value stops the
+    start with a message naming the variable."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise SystemExit(f"invalid configuration: {name}: must be a positive integer, "
+                         f"got {raw!r}")
+    return value
+
+
+def embedded() -> bool:
+    """True on the embedded default (no Redis: tasks, locks and beat in-process)."""
+    try:
+        from app.config import load_settings
+
+        return load_settings().embedded
+    except Exception:  # a bad setting: let the workers report it with its message
+        return False
+
+
+CORES = available_cores()
+if embedded():
+    workers = setting("WEB_CONCURRENCY", 1)
+    threads = setting("WEB_THREADS", EMBEDDED_THREADS)
+else:
+    workers = setting("WEB_CONCURRENCY", max(MIN_WORKERS, CORES))
+    threads = setting("WEB_THREADS", THREADS_PER_WORKER)
+
+
+def on_starting(server) -> None:  # type: ignore[no-untyped-def]
+    server.log.info("sizing: %d workers x %d threads (%d cores available; override with "
+                    "WEB_CONCURRENCY, WEB_THREADS)", server.cfg.workers, server.cfg.threads,
+                    CORES)
