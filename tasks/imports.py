@@ -1,10 +1,22 @@
-"""History import tasks (SPEC §4): prepare → a chord of chunks → finish.
+"""History import tasks (SPEC §4): prepare → one task per chunk → the job's close.
 
 Every task takes ids, re-reads its state and is safe to run twice: prepare on a
 split job re-dispatches the pending chunks, a chunk already marked done is a
-no-op, finish closes a job once. A worker killed mid-chunk loses its transaction;
-the chunk is redelivered (acks_late + reject on worker loss), or re-dispatched by
-`resume_unfinished_imports` when a worker starts.
+no-op. A worker killed mid-chunk loses its transaction; the chunk is redelivered
+(acks_late + reject on worker loss), or re-dispatched by `resume_unfinished_imports`
+when a worker starts.
+
+The job closes once. There is no chord (whose callback came on top of the last
+chunk's own call, so every job was finished twice): each chunk task, after its
+commit, counts the chunks still pending, and one that finds none closes the job
+itself (`ImportService.close`: a conditional UPDATE claims the job in the close's
+transaction, so of two chunks ending together one closes and the other finds it
+closed). `imports.finish` remains for the cases no chunk task covers: a job split
+into no chunk, a close that met the database away (retried), and recovery (prepare
+on a job whose chunks are all done).
+
+A chunk takes about `chunking.TASK_ROWS` rows (whole slots); BATCH_SIZE bounds the
+rows of each INSERT it sends (SPEC §10: one database batch), not the task.
 
 A job always ends: infrastructure errors are retried a bounded number of times, then
 the step fails (a chunk after MAX_CHUNK_ATTEMPTS attempts, however they died; a split
@@ -25,7 +37,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from celery import chord
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_ready
 from sqlalchemy.exc import OperationalError
@@ -53,7 +64,7 @@ def service() -> ImportService:
 @celery.task(name="imports.prepare", bind=True, acks_late=True, time_limit=3600,
              soft_time_limit=3500, max_retries=5)
 def prepare_import_task(self: Any, job_id: str) -> dict[str, Any]:
-    """Split the staged upload into chunks, then run them as a chord ending in finish.
+    """Split the staged upload into chunks, then send one task per chunk.
     If another run is splitting the job right now, look again once its lease could have
     run out (it dispatches the chunks itself if it finishes; if it died, this takes over).
     The database or Redis away: retried with backoff, then the job fails."""
@@ -74,11 +85,12 @@ def prepare_import_task(self: Any, job_id: str) -> dict[str, Any]:
 
 
 @celery.task(name="imports.chunk", bind=True, acks_late=True, time_limit=900,
-             soft_time_limit=840, max_retries=5)
+             soft_time_limit=840, max_retries=5, ignore_result=True)
 def import_chunk_task(self: Any, job_id: str, chunk_pk: int) -> dict[str, Any]:
-    """One chunk (one transaction, or time-ordered pages of a huge one). Infrastructure
-    errors and time-outs are retried with backoff; anything else, or too many retries,
-    marks the chunk failed so the job can close."""
+    """One chunk (one transaction, or time-ordered pages of a huge one); then, if no
+    chunk is left pending, the job's close. Infrastructure errors and time-outs are
+    retried with backoff; anything else, or too many retries, marks the chunk failed so
+    the job can close."""
     svc = service()
     try:
         try:
@@ -98,29 +110,42 @@ def import_chunk_task(self: Any, job_id: str, chunk_pk: int) -> dict[str, Any]:
         if self.request.retries < self.max_retries and not celery.conf.task_always_eager:
             raise self.retry(exc=exc, countdown=min(60, 2 ** self.request.retries)) from exc
         raise
-    if left == 0:
-        # The chord's callback normally closes the job; doing it here too covers
-        # chunks re-dispatched outside the chord after a crash (finish is idempotent).
-        finish_import_task.delay(job_id=job_id)
-    return {"chunk": chunk_pk, "inserted": counts.inserted if counts else None}
+    closed = None
+    if left == 0:  # none pending after this one's commit: the job can close (once)
+        try:
+            closed = close_job(svc, job_id)
+        except RETRYABLE:  # the database is away: the finish task retries the close
+            finish_import_task.apply_async(kwargs={"job_id": job_id}, countdown=2)
+    return {"chunk": chunk_pk, "inserted": counts.inserted if counts else None,
+            "closed": closed}
 
 
-@celery.task(name="imports.finish", acks_late=True, time_limit=600, soft_time_limit=540,
-             autoretry_for=RETRYABLE, retry_backoff=True, max_retries=5)
-def finish_import_task(*_results: Any, job_id: str | None = None) -> dict[str, Any]:
-    """Add up the chunks and close the job (chord callback; safe to call again). A close
-    that fails for another reason than the database being away fails the job."""
-    assert job_id is not None
-    svc = service()
+def close_job(svc: ImportService, job_id: str) -> str | None:
+    """Close the job if it can be and nobody else did: its status, or None. A close that
+    fails for another reason than the database being away fails the job."""
     try:
-        view = svc.finish(job_id)
+        view = svc.close(job_id)
     except RETRYABLE:
         raise
     except Exception as exc:
         log.exception("import %s could not be closed", job_id)
         svc.fail_job(job_id, f"the job could not be closed: {type(exc).__name__}: {exc}")
-        return {"job_id": job_id, "status": "failed"}
-    return {"job_id": job_id, "status": view.status}
+        return "failed"
+    if view is None:
+        return None
+    log.info("import %s finished: %s, %d inserted, %d duplicates, %d invalid", job_id,
+             view.status, view.inserted, view.duplicates, view.invalid)
+    return view.status
+
+
+@celery.task(name="imports.finish", acks_late=True, time_limit=600, soft_time_limit=540,
+             autoretry_for=RETRYABLE, retry_backoff=True, max_retries=5, ignore_result=True)
+def finish_import_task(*_results: Any, job_id: str | None = None) -> dict[str, Any]:
+    """Close the job if every chunk is done and nobody closed it (safe to call again:
+    a job closes once). Sent when no chunk task will close the job: a job of no chunk,
+    a close that met the database away, recovery."""
+    assert job_id is not None
+    return {"job_id": job_id, "closed": close_job(service(), job_id)}
 
 
 @celery.task(name="imports.resume", acks_late=True, time_limit=600, soft_time_limit=540)
@@ -134,10 +159,10 @@ def resume_unfinished_imports() -> list[str]:
 
 
 def dispatch_chunks(job_id: str, chunk_pks: list[int], *, ready_to_finish: bool) -> None:
-    if chunk_pks:
-        header = [import_chunk_task.si(job_id, pk) for pk in chunk_pks]
-        chord(header)(finish_import_task.s(job_id=job_id))
-    elif ready_to_finish:
+    """One task per chunk (the last one to end closes the job), or the close alone."""
+    for pk in chunk_pks:
+        import_chunk_task.apply_async((job_id, pk))
+    if not chunk_pks and ready_to_finish:
         finish_import_task.delay(job_id=job_id)
 
 
@@ -164,8 +189,8 @@ _eager_threads: dict[str, threading.Thread] = {}
 
 def _run_eagerly(job_id: str) -> None:
     try:
-        prepare_import_task.apply(args=(job_id,), throw=True)
-        service().finish(job_id)
+        prepare_import_task.apply(args=(job_id,), throw=True)  # its chunks close the job
+        close_job(service(), job_id)  # a job of no chunk, or a close that met an error
     except Exception as exc:
         log.exception("import %s failed in-process", job_id)
         try:  # the job must end, whatever went wrong

@@ -25,6 +25,8 @@ import builtins
 import heapq
 import io
 import logging
+import queue
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -196,6 +198,62 @@ class SplitFence:
         with self.database.unit_of_work() as uow:
             self.write(uow.session)
             uow.commit()
+
+
+class StagingWriter:
+    """The split's staged pieces, written on a thread of their own while the split reads
+    on: compressing a batch (zlib lets go of the GIL) and its fenced INSERT overlap the
+    parsing of the next rows, instead of the splitter waiting for them. One batch waits
+    at most while another is written, so memory stays bounded; batches are written in
+    the order given. The first error of a write (SplitTakenOver, the database away) is
+    raised in the splitter at its next `put` or at `close`, and nothing after it is
+    written."""
+
+    def __init__(self, write: Callable[[Any], None]) -> None:
+        self._write = write
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=1)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="import-staging", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (batch := self._queue.get()) is not _DONE:
+            if self._error is None:
+                try:
+                    self._write(batch)
+                except BaseException as exc:  # raised in the splitter's thread
+                    self._error = exc
+
+    def put(self, batch: Any) -> None:
+        self._raise()
+        self._queue.put(batch)
+
+    def close(self) -> None:
+        """Wait for every batch given; raise the first write's error, if any."""
+        if self._thread.is_alive():
+            self._queue.put(_DONE)
+            self._thread.join()
+        self._raise()
+
+    def abort(self) -> None:
+        """Stop: batches not yet started are dropped, the one being written ends."""
+        if not self._thread.is_alive():
+            return
+        self._error = self._error or SplitTakenOver("the split stopped")
+        while True:  # make room: drop what waits (its rows were never staged)
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._queue.put(_DONE)
+        self._thread.join()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+
+_DONE = object()
 
 
 class UploadReader(io.RawIOBase):
@@ -406,9 +464,11 @@ class ImportService:
 
         pending: list[tuple[int, list[StagedRow]]] = []
         # Every bucket's buffer is written out once the spool holds about 500 rows a
-        # bucket (5,000 to 50,000 rows in all): pieces of a few hundred rows each.
+        # bucket, 5,000 to 20,000 rows in all (pieces of 100 to 500 rows): with one
+        # batch waiting for the staging writer and one being written, memory holds
+        # about 60,000 staged rows at most, whatever the size of the upload.
         spool = ChunkSpool(buckets, write_batch,
-                           spool_rows=max(5_000, min(50_000, 500 * buckets)))
+                           spool_rows=max(5_000, min(20_000, 500 * buckets)))
         invalid = 0
         errors: list[dict[str, Any]] = []
         unresolved: list[tuple[int, dict[str, Any]]] = []
@@ -431,49 +491,61 @@ class ImportService:
                 fields["account_id"], fields["shop_id"] = slot
                 spool.add(slot, line, fields)
 
+        def stage(batch_pieces: list[tuple[int, int, list[StagedRow]]]) -> None:
+            """One fenced transaction: the split still ours, these pieces staged."""
+            with self.database.unit_of_work() as uow:
+                fence.write(uow.session, sum(len(rows) for _, _, rows in batch_pieces))
+                core_insert(uow.session, ImportChunkPart, [
+                    {"job_pk": job_pk, "bucket": bucket, "seq": seq, "row_count": len(rows),
+                     "payload": formats.pack_staged(rows)}
+                    for bucket, seq, rows in batch_pieces], batch=batch)
+                uow.commit()
+
+        writer = StagingWriter(stage)
+
         def flush_pending() -> None:
             if not pending:
                 return
-            with self.database.unit_of_work() as uow:
-                fence.write(uow.session, sum(len(rows) for _, rows in pending))
-                values = []
-                for bucket, rows in pending:
-                    seq = seqs.get(bucket, 0)
-                    seqs[bucket] = seq + 1
-                    values.append({"job_pk": job_pk, "bucket": bucket, "seq": seq,
-                                   "row_count": len(rows), "payload": formats.pack_staged(rows)})
-                core_insert(uow.session, ImportChunkPart, values, batch=batch)
-                uow.commit()
+            pieces = []
+            for bucket, rows in pending:
+                seq = seqs.get(bucket, 0)
+                seqs[bucket] = seq + 1
+                pieces.append((bucket, seq, rows))
             pending.clear()
+            writer.put(pieces)
 
-        with formats.open_text(opener, encoding, max_bytes) as text:
-            for record in formats.iter_records(text, fmt, clean=clean):
-                records += 1
-                if record.fields is None:
-                    bad(record.line, record.error or "unreadable record")
-                    continue
-                slot = slot_of(record.fields)
-                if slot is None:
-                    if record.fields.get("session_id") not in (None, ""):
-                        unresolved.append((record.line, record.fields))
-                        if len(unresolved) >= 500:
-                            resolve(unresolved)
-                            unresolved.clear()
+        try:
+            with formats.open_text(opener, encoding, max_bytes) as text:
+                for record in formats.iter_records(text, fmt, clean=clean):
+                    records += 1
+                    if record.fields is None:
+                        bad(record.line, record.error or "unreadable record")
                         continue
-                    missing = "account_id" if slot_of(
-                        {**record.fields, "account_id": "x"}) else "shop_id"
-                    if not record.fields.get("shop_id") and missing == "account_id":
-                        missing = "account_id, shop_id"
-                    bad(record.line, f"{missing}: is missing (required unless session_id "
-                                     "is given)")
-                    continue
-                spool.add(slot, record.line, record.fields, record.source)
-                if pending:
-                    flush_pending()
-        if unresolved:
-            resolve(unresolved)
-        spool.flush()
-        flush_pending()
+                    slot = slot_of(record.fields)
+                    if slot is None:
+                        if record.fields.get("session_id") not in (None, ""):
+                            unresolved.append((record.line, record.fields))
+                            if len(unresolved) >= 500:
+                                resolve(unresolved)
+                                unresolved.clear()
+                            continue
+                        missing = "account_id" if slot_of(
+                            {**record.fields, "account_id": "x"}) else "shop_id"
+                        if not record.fields.get("shop_id") and missing == "account_id":
+                            missing = "account_id, shop_id"
+                        bad(record.line, f"{missing}: is missing (required unless "
+                                         "session_id is given)")
+                        continue
+                    spool.add(slot, record.line, record.fields, record.source)
+                    if pending:
+                        flush_pending()
+            if unresolved:
+                resolve(unresolved)
+            spool.flush()
+            flush_pending()
+            writer.close()  # every piece written (or the first error of the writer raised)
+        finally:
+            writer.abort()  # whatever happened, no write of this split is left in flight
         return ImportService._Split(records, dict(spool.rows_per_bucket), invalid, errors)
 
     # ---- one chunk --------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """Two runs of prepare on one job (a worker that starts re-dispatches unfinished jobs;
 a redelivered task): a live split is left alone, a quiet one is taken over, and the
-split that was taken over cannot stage a row more. The job's counts stay exact."""
+split that was taken over cannot stage a row more. The job's counts stay exact. The
+split's pieces are written on a thread of their own (`StagingWriter`), in order, and
+its first error stops it."""
 
 from __future__ import annotations
 
@@ -9,11 +11,18 @@ import threading
 import time
 from datetime import datetime, timedelta
 
+import pytest
 from sqlalchemy import func, select
 
 from app.db import utcnow
 from app.imports.models import ImportChunkPart, ImportJob
-from app.imports.service import SPLIT_LEASE, ImportService, PrepareOutcome
+from app.imports.service import (
+    SPLIT_LEASE,
+    ImportService,
+    PrepareOutcome,
+    SplitTakenOver,
+    StagingWriter,
+)
 from tests.imports.helpers import as_ndjson, message_count, row
 
 START = datetime(2026, 3, 2, 9, 0)
@@ -84,3 +93,43 @@ def test_a_split_taken_over_midway_stages_nothing_more_and_counts_stay_exact(run
     assert (view.status, view.inserted, view.duplicates, view.invalid) == (
         "succeeded", rows, 0, 0)
     assert message_count(runtime) == rows
+
+
+def test_the_staging_writer_writes_in_order_and_stops_at_its_first_error():
+    written: list[int] = []
+
+    def write(batch: int) -> None:
+        time.sleep(0.001)
+        if batch == 5:
+            raise SplitTakenOver("taken over")
+        written.append(batch)
+
+    writer = StagingWriter(write)
+    for batch in range(5):
+        writer.put(batch)
+    writer.close()
+    assert written == [0, 1, 2, 3, 4]
+    writer.abort()  # after close: nothing to do
+
+    writer = StagingWriter(write)
+    with pytest.raises(SplitTakenOver):
+        for batch in range(5, 50):
+            writer.put(batch)  # the error of batch 5 comes out at a later put
+    writer.abort()
+    assert written == [0, 1, 2, 3, 4]  # nothing after the failed batch was written
+
+    started = threading.Event()
+    release = threading.Event()
+
+    def slow(batch: int) -> None:
+        started.set()
+        release.wait(5)
+        written.append(batch)
+
+    writer = StagingWriter(slow)
+    writer.put(100)
+    writer.put(101)  # waits while 100 is written
+    started.wait(5)
+    threading.Timer(0.2, release.set).start()
+    writer.abort()  # the write in flight ends; the waiting one is dropped
+    assert written[-1] == 100 and 101 not in written
