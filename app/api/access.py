@@ -27,7 +27,7 @@ from app.db import one_of
 from app.errors import Forbidden, NotFound, NotInControl
 from app.sessions.activity import Control, ControlledIf
 from app.sessions.enums import ROBOT_TYPES, SessionStatus, SessionType
-from app.sessions.models import SESSIONS, Session
+from app.sessions.models import SESSION_BY_ID, SESSIONS, Session
 from app.sessions.queries import Viewer, visible_to
 from app.sessions.schemas import SessionView
 from app.sessions.service import Guard
@@ -42,13 +42,10 @@ def not_found(session_id: str) -> NotFound:
     return NotFound(f"session {session_id} not found")
 
 
-_SESSION_BY_ID = select(SESSIONS).where(SESSIONS.c.session_id == bindparam("session_id"))
-
-
 def read_visible(conn: Connection, client: ClientIdentity, session_id: str) -> SessionView:
     """One session as `client` may see it (404 otherwise): one Core SELECT of its row,
     no ORM identity map for a row nobody changes."""
-    row = conn.execute(_SESSION_BY_ID, {"session_id": session_id}).one_or_none()
+    row = conn.execute(SESSION_BY_ID, {"session_id": session_id}).one_or_none()
     if row is None or not may_see_row(conn, client, row):
         raise not_found(session_id)
     return SessionView.model_validate(row._asdict())
@@ -94,28 +91,31 @@ def control_guard(client: ClientIdentity, action: str, *, messages: bool = False
     return guard
 
 
+def _sees_without_transfers(client: ClientIdentity, *, client_id: object, session_type: object,
+                            status: object) -> bool:
+    """`visible_to` short of its one look-up: admins see all, a client its own sessions,
+    the desk human and TRANSFERRED ones."""
+    if client.is_admin or (client_id is not None and client_id == client.client_id):
+        return True
+    return client.is_desk and (SessionType(str(session_type)).is_human
+                               or status == SessionStatus.TRANSFERRED)
+
+
 def may_see_view(client: ClientIdentity, view: dict[str, object]) -> bool:
-    """`visible_to` for a session already described as a view (the 409 occupant)."""
-    if client.is_admin:
-        return True
-    if view.get("client_id") == client.client_id:
-        return True
-    if client.is_desk:
-        session_type = SessionType(str(view.get("session_type")))
-        return session_type.is_human or view.get("status") == SessionStatus.TRANSFERRED
-    return False
+    """`visible_to` for a session already described as a view (the 409 occupant: a live
+    occupant that is not TRANSFERRED has never been handed to the desk, so no look-up)."""
+    return _sees_without_transfers(client, client_id=view.get("client_id"),
+                                   session_type=view.get("session_type"),
+                                   status=view.get("status"))
 
 
 def may_see_row(conn: Connection, client: ClientIdentity, row: Row[Any]) -> bool:
     """`visible_to`, decided on a session row already read (the desk's "a robot session
     once handed to it" needs one look at its transfers, and only then)."""
-    if client.is_admin or (row.client_id is not None and row.client_id == client.client_id):
+    if _sees_without_transfers(client, client_id=row.client_id,
+                               session_type=row.session_type, status=row.status):
         return True
-    if not client.is_desk:
-        return False
-    if SessionType(row.session_type).is_human or row.status == SessionStatus.TRANSFERRED:
-        return True
-    return conn.execute(
+    return client.is_desk and conn.execute(
         select(Transfer.id).where(Transfer.session_pk == row.id).limit(1)).first() is not None
 
 

@@ -44,8 +44,8 @@ from app.config import Settings
 from app.db import Database, affected_rows, is_retryable_db_error, one_of, utcnow
 from app.errors import Conflict, NotFound, NotInControl, ServiceUnavailable
 from app.messages.models import Message
-from app.sessions.enums import HUMAN_TYPES, SenderRole, SessionStatus
-from app.sessions.models import SESSIONS
+from app.sessions.enums import HUMAN_TYPES, SenderRole, SessionStatus, SessionType
+from app.sessions.models import SESSION_BY_ID, SESSIONS
 from app.sessions.schemas import SessionView
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,6 @@ Control = Callable[[Connection, Row[Any]], bool]
 may not even see it. The HTTP layer builds one per request (`app.api.access`)."""
 ControlledIf = tuple[ColumnElement[bool], dict[str, Any]]
 """`Control` as a SQL condition on the session's row, with its parameters."""
-Deadline = Callable[[Row[Any] | dict[str, Any], datetime], datetime | None]
 
 _LOCK_SESSION = (
     select(SESSIONS).where(SESSIONS.c.session_id == bindparam("session_id")).with_for_update()
@@ -101,17 +100,17 @@ class SessionActivity:
     """Heartbeats and live messages, each one short transaction on the session's row."""
 
     def __init__(
-        self, *, database: Database, deadline: Deadline,
+        self, *, database: Database, settings: Settings,
         counterpart_messages: Callable[[list[str]], None] = lambda ids: None,
-        settings: Settings | None = None,
     ) -> None:
         self.database = database
-        self.deadline = deadline
-        self.counterpart_messages = counterpart_messages
         self.settings = settings
+        self.counterpart_messages = counterpart_messages
+
+    def deadline(self, session: Any, now: datetime) -> datetime | None:
+        return deadline_after(self.settings, session, now)
 
     def _touch_if(self, session_id: str, controlled_if: ControlledIf) -> SessionView | None:
-        assert self.settings is not None
         condition, parameters = controlled_if
         statement = _TOUCH_STATEMENTS.get(id(condition))
         if statement is None:  # conditions are module constants: their ids are stable
@@ -126,7 +125,7 @@ class SessionActivity:
             })
             if affected_rows(touched) != 1:
                 return None
-            row = conn.execute(_SESSION_BY_ID, {"session_id": session_id}).one()
+            row = conn.execute(SESSION_BY_ID, {"session_id": session_id}).one()
         return _view(row, {})
 
     def _on_locked_row(self, session_id: str, work: Callable[[Connection, Row[Any]], T]) -> T:
@@ -162,7 +161,7 @@ class SessionActivity:
         conditional UPDATE (which takes the row lock itself) and the read of the answer;
         when it matches nothing (a terminal session, a caller not in control, an unknown
         id) the locked path below says why."""
-        if controlled_if is not None and self.settings is not None:
+        if controlled_if is not None:
             view = self._touch_if(session_id, controlled_if)
             if view is not None:
                 return view
@@ -244,7 +243,6 @@ class SessionActivity:
 
 _LIVE = [str(s) for s in (S.PENDING, S.ACTIVE, S.PAUSED, S.TRANSFERRED)]
 _HUMAN = sorted(str(t) for t in HUMAN_TYPES)
-_SESSION_BY_ID = select(SESSIONS).where(SESSIONS.c.session_id == bindparam("session_id"))
 
 
 # one compiled heartbeat per control condition (a handful: one per role)
@@ -268,6 +266,24 @@ def _touch_statement(controlled_if: ColumnElement[bool]) -> Any:
             ),
         )
     )
+
+
+def deadline_after(settings: Settings, session: Any, now: datetime) -> datetime | None:
+    """When the sweep times a session out (SPEC §3.7), given its status, type and times
+    (a `Session`, or a mapping of its columns); None once terminal."""
+    values = session if isinstance(session, dict) else {
+        name: getattr(session, name)
+        for name in ("status", "session_type", "requested_at", "last_activity_at")}
+    status = SessionStatus(values["status"])
+    if status.is_terminal:
+        return None
+    if status == S.PENDING:
+        requested: datetime = values["requested_at"]
+        return requested + timedelta(seconds=settings.pending_timeout)
+    human = SessionType(values["session_type"]).is_human or status == S.TRANSFERRED
+    timeout = settings.human_session_timeout if human else settings.default_session_timeout
+    last: datetime = values["last_activity_at"]
+    return last + timedelta(seconds=timeout)
 
 
 def _counters(row: Row[Any], fresh: Sequence[LiveMessage], now: datetime) -> dict[str, Any]:

@@ -14,6 +14,8 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    bindparam,
+    select,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -110,3 +112,6 @@ class Slot(Base):
 # The tables, typed for Core statements (the fence, the bulk sweep).
 SESSIONS = cast(Table, Session.__table__)
 SLOTS = cast(Table, Slot.__table__)
+
+# One session's whole row by its public id (Core: the hot reads build no ORM object).
+SESSION_BY_ID = select(SESSIONS).where(SESSIONS.c.session_id == bindparam("session_id"))

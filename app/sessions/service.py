@@ -45,6 +45,7 @@ from app.sessions.activity import (
     LiveMessage,
     MessageOutcome,
     SessionActivity,
+    deadline_after,
 )
 from app.sessions.enums import (
     Origin,
@@ -475,10 +476,8 @@ class SessionService:
         self.settings = settings
         self.hooks = hooks or ServiceHooks()
         self.activity = SessionActivity(
-            database=database,
-            deadline=lambda session, now: deadline_after(self.settings, session, now),
+            database=database, settings=settings,
             counterpart_messages=lambda ids: self.hooks.counterpart_messages(ids),
-            settings=settings,
         )
 
     # ---- the slot transaction --------------------------------------------------------
@@ -899,24 +898,6 @@ def raise_already_taken(transfer: Transfer) -> None:
         "can be accepted",
         current_status=str(transfer.status),
     )
-
-
-def deadline_after(settings: Settings, session: Any, now: datetime) -> datetime | None:
-    """When the sweep times a session out (SPEC §3.7), given its status, type and times
-    (a `Session`, or a mapping of its columns); None once terminal."""
-    values = session if isinstance(session, dict) else {
-        name: getattr(session, name)
-        for name in ("status", "session_type", "requested_at", "last_activity_at")}
-    status = SessionStatus(values["status"])
-    if status.is_terminal:
-        return None
-    if status == S.PENDING:
-        requested: datetime = values["requested_at"]
-        return requested + timedelta(seconds=settings.pending_timeout)
-    human = SessionType(values["session_type"]).is_human or status == S.TRANSFERRED
-    timeout = settings.human_session_timeout if human else settings.default_session_timeout
-    last: datetime = values["last_activity_at"]
-    return last + timedelta(seconds=timeout)
 
 
 __all__ = [

@@ -232,7 +232,7 @@ def test_a_heartbeat_moves_the_deadline_as_the_rules_say_for_every_live_status(
     """The heartbeat's one-statement path computes the deadline in SQL; it must agree
     with `deadline_after` for a robot ACTIVE, PENDING and PAUSED session, a human one and
     a TRANSFERRED one."""
-    from app.sessions.service import deadline_after
+    from app.sessions.activity import deadline_after
 
     active = bot.create("AUTO_BARGAIN", shop="hb")
     pending = bot.create("AUTO_FOLLOW_UP", shop="hb")

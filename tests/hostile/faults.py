@@ -57,8 +57,6 @@ class TcpProxy:
                     side.shutdown(socket.SHUT_RDWR)
                 side.close()
 
-    stop = cut
-
     def _accept(self, listener: socket.socket) -> None:
         while True:
             try:
