@@ -86,6 +86,11 @@ class Base(DeclarativeBase):
 
 # A pooled MySQL connection used this recently is handed out without a ping.
 PING_IF_IDLE_FOR = 1.0
+# How long a statement waits for another transaction's row lock before it fails with a
+# retryable error (MySQL's default is 50 s). Slot rows and session rows are locked for
+# one slot transaction (milliseconds); a wait this long means a holder is stuck, and a
+# prompt 503 with Retry-After serves the caller better than a request hanging on it.
+ROW_LOCK_WAIT_SECONDS = 5
 
 
 def make_engine(
@@ -123,6 +128,9 @@ def make_engine(
         query = dict(parsed.query)
         query.setdefault("charset", "utf8mb4")
         parsed = parsed.set(query=query)
+        connect_args = kwargs.pop("connect_args", {})
+        connect_args.setdefault(
+            "init_command", f"SET SESSION innodb_lock_wait_timeout = {ROW_LOCK_WAIT_SECONDS}")
         kwargs.setdefault("pool_size", 10)
         kwargs.setdefault("max_overflow", 20)
         engine = create_engine(
@@ -130,8 +138,11 @@ def make_engine(
             isolation_level="AUTOCOMMIT" if autocommit else "READ COMMITTED",
             pool_recycle=1800,
             pool_reset_on_return=None,  # `_reset_unless_ended` below does it, when needed
+            connect_args=connect_args,
             **kwargs,
         )
+        if engine.dialect.driver == "pymysql":
+            _connect_with_cached_descriptors(engine)
         if autocommit:
             _no_transaction_round_trips(engine)
         else:
@@ -139,6 +150,16 @@ def make_engine(
         _ping_when_idle(engine, ping_if_idle_for)
         return engine
     return create_engine(url, **kwargs)
+
+
+def _connect_with_cached_descriptors(engine: Engine) -> None:
+    """Open PyMySQL connections as `app.dbdriver.CachingConnection` (a statement's column
+    descriptors parsed once, not on every execution)."""
+    from app.dbdriver import CachingConnection
+
+    @event.listens_for(engine, "do_connect")
+    def _connect(_dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
+        return CachingConnection(*cargs, **cparams)
 
 
 def _reset_unless_ended(engine: Engine) -> None:

@@ -27,7 +27,7 @@ from app.db import one_of
 from app.errors import Forbidden, NotFound, NotInControl
 from app.sessions.activity import Control, ControlledIf
 from app.sessions.enums import ROBOT_TYPES, SessionStatus, SessionType
-from app.sessions.models import SESSION_BY_ID, SESSIONS, Session
+from app.sessions.models import READ_SESSION, SESSIONS, Session
 from app.sessions.queries import Viewer, visible_to
 from app.sessions.schemas import SessionView
 from app.sessions.service import Guard
@@ -45,10 +45,10 @@ def not_found(session_id: str) -> NotFound:
 def read_visible(conn: Connection, client: ClientIdentity, session_id: str) -> SessionView:
     """One session as `client` may see it (404 otherwise): one Core SELECT of its row,
     no ORM identity map for a row nobody changes."""
-    row = conn.execute(SESSION_BY_ID, {"session_id": session_id}).one_or_none()
+    row = READ_SESSION.one_or_none(conn, {"session_id": session_id})
     if row is None or not may_see_row(conn, client, row):
         raise not_found(session_id)
-    return SessionView.model_validate(row._asdict())
+    return SessionView.model_validate(row)
 
 
 def robot_side(session: Session | SessionView | Row[Any]) -> bool:
@@ -109,7 +109,7 @@ def may_see_view(client: ClientIdentity, view: dict[str, object]) -> bool:
                                    status=view.get("status"))
 
 
-def may_see_row(conn: Connection, client: ClientIdentity, row: Row[Any]) -> bool:
+def may_see_row(conn: Connection, client: ClientIdentity, row: Any) -> bool:
     """`visible_to`, decided on a session row already read (the desk's "a robot session
     once handed to it" needs one look at its transfers, and only then)."""
     if _sees_without_transfers(client, client_id=row.client_id,

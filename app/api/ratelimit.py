@@ -16,8 +16,17 @@ Two limits, both fixed windows counted by `limits` (the engine under Flask-Limit
 Past a limit the answer is `429 /problems/rate-limited` with `Retry-After` (the seconds
 until the window ends) and a detail naming the limit and its setting.
 
-Cost: one Redis round trip per counted request (`limits`' INCR + EXPIRE Lua script),
-none for the open endpoints. Flask-Limiter's extension object is not installed: its
+Cost: a client's budget is taken from Redis in leases of 1/`LEASE_SHARE` of it (at
+least one request): one round trip (`limits`' INCR + EXPIRE Lua script, by the lease's
+size) per lease, and the lease is spent in this process without Redis until it is used
+up or its window (the budget's period) has passed. So at the shipped
+`RATE_LIMIT_BOT=500/second` a web process asks Redis once every 5 requests of a client;
+a budget under `LEASE_SHARE` per window is still counted request by request. The
+enforced limit is exact to within one lease per web process: a process may spend a
+lease taken at the end of a window early in the next (at most one lease more per
+process per window), and a lease refused at the end of the budget spends what it asked
+for (the client is refused up to one lease early). Failed authentications are counted
+one by one; the open endpoints not at all. Flask-Limiter's extension object is not installed: its
 request hooks cost ~20 µs on every request, exempt or not, and its check runs before
 the view, i.e. before the client is known. The counters live in Redis under
 `<REDIS_KEY_PREFIX>:ratelimit:` when Redis is configured (shared by every web process),
@@ -57,6 +66,8 @@ ROLE_SETTINGS = {
     ClientRole.ADMIN: "rate_limit_admin",
 }
 AUTH_FAILURES_SETTING = "rate_limit_auth_failures"
+LEASE_SHARE = 100  # a process takes a client's budget 1/100 of it at a time
+MAX_LEASES = 4096  # clients with a lease in this process before expired ones are dropped
 
 
 class RateLimited(AutoSessionError):
@@ -114,14 +125,30 @@ class RateLimits:
         self.storage = storage
         self.counter = FixedWindowRateLimiter(storage)
         self._skip_storage_until = 0.0  # monotonic; set when the storage failed
+        # client id -> [requests left in the lease, monotonic time it lapses]
+        self._leases: dict[str, list[float]] = {}
+        self._leases_guard = threading.Lock()
 
     def charge_client(self, client: ClientIdentity) -> None:
         """Count one request against the client's role budget; `RateLimited` past it."""
         if not self.enabled:
             return
+        client_id = client.client_id
+        now = time.monotonic()
+        with self._leases_guard:
+            lease = self._leases.get(client_id)
+            if lease is not None and lease[0] >= 1 and lease[1] > now:
+                lease[0] -= 1
+                return
         budget = self.by_role[str(client.role)]
-        self._spend(budget, ("client", client.client_id),
-                    f"client {client.client_id} ({client.role}) spent its budget")
+        size = max(1, budget.item.amount // LEASE_SHARE)
+        self._spend(budget, ("client", client_id),
+                    f"client {client_id} ({client.role}) spent its budget", cost=size)
+        if size > 1:
+            with self._leases_guard:
+                if len(self._leases) >= MAX_LEASES:
+                    self._leases = {k: v for k, v in self._leases.items() if v[1] > now}
+                self._leases[client_id] = [size - 1, now + budget.item.get_expiry()]
 
     def count_failed_authentication(self, address: str) -> None:
         """Count one failed authentication from `address`; `RateLimited` past the limit
@@ -131,11 +158,12 @@ class RateLimits:
         self._spend(self.auth_failures, ("auth-failures", address),
                     f"too many failed authentications from {address}")
 
-    def _spend(self, budget: Budget, identifiers: tuple[str, ...], what: str) -> None:
+    def _spend(self, budget: Budget, identifiers: tuple[str, ...], what: str, *,
+               cost: int = 1) -> None:
         if time.monotonic() < self._skip_storage_until:
             return
         try:
-            if self.counter.hit(budget.item, *identifiers):
+            if self.counter.hit(budget.item, *identifiers, cost=cost):
                 return
             ends_at = self.storage.get_expiry(budget.item.key_for(*identifiers))
         except redis.RedisError as exc:

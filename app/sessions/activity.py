@@ -29,7 +29,6 @@ from typing import Any, TypeVar, cast
 from sqlalchemy import (
     ColumnElement,
     Connection,
-    Row,
     Table,
     bindparam,
     case,
@@ -41,11 +40,12 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from app.config import Settings
-from app.db import Database, affected_rows, is_retryable_db_error, one_of, utcnow
+from app.db import Database, is_retryable_db_error, one_of, utcnow
 from app.errors import Conflict, NotFound, NotInControl, ServiceUnavailable
+from app.fastsql import Prepared, Record
 from app.messages.models import Message
 from app.sessions.enums import HUMAN_TYPES, SenderRole, SessionStatus, SessionType
-from app.sessions.models import SESSION_BY_ID, SESSIONS
+from app.sessions.models import READ_SESSION, SESSIONS
 from app.sessions.schemas import SessionView
 
 log = logging.getLogger(__name__)
@@ -55,21 +55,23 @@ MESSAGES = cast(Table, Message.__table__)
 MAX_ATTEMPTS = 3
 S = SessionStatus
 
-Control = Callable[[Connection, Row[Any]], bool]
+Control = Callable[[Connection, Any], bool]
 """Whether the caller controls the (locked) session row; raises NotFound when the caller
 may not even see it. The HTTP layer builds one per request (`app.api.access`)."""
 ControlledIf = tuple[ColumnElement[bool], dict[str, Any]]
 """`Control` as a SQL condition on the session's row, with its parameters."""
 
-_LOCK_SESSION = (
+_LOCK_SESSION = Prepared(
     select(SESSIONS).where(SESSIONS.c.session_id == bindparam("session_id")).with_for_update()
 )
 _STORED_IDS = select(MESSAGES.c.message_id).where(
     MESSAGES.c.message_id.in_(bindparam("ids", expanding=True)))
 _INSERT_MESSAGES = insert(MESSAGES)
-_INSERT_NEW_MESSAGE = (insert(MESSAGES).prefix_with("IGNORE", dialect="mysql")
-                       .prefix_with("OR IGNORE", dialect="sqlite"))
-_TOUCH = update(SESSIONS).where(SESSIONS.c.id == bindparam("pk"))
+_INSERT_NEW_MESSAGE = Prepared(insert(MESSAGES).prefix_with("IGNORE", dialect="mysql")
+                               .prefix_with("OR IGNORE", dialect="sqlite"),
+                               values_from_params=True)
+_TOUCH = Prepared(update(SESSIONS).where(SESSIONS.c.id == bindparam("pk")),
+                  values_from_params=True)
 
 
 @dataclass
@@ -92,8 +94,8 @@ class MessageOutcome:
     accepted_ids: list[str] = field(default_factory=list)
 
 
-def _view(row: Row[Any], changes: dict[str, Any]) -> SessionView:
-    return SessionView.model_validate({**row._asdict(), **changes})
+def _view(row: Record, changes: dict[str, Any]) -> SessionView:
+    return SessionView.model_validate({**row, **changes} if changes else row)
 
 
 class SessionActivity:
@@ -114,28 +116,30 @@ class SessionActivity:
         condition, parameters = controlled_if
         statement = _TOUCH_STATEMENTS.get(id(condition))
         if statement is None:  # conditions are module constants: their ids are stable
-            statement = _TOUCH_STATEMENTS.setdefault(id(condition), _touch_statement(condition))
+            statement = _TOUCH_STATEMENTS.setdefault(
+                id(condition), Prepared(_touch_statement(condition)))
         now = utcnow()
         with self.database.connect() as conn:
-            touched = conn.execute(statement, {
+            touched = statement.execute(conn, {
                 **parameters, "sid": session_id, "now": now,
                 "human_deadline": now + timedelta(seconds=self.settings.human_session_timeout),
                 "robot_deadline": now + timedelta(
                     seconds=self.settings.default_session_timeout),
             })
-            if affected_rows(touched) != 1:
+            if touched != 1:
                 return None
-            row = conn.execute(SESSION_BY_ID, {"session_id": session_id}).one()
+            row = READ_SESSION.one_or_none(conn, {"session_id": session_id})
+        assert row is not None  # it was there a statement ago; sessions are never deleted
         return _view(row, {})
 
-    def _on_locked_row(self, session_id: str, work: Callable[[Connection, Row[Any]], T]) -> T:
+    def _on_locked_row(self, session_id: str, work: Callable[[Connection, Record], T]) -> T:
         """Run `work(conn, row)` with the session's row locked, in one transaction that
         commits; retried from a fresh read on a deadlock or a duplicate key."""
         last: Exception | None = None
         for attempt in range(MAX_ATTEMPTS):
             try:
                 with self.database.transaction() as conn:
-                    row = conn.execute(_LOCK_SESSION, {"session_id": session_id}).one_or_none()
+                    row = _LOCK_SESSION.one_or_none(conn, {"session_id": session_id})
                     if row is None:
                         raise NotFound(f"session {session_id} not found")
                     result = work(conn, row)
@@ -166,14 +170,14 @@ class SessionActivity:
             if view is not None:
                 return view
 
-        def work(conn: Connection, row: Row[Any]) -> SessionView:
+        def work(conn: Connection, row: Record) -> SessionView:
             in_control = control(conn, row) if control is not None else True
             if S(row.status).is_terminal or not in_control:
                 return _view(row, {})
             now = utcnow()  # after the lock: ordered with any change of the row
             changes: dict[str, Any] = {"last_activity_at": now}
             changes["deadline_at"] = self.deadline({**row._asdict(), **changes}, now)
-            conn.execute(_TOUCH, {"pk": row.id, **changes})
+            _TOUCH.execute(conn, {"pk": row.id, **changes})
             return _view(row, changes)
 
         return self._on_locked_row(session_id, work)
@@ -188,7 +192,7 @@ class SessionActivity:
         for message in messages:
             unique.setdefault(message.message_id, message)
 
-        def work(conn: Connection, row: Row[Any]) -> MessageOutcome:
+        def work(conn: Connection, row: Record) -> MessageOutcome:
             if control is not None and not control(conn, row):
                 raise NotInControl(
                     f"cannot post messages to session {session_id}: it is {row.status} and "
@@ -214,8 +218,8 @@ class SessionActivity:
                 # itself; its count says whether it was new (validated values: nothing
                 # else for IGNORE to hide).
                 (only,) = unique.values()
-                inserted = conn.execute(_INSERT_NEW_MESSAGE, values(only))
-                fresh = [only] if affected_rows(inserted) == 1 else []
+                inserted = _INSERT_NEW_MESSAGE.execute(conn, values(only))
+                fresh = [only] if inserted == 1 else []
             else:
                 stored = set(conn.execute(_STORED_IDS, {"ids": list(unique)}).scalars()) \
                     if unique else set()
@@ -226,7 +230,7 @@ class SessionActivity:
             if fresh:
                 changes = _counters(row, fresh, now)
                 changes["deadline_at"] = self.deadline({**row._asdict(), **changes}, now)
-                conn.execute(_TOUCH, {"pk": row.id, **changes})
+                _TOUCH.execute(conn, {"pk": row.id, **changes})
             return MessageOutcome(
                 accepted=len(fresh), duplicates=len(messages) - len(fresh),
                 session=_view(row, changes), accepted_ids=[m.message_id for m in fresh])
@@ -246,7 +250,7 @@ _HUMAN = sorted(str(t) for t in HUMAN_TYPES)
 
 
 # one compiled heartbeat per control condition (a handful: one per role)
-_TOUCH_STATEMENTS: dict[int, Any] = {}
+_TOUCH_STATEMENTS: dict[int, Prepared] = {}
 
 
 def _touch_statement(controlled_if: ColumnElement[bool]) -> Any:
@@ -286,7 +290,7 @@ def deadline_after(settings: Settings, session: Any, now: datetime) -> datetime 
     return last + timedelta(seconds=timeout)
 
 
-def _counters(row: Row[Any], fresh: Sequence[LiveMessage], now: datetime) -> dict[str, Any]:
+def _counters(row: Record, fresh: Sequence[LiveMessage], now: datetime) -> dict[str, Any]:
     """The session's counters and times after `fresh` (its row is locked: exact)."""
     by_role = {role: 0 for role in SenderRole}
     for m in fresh:

@@ -20,6 +20,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db import Base, BigId, IdStr, JsonDoc, UTCDateTime
+from app.fastsql import Prepared
 from app.sessions.enums import (
     Origin,
     PauseCause,
@@ -115,3 +116,5 @@ SLOTS = cast(Table, Slot.__table__)
 
 # One session's whole row by its public id (Core: the hot reads build no ORM object).
 SESSION_BY_ID = select(SESSIONS).where(SESSIONS.c.session_id == bindparam("session_id"))
+# The same read on the hot paths (GET, heartbeat answer): see `app.fastsql`.
+READ_SESSION = Prepared(SESSION_BY_ID)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import and_, case, func, insert, inspect, or_, select
+from sqlalchemy import and_, bindparam, case, func, insert, inspect, or_, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session as DbSession
 from sqlalchemy.orm import make_transient_to_detached
@@ -62,7 +62,7 @@ from app.sessions.schemas import (
     TransferRequest,
     TransferView,
 )
-from app.sessions.slot import SlotFence, SlotLocks, wait_a_little
+from app.sessions.slot import BusySlots, SlotFence, SlotLocks, wait_a_little
 from app.transfers.models import Transfer
 from app.transfers.routing import choose_agent
 
@@ -86,6 +86,36 @@ _SESSION_DEFAULTS = {
     for column in SESSIONS.columns
     if column.default is not None and column.default.is_scalar
 }
+
+
+class NeedsTheSlot(Exception):  # noqa: N818 - control flow inside the service
+    """Raised inside a shared slot transaction (a request joining the line) by the first
+    step that would change the slot: the transaction is rolled back and the operation
+    runs again as a slot transaction, under the slot lock."""
+
+
+def _count_ahead() -> Any:
+    """The statement of `SlotTx.position_of_newest`, built once: the waiting sessions
+    (owner-paused ones excluded) of the slot that rank better than or equal to a request
+    of class (:robot, :priority, :type_rank), the request itself (:session_pk) not
+    counted."""
+    c = SESSIONS.c
+    rank = case({str(t): r for t, r in rules.TYPE_RANK.items()}, value=c.session_type)
+    robot = case((rank >= rules.TYPE_RANK[SessionType.AUTO_BARGAIN], 1), else_=0)
+    mine: Any = bindparam("robot")
+    return select(func.count()).where(
+        c.account_id == bindparam("account_id"),
+        c.shop_id == bindparam("shop_id"),
+        one_of(c.status, [str(S.PENDING), str(S.PAUSED)]),
+        or_(c.pause_cause.is_(None), c.pause_cause != str(PauseCause.OWNER)),
+        c.id != bindparam("session_pk"),
+        or_(robot < mine, and_(robot == mine, or_(
+            c.priority < bindparam("priority"),
+            and_(c.priority == bindparam("priority"), rank <= bindparam("type_rank"))))),
+    )
+
+
+_COUNT_AHEAD = _count_ahead()
 
 
 @dataclass
@@ -114,6 +144,7 @@ class SlotTx:
         actor: str,
         *,
         trust_slot_row: bool = True,
+        shared: bool = False,
     ) -> None:
         self.service = service
         self.uow = uow
@@ -121,8 +152,11 @@ class SlotTx:
         self.account_id = account_id
         self.shop_id = shop_id
         self.actor = actor
+        # shared: a request that only joins the line (see `SessionService.run_on_slot`)
+        self.shared = shared
+        self.fence = SlotFence(self.db, account_id, shop_id, shared=shared)
+        # The fence read locked the slot row and the occupant's (see `_locked_a_row`).
         self.now = utcnow()
-        self.fence = SlotFence(self.db, account_id, shop_id)
         self.conn = self.fence.conn  # Core statements of this transaction run here
         self.events_written = 0
         self.counterpart_sessions: list[str] = []
@@ -142,6 +176,8 @@ class SlotTx:
                 and self.fence.occupant_session_id is None):
             self._occupant = None
         if self._occupant is UNREAD:
+            if self.shared:  # loading it would lock its row for a change
+                raise NeedsTheSlot()
             self._occupant = self.db.execute(
                 select(Session).where(
                     Session.account_id == self.account_id,
@@ -166,6 +202,25 @@ class SlotTx:
             return self.fence.occupant_session_id
         occupant = self.occupant()
         return occupant.session_id if occupant is not None else None
+
+    def occupant_precedence(self) -> tuple[str, rules.Precedence] | None:
+        """The occupant's public id and precedence, or None when the slot is free.
+
+        On a first attempt, from the columns read with the fence (`SlotFence.occupant`):
+        no load and no row lock, since deciding to wait in line changes nothing of the
+        occupant, and the fence stands for its status. Otherwise from `occupant()`."""
+        if self._occupant is UNREAD and self._trust_slot_row:
+            if self.fence.occupant_session_id is None:
+                return None
+            row = self.fence.occupant
+            if row is not None:
+                return self.fence.occupant_session_id, rules.precedence(
+                    session_type=SessionType(row.session_type), priority=row.priority,
+                    requested_at=row.requested_at, seq=row.id, status=S(row.status))
+        if self.shared:
+            raise NeedsTheSlot()
+        occupant = self.occupant()
+        return None if occupant is None else (occupant.session_id, precedence_of(occupant))
 
     def insert_session(self, session: Session) -> None:
         """Insert a new session row and keep `session` as its persistent object.
@@ -212,26 +267,10 @@ class SlotTx:
         since among equals the earlier request goes first. One COUNT, however long the
         line (a hot slot can have hundreds waiting)."""
         me = precedence_of(session)
-        rank = case(
-            {str(t): r for t, r in rules.TYPE_RANK.items()}, value=Session.session_type)
-        robot = rank >= rules.TYPE_RANK[SessionType.AUTO_BARGAIN]
-        mine = int(me.robot)
-        better_or_equal = or_(
-            (case((robot, 1), else_=0) < mine),
-            and_(case((robot, 1), else_=0) == mine, or_(
-                Session.priority < me.priority,
-                and_(Session.priority == me.priority, rank <= me.type_rank))),
-        )
-        ahead = self.db.execute(
-            select(func.count()).where(
-                Session.account_id == self.account_id,
-                Session.shop_id == self.shop_id,
-                one_of(Session.status, [str(S.PENDING), str(S.PAUSED)]),
-                or_(Session.pause_cause.is_(None), Session.pause_cause != PauseCause.OWNER),
-                Session.id != session.id,
-                better_or_equal,
-            )
-        ).scalar_one()
+        ahead = self.conn.execute(_COUNT_AHEAD, {
+            "account_id": self.account_id, "shop_id": self.shop_id, "session_pk": session.id,
+            "robot": int(me.robot), "priority": me.priority, "type_rank": me.type_rank,
+        }).scalar_one()
         return int(ahead) + 1
 
     def load(self, session_id: str) -> Session:
@@ -328,6 +367,8 @@ class SlotTx:
         """The in-memory half of `set_status` (no flush, audit or event): the status and
         everything that follows from it. Answers the status before."""
         before = S(session.status)
+        if self.shared and (target.occupies_slot or session.holds_slot):
+            raise NeedsTheSlot()
         rules.check_transition(before, target)
         session.status = target
         if target.occupies_slot:
@@ -388,22 +429,29 @@ class SlotTx:
     def claim_or_wait(self, session: Session, *, on_conflict: str = "queue") -> list[Session]:
         """Run `session` (PENDING, or PAUSED being resumed) through the conflict rules.
 
-        Returns the sessions it displaced. Raises SlotOccupied for `reject`."""
-        occupant = self.occupant()
-        if occupant is None or occupant.id == session.id:
-            if occupant is None:
-                self.activate(session)
+        Returns the sessions it displaced. Raises SlotOccupied for `reject`. A request
+        that only waits in line never loads the occupant (see `occupant_precedence`)."""
+        named = self.occupant_precedence()
+        if named is None:
+            self.activate(session)
+            return []
+        occupant_id, occupant_precedence = named
+        if occupant_id == session.session_id:
             return []
         decision = rules.decide_conflict(
             requester_type=SessionType(session.session_type),
             requester=precedence_of(session),
-            occupant=precedence_of(occupant),
+            occupant=occupant_precedence,
         )
         if decision is rules.ConflictDecision.PREEMPT:
+            occupant = self.occupant()
+            assert occupant is not None  # named above, under the same lock and fence
             self.preempt(occupant, by=session)
             self.activate(session, reason="preempted " + occupant.session_id)
             return [occupant]
         if on_conflict == "reject":
+            occupant = self.occupant()
+            assert occupant is not None
             view = SessionView.model_validate(occupant).model_dump(mode="json")
             raise SlotOccupied(
                 f"slot ({self.account_id}, {self.shop_id}) is occupied by a "
@@ -475,6 +523,7 @@ class SessionService:
         self.locks = locks
         self.settings = settings
         self.hooks = hooks or ServiceHooks()
+        self.busy_slots = BusySlots()
         self.activity = SessionActivity(
             database=database, settings=settings,
             counterpart_messages=lambda ids: self.hooks.counterpart_messages(ids),
@@ -482,18 +531,33 @@ class SessionService:
 
     # ---- the slot transaction --------------------------------------------------------
     def run_on_slot(
-        self, account_id: str, shop_id: str, actor: str, work: Callable[[SlotTx], T]
+        self, account_id: str, shop_id: str, actor: str, work: Callable[[SlotTx], T], *,
+        joins_line: bool = False,
     ) -> T:
-        """Run `work` under the slot lock in one transaction, fenced, retried if stale."""
+        """Run `work` under the slot lock in one transaction, fenced, retried if stale.
+
+        `joins_line`: `work` probably only joins the line of an occupied slot (a create
+        on a slot where this process saw the last create wait, `busy_slots`). It is
+        first tried without the slot lock, in a transaction holding the slot row shared:
+        such requests run side by side, and a change of the slot (which holds that row
+        exclusively) waits for them, or they for it. The first step that would change
+        the slot (`NeedsTheSlot`), a lost race or a conflict rolls that attempt back
+        and the operation runs as below. On SQLite (no row locks) it always runs
+        below."""
+        if joins_line and self.database.dialect != "sqlite":
+            attempt = self._run_in_line(account_id, shop_id, actor, work)
+            if attempt is not None:
+                return attempt[0]
+            self.busy_slots.forget((account_id, shop_id))
         last_error: Exception | None = None
-        for attempt in range(MAX_ATTEMPTS):
+        for attempt_no in range(MAX_ATTEMPTS):
             try:
                 with (
                     self.locks.hold(account_id, shop_id),
                     self.database.unit_of_work() as uow,
                 ):
                     tx = SlotTx(self, uow, account_id, shop_id, actor,
-                                trust_slot_row=attempt == 0)
+                                trust_slot_row=attempt_no == 0)
                     result = work(tx)
                     tx.write_records()
                     tx.fence.advance(tx.occupant_id())
@@ -505,14 +569,36 @@ class SessionService:
                     raise
                 last_error = exc
                 log.info("slot (%s, %s) attempt %d retried: %s", account_id, shop_id,
-                         attempt + 1, exc.__class__.__name__)
-                wait_a_little(attempt)
+                         attempt_no + 1, exc.__class__.__name__)
+                wait_a_little(attempt_no)
         if isinstance(last_error, FenceRejected):
             raise last_error
         raise ServiceUnavailable(
             f"slot ({account_id}, {shop_id}) stayed contended after {MAX_ATTEMPTS} attempts; "
             "retry later"
         ) from last_error
+
+    def _run_in_line(
+        self, account_id: str, shop_id: str, actor: str, work: Callable[[SlotTx], T]
+    ) -> tuple[T] | None:
+        """`work` in a shared slot transaction; None when it must run under the lock."""
+        try:
+            with self.database.unit_of_work() as uow:
+                tx = SlotTx(self, uow, account_id, shop_id, actor, shared=True)
+                try:
+                    result = work(tx)
+                except NeedsTheSlot:
+                    return None  # nothing was written: the unit of work rolls back
+                tx.write_records()
+                uow.commit()
+        except (IntegrityError, OperationalError) as exc:
+            if isinstance(exc, OperationalError) and not is_retryable_db_error(exc):
+                raise
+            log.info("slot (%s, %s): joining the line raced (%s); under the lock now",
+                     account_id, shop_id, exc.__class__.__name__)
+            return None
+        self._after_commit(tx)
+        return (result,)
 
     def _after_commit(self, tx: SlotTx) -> None:
         try:
@@ -598,7 +684,7 @@ class SessionService:
         public_id = new_id("ses")
 
         def work(tx: SlotTx) -> CreateOutcome:
-            free = tx.occupant() is None
+            free = tx.occupant_precedence() is None
             session = Session(
                 session_id=public_id,
                 account_id=request.account_id,
@@ -641,9 +727,9 @@ class SessionService:
                          details=create_details)
                 displaced = tx.claim_or_wait(session, on_conflict=request.on_conflict)
             if session.status == S.PENDING:
-                occupant = tx.occupant()
+                self.busy_slots.mark((request.account_id, request.shop_id))
                 tx.event("session.queued", session, {
-                    "occupant_session_id": occupant.session_id if occupant else None,
+                    "occupant_session_id": tx.occupant_id(),
                     "position": tx.position_of_newest(session),
                 })
             outcome = CreateOutcome(
@@ -654,7 +740,9 @@ class SessionService:
                 in_transaction(tx.db, outcome)
             return outcome
 
-        return self.run_on_slot(request.account_id, request.shop_id, actor, work)
+        slot = (request.account_id, request.shop_id)
+        return self.run_on_slot(*slot, actor, work, joins_line=(
+            request.on_conflict == "queue" and slot in self.busy_slots))
 
     # ---- transitions -----------------------------------------------------------------
     def pause(

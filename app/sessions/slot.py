@@ -13,20 +13,21 @@ import logging
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
-from typing import Protocol
+from typing import Any, Protocol
 
 import redis
 from redis.exceptions import RedisError
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import Row, bindparam, select, update
 from sqlalchemy import insert as sa_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session as DbSession
 
 from app.db import affected_rows, utcnow
 from app.errors import FenceRejected, SlotBusy, SlotLockUnavailable
-from app.sessions.models import SLOTS
+from app.sessions.models import SESSIONS, SLOTS
 
 log = logging.getLogger(__name__)
 
@@ -229,9 +230,24 @@ class RedisSlotLocks:
 
 # The fence's three statements, built once: they run in every slot transaction, and
 # building and cache-keying a construct costs about as much as executing it.
-_READ_FENCE = select(SLOTS.c.fence, SLOTS.c.occupant_session_id).where(
-    SLOTS.c.account_id == bindparam("account_id"), SLOTS.c.shop_id == bindparam("shop_id")
+# The fence read also brings the named occupant's precedence columns (one round trip):
+# a request that only waits in line decides so without loading or locking that row.
+_OCCUPANT = SESSIONS.alias("occupant")
+_READ_FENCE = (
+    select(SLOTS.c.fence, SLOTS.c.occupant_session_id, _OCCUPANT.c.id,
+           _OCCUPANT.c.session_type, _OCCUPANT.c.priority, _OCCUPANT.c.requested_at,
+           _OCCUPANT.c.status)
+    .select_from(SLOTS.outerjoin(
+        _OCCUPANT, _OCCUPANT.c.session_id == SLOTS.c.occupant_session_id))
+    .where(SLOTS.c.account_id == bindparam("account_id"),
+           SLOTS.c.shop_id == bindparam("shop_id"))
 )
+# The read locks the slot row (and the named occupant's): exclusively for a change of the
+# slot, shared for a request that only joins the line (`SessionService.run_on_slot`).
+# Every writer of the slot takes that row first, so requests in line and changes of the
+# slot are ordered by the database, and none of them can deadlock on the other's rows.
+_READ_FENCE_EXCLUSIVE = _READ_FENCE.with_for_update()
+_READ_FENCE_SHARED = _READ_FENCE.with_for_update(read=True)
 _FIRST_FENCE = sa_insert(SLOTS)
 _BUMP_FENCE = (
     update(SLOTS)
@@ -251,25 +267,42 @@ class SlotFence:
     change of occupancy (slot transactions, the bulk sweep) writes it with the fence.
     A slot that was never used has no row; its first change inserts it, and two
     holders racing to do that are told apart by the primary key (the loser is
-    refused like a stale fence)."""
+    refused like a stale fence).
 
-    def __init__(self, db: DbSession, account_id: str, shop_id: str) -> None:
+    `occupant` is the named occupant's precedence columns as read with the fence (None
+    when the slot row names nobody): every change of an occupant's status or of
+    occupancy advances the fence, so they are current for as long as the fence is.
+
+    The read locks the slot row until the transaction ends: exclusively (`FOR UPDATE`)
+    for a change of the slot, shared (`shared=True`, `LOCK IN SHARE MODE`) for a request
+    that only joins the line — many of those run at once, and none while the slot
+    changes. SQLite has no row locks (the embedded default runs every slot operation
+    under the in-process slot lock)."""
+
+    def __init__(self, db: DbSession, account_id: str, shop_id: str, *,
+                 shared: bool = False) -> None:
         # Core statements on the transaction's connection: no ORM execution layer for
         # rows nobody loads as objects.
         self.conn = db.connection()
         self.account_id = account_id
         self.shop_id = shop_id
+        self.shared = shared
         row = self.conn.execute(
-            _READ_FENCE, {"account_id": account_id, "shop_id": shop_id}
+            _READ_FENCE_SHARED if shared else _READ_FENCE_EXCLUSIVE,
+            {"account_id": account_id, "shop_id": shop_id},
         ).one_or_none()
         self.exists = row is not None
         self.value: int = row.fence if row is not None else 0
         self.occupant_session_id: str | None = (
             row.occupant_session_id if row is not None else None
         )
+        self.occupant: Row[Any, Any, Any, Any, Any, Any, Any] | None = (
+            row if row is not None and row.id is not None else None
+        )
 
     def advance(self, occupant_session_id: str | None) -> None:
         """Bump the fence iff nobody else did since we read it; else refuse the change."""
+        assert not self.shared, "a request in line holds the slot row shared: no change"
         values = {"occupant_session_id": occupant_session_id, "updated_at": utcnow()}
         if not self.exists:
             try:
@@ -293,6 +326,34 @@ class SlotFence:
             f"slot ({self.account_id}, {self.shop_id}) was changed by another holder; "
             "the operation was not applied, retry it"
         )
+
+
+class BusySlots:
+    """Slots this process saw occupied lately, when a request on them only joined the
+    line: a hint for choosing how to try the next request there (see
+    `SessionService.run_on_slot`), never trusted for correctness — a wrong hint costs
+    one read. Bounded: at most `size` slots, each for `ttl` seconds."""
+
+    def __init__(self, *, size: int = 4096, ttl: float = 5.0) -> None:
+        self._size = size
+        self._ttl = ttl
+        self._guard = threading.Lock()
+        self._seen: OrderedDict[SlotKey, float] = OrderedDict()
+
+    def mark(self, slot: SlotKey) -> None:
+        with self._guard:
+            self._seen[slot] = time.monotonic() + self._ttl
+            self._seen.move_to_end(slot)
+            while len(self._seen) > self._size:
+                self._seen.popitem(last=False)
+
+    def forget(self, slot: SlotKey) -> None:
+        with self._guard:
+            self._seen.pop(slot, None)
+
+    def __contains__(self, slot: SlotKey) -> bool:
+        until = self._seen.get(slot)
+        return until is not None and until > time.monotonic()
 
 
 def wait_a_little(attempt: int) -> None:

@@ -208,6 +208,7 @@ def _expire_held(
 ) -> None:
     with service.database.unit_of_work() as uow:
         conn = uow.session.connection()
+        _lock_slot_rows(conn, found)
         held = _read_under_lock(conn, found)
         due = [h for h in held if not h.status.is_terminal
                and h.deadline_at is not None and h.deadline_at <= now]
@@ -241,6 +242,24 @@ def _expire_held(
         _write_audit(conn, simple, now)
         uow.commit()
         outcome.expired = [h.due.session_id for h in simple]
+
+
+def _lock_slot_rows(conn: Connection, found: Sequence[DueSession]) -> None:
+    """Lock the batch's slot rows first, in key order, as every writer of a slot does
+    (`app.sessions.slot.SlotFence`): a create joining the line of one of these slots
+    (which holds its row shared, without the slot lock) then either commits before
+    this read — and is seen as a waiter below — or waits for this commit and finds
+    the slot free. No-op on SQLite (no row locks; the embedded default serialises)."""
+    if conn.dialect.name == "sqlite":
+        return
+    slots = sorted({d.slot for d in found})
+    conn.execute(
+        select(SLOTS.c.fence)
+        .where(tuple_(SLOTS.c.account_id, SLOTS.c.shop_id).in_(slots))
+        .order_by(SLOTS.c.account_id, SLOTS.c.shop_id)
+        .with_for_update(),
+        execution_options=_UNCACHED,
+    ).all()
 
 
 def _read_under_lock(conn: Connection, found: Sequence[DueSession]) -> list[_Held]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import pytest
 from sqlalchemy import event, text
 
 from app.audit.trail import verify_chain
@@ -77,3 +78,22 @@ def test_created_row_keeps_sql_nulls_and_stays_updatable(runtime, service):
         session = db.query(Session).filter_by(session_id=out.session.session_id).one()
         assert (session.status, session.pause_cause) == ("PAUSED", "owner")
         assert verify_chain(db, session.id)[0]
+
+
+@pytest.mark.services  # SQLite has no row locks: there every create takes the slot lock
+def test_a_create_joining_a_busy_slots_line_needs_neither_the_slot_lock_nor_the_fence(
+        runtime, service):
+    ask(service, "MANUAL_CUSTOMER_SERVICE", shop="busy", owner_id="agent-1")
+    ask(service, "AUTO_BARGAIN", shop="busy")  # waits: the slot is now known to be busy
+    with runtime.locks.hold("acc-1", "busy"), statements(runtime) as seen:
+        # the slot lock is taken (a slow slot change elsewhere): joining the line is not
+        # held up by it
+        out = ask(service, "AUTO_FOLLOW_UP", shop="busy")
+    assert out.session.status == "PENDING"
+    # the slot row read shared, the session, its place in line, its audit row, its
+    # event: no fence bump
+    assert seen == ["SELECT", "INSERT", "SELECT", "INSERT", "INSERT", "COMMIT"]
+    assert events_for(runtime, out.session.session_id) == ["session.queued"]
+    with runtime.database.read() as db:
+        pk = db.query(Session.id).filter_by(session_id=out.session.session_id).scalar()
+        assert verify_chain(db, pk)[0]

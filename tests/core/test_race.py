@@ -104,3 +104,64 @@ def test_processes_and_threads_racing_against_mariadb_and_redis(runtime, backend
     assert sum(r["outcomes"].get("ok", 0) for r in [local, *reports]) > 100
     assert watch.seen == [] and watch.samples > 0
     assert check_final_state(runtime) == []
+
+
+@pytest.mark.services
+def test_creates_joining_a_hot_slots_line_race_its_changes_and_strand_nobody(runtime):
+    """Creates on a busy slot join its line without the slot lock (the slot row held
+    shared) while other threads end whoever holds the slot, over and over: never two
+    occupants, never a free slot with sessions waiting, every create answered."""
+    from app.errors import AutoSessionError
+    from app.sessions.slot import SlotFence
+    from tests.core.helpers import ask
+
+    service = runtime.sessions
+    ask(service, "AUTO_BARGAIN", shop="hot")  # the first create takes the slot
+    stop = threading.Event()
+    created: list[str] = []
+    ended: list[str] = []
+    problems: list[BaseException] = []
+
+    def creator(n: int) -> None:
+        for i in range(25):
+            try:
+                out = ask(service, "AUTO_FOLLOW_UP" if (n + i) % 2 else "AUTO_BARGAIN",
+                          shop="hot", actor=f"creator-{n}")
+                created.append(out.session.status)
+            except BaseException as exc:  # noqa: BLE001 - collected and asserted on
+                problems.append(exc)
+
+    def ender() -> None:
+        while not stop.is_set():
+            with runtime.database.read() as db:
+                occupant = SlotFence(db, "acc-1", "hot").occupant_session_id
+            if occupant is None:
+                time.sleep(0.002)
+                continue
+            try:
+                service.complete(occupant, actor="ender")
+                ended.append(occupant)
+            except AutoSessionError:
+                pass  # ended by the other ender first
+            time.sleep(0.005)
+
+    with OccupancyWatch(runtime) as watch:
+        enders = [threading.Thread(target=ender) for _ in range(2)]
+        creators = [threading.Thread(target=creator, args=(n,)) for n in range(6)]
+        for t in enders + creators:
+            t.start()
+        for t in creators:
+            t.join(120)
+        stop.set()
+        for t in enders:
+            t.join(30)
+    assert problems == []
+    assert len(created) == 6 * 25 and "PENDING" in created and ended
+    assert watch.seen == [] and watch.samples > 0
+    assert check_final_state(runtime) == []
+    with runtime.database.read() as db:
+        fence = SlotFence(db, "acc-1", "hot").value
+    # Every change of the slot advanced the fence; the creates that only joined the
+    # line did not (they ran beside each other, without the slot lock).
+    changes = 1 + len(ended) + created.count("ACTIVE")
+    assert fence < changes + created.count("PENDING")

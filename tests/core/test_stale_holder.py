@@ -1,5 +1,6 @@
 """A stale lock holder (its lock expired, another process took over) can never
-create a second occupant: the fence and the unique occupant key refuse it."""
+create a second occupant: the slot row's lock orders it with the new holder, and the
+fence and the unique occupant key refuse what slips past (a first use of a slot)."""
 
 from __future__ import annotations
 
@@ -20,20 +21,76 @@ from tests.core.helpers import ask, status_of
 from tests.core.invariants import check_final_state
 
 
+def _read_in_thread(runtime, *, shared: bool = False):
+    """Start a fence read of ("acc", "shop") on another thread, in a transaction that
+    stays open until `release` is set; answers (thread, result dict, release event)."""
+    result: dict = {}
+    release = threading.Event()
+
+    def read() -> None:
+        with runtime.database.unit_of_work() as uow:
+            fence = SlotFence(uow.session, "acc", "shop", shared=shared)
+            result.update(value=fence.value, occupant=fence.occupant_session_id,
+                          at=time.monotonic())
+            release.wait(10)
+
+    thread = threading.Thread(target=read)
+    thread.start()
+    return thread, result, release
+
+
 @pytest.mark.services  # SQLite serialises writers: two transactions cannot interleave there
-def test_fence_refuses_a_holder_that_read_before_another_committed(runtime):
+def test_a_second_holder_waits_for_the_first_and_reads_its_change(runtime):
+    """The fence read locks the slot row: a holder whose lock expired under it (another
+    took over) cannot read the fence before the first one's change commits, so it can
+    never act on a stale value."""
     with runtime.database.unit_of_work() as first:
         SlotFence(first.session, "acc", "shop").advance(None)  # the first use inserts the row
         first.commit()
-    with runtime.database.unit_of_work() as stale_uow:
-        stale = SlotFence(stale_uow.session, "acc", "shop")
-        with runtime.database.unit_of_work() as fresh_uow:
-            fresh = SlotFence(fresh_uow.session, "acc", "shop")
-            assert fresh.value == stale.value
-            fresh.advance("ses_fresh")
-            fresh_uow.commit()
-        with pytest.raises(FenceRejected):
-            stale.advance("ses_stale")
+    with runtime.database.unit_of_work() as holder_uow:
+        holder = SlotFence(holder_uow.session, "acc", "shop")
+        thread, seen, release = _read_in_thread(runtime)
+        time.sleep(0.3)
+        assert seen == {}, "the second read went through while the first holder held the row"
+        holder.advance("ses_first")
+        committed_at = time.monotonic()
+        holder_uow.commit()
+    release.set()
+    thread.join(10)
+    assert seen["value"] == holder.value and seen["occupant"] == "ses_first"
+    assert seen["at"] >= committed_at
+
+
+@pytest.mark.services
+def test_requests_joining_the_line_share_the_slot_row_and_a_change_waits_for_them(runtime):
+    """Shared reads (creates that only join the line) run side by side; an exclusive
+    read (a change of the slot) waits until they end, and they wait for it."""
+    with runtime.database.unit_of_work() as first:
+        SlotFence(first.session, "acc", "shop").advance("ses_occupant")
+        first.commit()
+    one, one_seen, one_release = _read_in_thread(runtime, shared=True)
+    two, two_seen, two_release = _read_in_thread(runtime, shared=True)
+    time.sleep(0.3)
+    assert one_seen and two_seen, "two shared reads did not run side by side"
+    change, change_seen, change_release = _read_in_thread(runtime)
+    time.sleep(0.3)
+    assert change_seen == {}, "a change read the slot row while requests held it shared"
+    one_release.set()
+    two_release.set()
+    one.join(10)
+    two.join(10)
+    deadline = time.monotonic() + 5
+    while not change_seen and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert change_seen["value"] == 1
+    late, late_seen, late_release = _read_in_thread(runtime, shared=True)
+    time.sleep(0.3)
+    assert late_seen == {}, "a shared read went through while a change held the row"
+    change_release.set()
+    change.join(10)
+    late_release.set()
+    late.join(10)
+    assert late_seen["value"] == 1
 
 
 @pytest.mark.services

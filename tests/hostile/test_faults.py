@@ -100,7 +100,10 @@ class Traffic:
         while not self._stop.is_set():
             i = next(self._seq)
             key = f"k-{n}-{i}"
-            body = {"account_id": "acc", "shop_id": f"shop-{i % 6}",
+            # a third of the creates on a slot of their own (they need the slot lock); the
+            # others mostly join a busy slot's line (which needs only the database)
+            shop = f"shop-{i % 6}" if i % 3 else f"fresh-{n}-{i}"
+            body = {"account_id": "acc", "shop_id": shop,
                     "session_type": "AUTO_BARGAIN" if i % 2 else "AUTO_FOLLOW_UP"}
             created = client.post("/api/v1/sessions", json=body,
                                   headers={**bot, "Idempotency-Key": key})

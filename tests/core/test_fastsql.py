@@ -1,0 +1,69 @@
+"""`app.fastsql.Prepared` gives what Core gives: the same rows (every type converted by
+its own processors), the same counts, the same exceptions — on both backends (on
+SQLite it is Core itself)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy.exc import DBAPIError, IntegrityError
+
+from app.fastsql import Prepared
+from app.sessions.models import SESSION_BY_ID, SESSIONS
+from app.sessions.schemas import SessionView, TransferRequest
+from tests.core.helpers import ask
+
+
+def test_a_session_row_reads_the_same_as_through_core(runtime, service):
+    sid = ask(service, "AUTO_BARGAIN", shop="f1",
+              context={"nested": {"list": [1, "two", None]}, "ü": True}).session.session_id
+    service.transfer(sid, TransferRequest(reason="needs a person"), actor="test")
+    prepared = Prepared(SESSION_BY_ID)
+    with runtime.database.connect() as conn:
+        core = conn.execute(SESSION_BY_ID, {"session_id": sid}).one()._asdict()
+        for _ in range(2):  # the second time with the result processors built
+            fast = prepared.one_or_none(conn, {"session_id": sid})
+            assert fast == core
+            assert [type(fast[k]) for k in core] == [type(v) for v in core.values()]
+        assert fast.status == "TRANSFERRED" and fast._asdict() == core
+        assert fast["context"] == {"nested": {"list": [1, "two", None]}, "ü": True}
+        assert fast["created_at"].tzinfo is not None
+        assert prepared.one_or_none(conn, {"session_id": "ses_missing"}) is None
+    assert SessionView.model_validate(fast) == SessionView.model_validate(core)
+
+
+def test_updates_and_inserts_count_and_convert_like_core(runtime, service):
+    sid = ask(service, "AUTO_BARGAIN", shop="f2").session.session_id
+    touch = Prepared(update(SESSIONS).where(SESSIONS.c.session_id == bindparam("sid")),
+                     values_from_params=True)
+    at = datetime(2030, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    with runtime.database.transaction() as conn:
+        assert touch.execute(conn, {"sid": sid, "last_activity_at": at}) == 1
+        assert touch.execute(conn, {"sid": sid, "priority": 7, "unanswered": True}) == 1
+        assert touch.execute(conn, {"sid": "ses_missing", "priority": 1}) == 0
+    with runtime.database.connect() as conn:
+        row = conn.execute(SESSION_BY_ID, {"session_id": sid}).one()
+    assert (row.last_activity_at, row.priority, row.unanswered) == (at, 7, True)
+
+
+@pytest.mark.services
+def test_errors_are_core_errors_and_a_lost_connection_is_invalidated(runtime, service):
+    sid = ask(service, "AUTO_BARGAIN", shop="f3").session.session_id
+    with runtime.database.connect() as conn:
+        row = conn.execute(select(SESSIONS).where(SESSIONS.c.session_id == sid)).one()
+    duplicate = {k: v for k, v in row._asdict().items() if k != "id"}
+    again = Prepared(insert(SESSIONS), values_from_params=True)
+    with pytest.raises(IntegrityError), runtime.database.transaction() as conn:
+        again.execute(conn, duplicate)
+    read = Prepared(SESSION_BY_ID)
+    with runtime.database.connect() as conn:
+        own_id = conn.exec_driver_sql("SELECT CONNECTION_ID()").scalar()
+        with runtime.database.connect() as killer:
+            killer.exec_driver_sql(f"KILL {int(own_id)}")
+        with pytest.raises(DBAPIError) as lost:
+            read.one_or_none(conn, {"session_id": sid})
+        assert lost.value.connection_invalidated and conn.invalidated
+    with runtime.database.connect() as conn:  # the pool hands out a working connection
+        assert read.one_or_none(conn, {"session_id": sid})["session_id"] == sid
