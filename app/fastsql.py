@@ -20,7 +20,7 @@ default, where a request's cost is not the product's cost) it is plain `conn.exe
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import Connection, Executable
@@ -110,16 +110,21 @@ class Prepared:
                 column_keys=list(params) if self.values_from_params else None))
         return compiled
 
-    def _run(self, conn: Connection, params: Mapping[str, Any], *, fetch: bool
-             ) -> tuple[int, list[Record]]:
+    def _run(self, conn: Connection, params: Mapping[str, Any], *, fetch: bool = False,
+             many: Sequence[Mapping[str, Any]] | None = None) -> tuple[int, Any, list[Record]]:
+        """Execute on the connection's cursor: (rowcount, lastrowid, rows)."""
         compiled = self._compiled(conn, params)
-        args = compiled.parameters(params)
+        args: Any = ([compiled.parameters(p) for p in many] if many is not None
+                     else compiled.parameters(params))
         fairy = conn.connection
         dbapi_conn = fairy.dbapi_connection
         dialect = conn.dialect
         cursor = dbapi_conn.cursor()  # type: ignore[union-attr]
         try:
-            cursor.execute(compiled.sql, args)
+            if many is not None:
+                cursor.executemany(compiled.sql, args)
+            else:
+                cursor.execute(compiled.sql, args)
             rows: list[Record] = []
             if fetch:
                 raw = cursor.fetchall()
@@ -131,7 +136,7 @@ class Prepared:
                             key: (processor(value) if processor is not None else value)
                             for key, processor, value in zip(keys, processors, values,
                                                              strict=True)}))
-            return cursor.rowcount, rows
+            return cursor.rowcount, cursor.lastrowid, rows
         except dialect.loaded_dbapi.Error as exc:
             lost = dialect.is_disconnect(exc, dbapi_conn, cursor)
             if lost:
@@ -148,15 +153,39 @@ class Prepared:
         if conn.dialect.name != "mysql":
             row = conn.execute(self.statement, dict(params)).one_or_none()
             return None if row is None else Record(row._asdict())
-        _count, rows = self._run(conn, params, fetch=True)
+        _count, _id, rows = self._run(conn, params, fetch=True)
         if len(rows) > 1:
             raise ValueError(f"fastsql: {len(rows)} rows where one at most was expected")
         return rows[0] if rows else None
+
+    def scalar(self, conn: Connection, params: Mapping[str, Any]) -> Any:
+        """The first column of the statement's only row (None without a row)."""
+        row = self.one_or_none(conn, params)
+        return None if row is None else next(iter(row.values()))
 
     def execute(self, conn: Connection, params: Mapping[str, Any]) -> int:
         """Run an INSERT/UPDATE/DELETE; answers the rows it matched (MySQL's rowcount)."""
         if conn.dialect.name != "mysql":
             result: Any = conn.execute(self.statement, dict(params))
             return int(result.rowcount or 0)
-        count, _rows = self._run(conn, params, fetch=False)
+        count, _id, _rows = self._run(conn, params)
         return int(count)
+
+    def insert(self, conn: Connection, params: Mapping[str, Any]) -> int:
+        """Run a one-row INSERT; answers the new row's AUTO_INCREMENT primary key."""
+        if conn.dialect.name != "mysql":
+            key = conn.execute(self.statement, dict(params)).inserted_primary_key
+            assert key is not None
+            return int(key[0])
+        _count, new_id, _rows = self._run(conn, params)
+        return int(new_id)
+
+    def execute_many(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Run an INSERT for many rows of the same columns (the driver sends one
+        multi-row INSERT)."""
+        if not rows:
+            return
+        if conn.dialect.name != "mysql":
+            conn.execute(self.statement, [dict(r) for r in rows])
+            return
+        self._run(conn, rows[0], many=rows)

@@ -36,6 +36,7 @@ from app.errors import (
 )
 from app.events.models import EVENTS
 from app.events.outbox import Audience, event_values
+from app.fastsql import Prepared
 from app.ids import new_id
 from app.messages.models import Message
 from app.sessions import rules
@@ -75,9 +76,9 @@ HISTORY_SNAPSHOT = 50
 S = SessionStatus
 UNREAD: object = object()
 # Built once (every slot transaction runs them); rows are passed at execution.
-_INSERT_OPERATIONS = insert(OPERATIONS)
-_INSERT_EVENTS = insert(EVENTS)
-_INSERT_SESSION = insert(SESSIONS)
+_INSERT_OPERATIONS = Prepared(insert(OPERATIONS), values_from_params=True)
+_INSERT_EVENTS = Prepared(insert(EVENTS), values_from_params=True)
+_INSERT_SESSION = Prepared(insert(SESSIONS), values_from_params=True)
 _SESSION_COLUMNS = tuple(
     attr.key for attr in inspect(Session).column_attrs if attr.key != "id"
 )
@@ -115,7 +116,7 @@ def _count_ahead() -> Any:
     )
 
 
-_COUNT_AHEAD = _count_ahead()
+_COUNT_AHEAD = Prepared(_count_ahead())
 
 
 @dataclass
@@ -236,9 +237,7 @@ class SlotTx:
         # None would be stored as JSON 'null'); fewer values to convert and escape.
         row = {key: value for key in _SESSION_COLUMNS
                if (value := state[key]) is not None or key in _SESSION_DEFAULTS}
-        inserted = self.conn.execute(_INSERT_SESSION, row).inserted_primary_key
-        assert inserted is not None
-        session.id = inserted[0]
+        session.id = _INSERT_SESSION.insert(self.conn, row)
         make_transient_to_detached(session)
         self.db.add(session)
         self._chain[session.id] = None  # a new session has no audit rows yet
@@ -267,10 +266,10 @@ class SlotTx:
         since among equals the earlier request goes first. One COUNT, however long the
         line (a hot slot can have hundreds waiting)."""
         me = precedence_of(session)
-        ahead = self.conn.execute(_COUNT_AHEAD, {
+        ahead = _COUNT_AHEAD.scalar(self.conn, {
             "account_id": self.account_id, "shop_id": self.shop_id, "session_pk": session.id,
             "robot": int(me.robot), "priority": me.priority, "type_rank": me.type_rank,
-        }).scalar_one()
+        })
         return int(ahead) + 1
 
     def load(self, session_id: str) -> Session:
@@ -333,10 +332,10 @@ class SlotTx:
     def write_records(self) -> None:
         """Insert the audit rows and events collected so far (one statement per table)."""
         if self._audit_rows:
-            self.conn.execute(_INSERT_OPERATIONS, self._audit_rows)
+            _INSERT_OPERATIONS.execute_many(self.conn, self._audit_rows)
             self._audit_rows = []
         if self._event_rows:
-            self.conn.execute(_INSERT_EVENTS, self._event_rows)
+            _INSERT_EVENTS.execute_many(self.conn, self._event_rows)
             self._event_rows = []
 
     def set_status(

@@ -16,17 +16,18 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
-from typing import Any, Protocol
+from typing import Protocol
 
 import redis
 from redis.exceptions import RedisError
-from sqlalchemy import Row, bindparam, select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy import insert as sa_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session as DbSession
 
-from app.db import affected_rows, utcnow
+from app.db import utcnow
 from app.errors import FenceRejected, SlotBusy, SlotLockUnavailable
+from app.fastsql import Prepared, Record
 from app.sessions.models import SESSIONS, SLOTS
 
 log = logging.getLogger(__name__)
@@ -246,17 +247,18 @@ _READ_FENCE = (
 # slot, shared for a request that only joins the line (`SessionService.run_on_slot`).
 # Every writer of the slot takes that row first, so requests in line and changes of the
 # slot are ordered by the database, and none of them can deadlock on the other's rows.
-_READ_FENCE_EXCLUSIVE = _READ_FENCE.with_for_update()
-_READ_FENCE_SHARED = _READ_FENCE.with_for_update(read=True)
-_FIRST_FENCE = sa_insert(SLOTS)
-_BUMP_FENCE = (
+_READ_FENCE_EXCLUSIVE = Prepared(_READ_FENCE.with_for_update())
+_READ_FENCE_SHARED = Prepared(_READ_FENCE.with_for_update(read=True))
+_FIRST_FENCE = Prepared(sa_insert(SLOTS), values_from_params=True)
+_BUMP_FENCE = Prepared(
     update(SLOTS)
     .where(
         SLOTS.c.account_id == bindparam("slot_account_id"),
         SLOTS.c.shop_id == bindparam("slot_shop_id"),
         SLOTS.c.fence == bindparam("fence_read"),
     )
-    .values(fence=SLOTS.c.fence + 1)
+    .values(fence=SLOTS.c.fence + 1),
+    values_from_params=True,
 )
 
 
@@ -287,16 +289,14 @@ class SlotFence:
         self.account_id = account_id
         self.shop_id = shop_id
         self.shared = shared
-        row = self.conn.execute(
-            _READ_FENCE_SHARED if shared else _READ_FENCE_EXCLUSIVE,
-            {"account_id": account_id, "shop_id": shop_id},
-        ).one_or_none()
+        row = (_READ_FENCE_SHARED if shared else _READ_FENCE_EXCLUSIVE).one_or_none(
+            self.conn, {"account_id": account_id, "shop_id": shop_id})
         self.exists = row is not None
         self.value: int = row.fence if row is not None else 0
         self.occupant_session_id: str | None = (
             row.occupant_session_id if row is not None else None
         )
-        self.occupant: Row[Any, Any, Any, Any, Any, Any, Any] | None = (
+        self.occupant: Record | None = (
             row if row is not None and row.id is not None else None
         )
 
@@ -306,17 +306,17 @@ class SlotFence:
         values = {"occupant_session_id": occupant_session_id, "updated_at": utcnow()}
         if not self.exists:
             try:
-                self.conn.execute(_FIRST_FENCE, {
+                _FIRST_FENCE.execute(self.conn, {
                     "account_id": self.account_id, "shop_id": self.shop_id, "fence": 1,
                     **values})
             except IntegrityError as exc:
                 raise self._refused() from exc
             self.exists = True
         else:
-            result = self.conn.execute(_BUMP_FENCE, {
+            changed = _BUMP_FENCE.execute(self.conn, {
                 "slot_account_id": self.account_id, "slot_shop_id": self.shop_id,
                 "fence_read": self.value, **values})
-            if affected_rows(result) != 1:
+            if changed != 1:
                 raise self._refused()
         self.value += 1
         self.occupant_session_id = occupant_session_id
