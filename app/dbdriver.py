@@ -19,9 +19,12 @@ PyMySQL version.
 from __future__ import annotations
 
 import threading
+from datetime import datetime
 from typing import Any
 
 from pymysql.connections import MAX_PACKET_LEN, Connection, MysqlPacket, MySQLResult
+from pymysql.constants import FIELD_TYPE
+from pymysql.converters import convert_datetime, decoders
 
 # Distinct result shapes are bounded by the application's statements (column names come
 # from our SQL, never from data); the bound only guards against ad-hoc SQL run through
@@ -106,8 +109,34 @@ class _Result(MySQLResult):
         return _ParsedShape(self.fields, self.converters, self.description)
 
 
+def _datetime(value: str) -> datetime | str:
+    """A DATETIME/TIMESTAMP value as the server sends it (`YYYY-MM-DD hh:mm:ss`, with six
+    fraction digits for DATETIME(6)) through the C `fromisoformat` (about 1 µs, against
+    PyMySQL's 15 µs regular expression); anything else through PyMySQL's own converter,
+    which answers exactly as it would (a zero date stays a string)."""
+    if (len(value) == 19 or len(value) == 26) and value[10] == " " and value[0] != "0":
+        try:
+            return datetime.fromisoformat(value)
+        except ValueError:
+            pass
+    return convert_datetime(value)  # type: ignore[no-any-return]
+
+
+# One decoder table for every connection (PyMySQL builds one per connection), so that a
+# statement's parsed descriptors are shared by the whole pool (`_shapes` keys on it).
+DECODERS = {**{k: v for k, v in decoders.items() if isinstance(k, int)},
+            FIELD_TYPE.DATETIME: _datetime, FIELD_TYPE.TIMESTAMP: _datetime}
+
+
 class CachingConnection(Connection):  # type: ignore[misc]
-    """A PyMySQL connection whose results parse a statement's column descriptors once."""
+    """A PyMySQL connection whose results parse a statement's column descriptors once,
+    and read DATETIME values with the C parser."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        custom = "conv" in kwargs
+        super().__init__(*args, **kwargs)
+        if not custom:
+            self.decoders = DECODERS
 
     def _read_packet_with_header(self, header: bytes) -> bytes:
         """The rest of a packet whose header was read already (an unexpected sequence

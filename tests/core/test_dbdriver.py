@@ -112,3 +112,14 @@ def test_descriptor_packets_are_read_as_pymysql_reads_them():
     error = b"\xff" + (1146).to_bytes(2, "little") + b"#42S02Table 'x.y' doesn't exist"
     with pytest.raises(pymysql.err.ProgrammingError, match="doesn't exist"):
         dbdriver._read_descriptor_packets(_offline(_packet(1, error)), 1)
+
+
+@pytest.mark.parametrize("text", [
+    "2026-12-02 03:13:06.123456", "2026-12-02 03:13:06", "1970-01-01 00:00:00.000001",
+    "0000-00-00 00:00:00", "2026-13-45 03:13:06", "2026-12-02 03:13:06.12", "2026-12-02",
+    "9999-12-31 23:59:59.999999"])
+def test_datetimes_convert_exactly_as_pymysql_converts_them(text):
+    from pymysql.converters import convert_datetime
+
+    assert dbdriver._datetime(text) == convert_datetime(text)
+    assert type(dbdriver._datetime(text)) is type(convert_datetime(text))
