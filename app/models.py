@@ -13,6 +13,7 @@ from app.imports.models import (
     ImportChunkPart,
     ImportJob,
     ImportSlotMark,
+    ImportSplitPart,
     ImportUploadPart,
 )
 from app.messages.models import Message
@@ -31,6 +32,7 @@ __all__ = [
     "ImportChunkPart",
     "ImportJob",
     "ImportSlotMark",
+    "ImportSplitPart",
     "ImportUploadPart",
     "Message",
     "Operation",

@@ -1,4 +1,5 @@
-"""History import tasks (SPEC §4): prepare → one task per chunk → the job's close.
+"""History import tasks (SPEC §4): prepare → (one task per split part →) one task per
+chunk → the job's close.
 
 Every task takes ids, re-reads its state and is safe to run twice: prepare on a
 split job re-dispatches the pending chunks, a chunk already marked done is a
@@ -14,6 +15,13 @@ transaction, so of two chunks ending together one closes and the other finds it
 closed). `imports.finish` remains for the cases no chunk task covers: a job split
 into no chunk, a close that met the database away (retried), and recovery (prepare
 on a job whose chunks are all done).
+
+A big NDJSON upload is split by every worker: prepare scans it once (the one serial
+pass: bytes, lines and line-aligned cut points) and cuts it into as many parts as a
+worker machine has cores; each part is split by a task of its own into the same chunks
+(by the hash of each row's slot), and the part task that finds no part left pending
+makes the job's chunks (`ImportService.merge_parts`, once: under the job's row lock)
+and sends them. A smaller upload, a CSV or a JSON array is split by prepare alone.
 
 A chunk takes about `chunking.TASK_ROWS` rows (whole slots); BATCH_SIZE bounds the
 rows of each INSERT it sends (SPEC §10: one database batch), not the task.
@@ -58,7 +66,9 @@ CHUNK_RETRYABLE = (*RETRYABLE, SoftTimeLimitExceeded)
 
 
 def service() -> ImportService:
-    return ImportService(get_runtime())
+    # As many split parts as the worker machine has cores: the worker runs that many
+    # processes at the shipped default (`--concurrency $(nproc)`).
+    return ImportService(get_runtime(), split_parts=os.cpu_count() or 1)
 
 
 @celery.task(name="imports.prepare", bind=True, acks_late=True, time_limit=3600,
@@ -79,9 +89,36 @@ def prepare_import_task(self: Any, job_id: str) -> dict[str, Any]:
         return {"job_id": job_id, "chunks": 0, "failed": True}
     if outcome.retry_in is not None and not celery.conf.task_always_eager:
         prepare_import_task.apply_async((job_id,), countdown=outcome.retry_in + 1)
+    dispatch_parts(job_id, outcome.part_pks)
     dispatch_chunks(job_id, outcome.chunk_pks, ready_to_finish=outcome.ready_to_finish)
     return {"job_id": job_id, "chunks": len(outcome.chunk_pks),
-            "split_elsewhere": outcome.retry_in is not None}
+            "parts": len(outcome.part_pks), "split_elsewhere": outcome.retry_in is not None}
+
+
+@celery.task(name="imports.split_part", bind=True, acks_late=True, time_limit=3600,
+             soft_time_limit=3500, max_retries=5, ignore_result=True)
+def split_part_task(self: Any, job_id: str, part_pk: int) -> dict[str, Any]:
+    """Split one part of the upload; then, if no part is left pending, make the job's
+    chunks and send them (once: `merge_parts`). A part another run is splitting is
+    looked at again once its lease could have run out. The database away: retried with
+    backoff, then the job fails."""
+    svc = service()
+    try:
+        outcome = svc.split_part(job_id, part_pk)
+        if outcome.retry_in is not None:
+            if not celery.conf.task_always_eager:
+                split_part_task.apply_async((job_id, part_pk), countdown=outcome.retry_in + 1)
+            return {"part": part_pk, "split_elsewhere": True}
+        merged = svc.merge_parts(job_id) if svc.parts_left(job_id) == 0 else None
+    except RETRYABLE as exc:
+        if self.request.retries < self.max_retries and not celery.conf.task_always_eager:
+            raise self.retry(exc=exc, countdown=min(60, 2 ** (self.request.retries + 1))
+                             ) from exc
+        svc.fail_job(job_id, f"the upload could not be split: {type(exc).__name__}: {exc}")
+        return {"part": part_pk, "failed": True}
+    if merged is not None:
+        dispatch_chunks(job_id, merged.chunk_pks, ready_to_finish=merged.ready_to_finish)
+    return {"part": part_pk, "chunks": len(merged.chunk_pks) if merged else None}
 
 
 @celery.task(name="imports.chunk", bind=True, acks_late=True, time_limit=900,
@@ -156,6 +193,12 @@ def resume_unfinished_imports() -> list[str]:
     for job_id in jobs:
         prepare_import_task.delay(job_id)
     return jobs
+
+
+def dispatch_parts(job_id: str, part_pks: list[int]) -> None:
+    """One task per split part (the last one to end sends the chunks)."""
+    for pk in part_pks:
+        split_part_task.apply_async((job_id, pk))
 
 
 def dispatch_chunks(job_id: str, chunk_pks: list[int], *, ready_to_finish: bool) -> None:

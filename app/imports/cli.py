@@ -75,8 +75,9 @@ def _follow(service, job_id: str, *, quiet: bool):  # type: ignore[no-untyped-de
         while True:
             view = service.get(job_id)
             total = view.total_rows
-            progress.update(task, description=view.status if view.phase != "splitting"
-                            else "splitting", total=total, completed=view.processed,
+            splitting = view.phase in ("splitting", "split_parts")
+            progress.update(task, description="splitting" if splitting else view.status,
+                            total=total, completed=view.processed,
                             inserted=view.inserted, duplicates=view.duplicates,
                             invalid=view.invalid)
             if view.finished:

@@ -83,11 +83,15 @@ class Record:
 @dataclass(frozen=True, slots=True)
 class Scan:
     """What one pass over the upload's bytes tells: the encoding, whether every byte
-    decodes in it (then no row can hold an undecodable byte), and how many lines."""
+    decodes in it (then no row can hold an undecodable byte), how many lines, how many
+    decompressed bytes, and (when asked for) line-aligned cut points: `(offset, line)`,
+    the byte offset just after a `\\n` and the number of the line that starts there."""
 
     encoding: str
     clean: bool
     lines: int
+    size: int = 0
+    cuts: tuple[tuple[int, int], ...] = ()
 
 
 # ---- bytes → text -------------------------------------------------------------------
@@ -146,10 +150,11 @@ def detect_encoding(open_binary: OpenBinary, max_bytes: int | None = None) -> st
 
 
 def scan_upload(open_binary: OpenBinary, encoding: str | None = None, *,
-                max_bytes: int | None = None) -> Scan:
+                max_bytes: int | None = None, cut_every: int | None = None) -> Scan:
     """One pass over the decompressed bytes: the encoding as `detect_encoding` finds it
-    (unless given), whether every byte decodes in it, and the number of lines (`\\n`,
-    plus a last line without one). Past `max_bytes` decompressed: DecompressedTooLarge."""
+    (unless given), whether every byte decodes in it, the number of lines (`\\n`, plus a
+    last line without one) and, with `cut_every`, a cut at the first line start at or
+    past every `cut_every` bytes. Past `max_bytes` decompressed: DecompressedTooLarge."""
     stream = open_decompressed(open_binary, max_bytes)
     try:
         head = stream.read(len(UTF8_BOM))
@@ -160,30 +165,78 @@ def scan_upload(open_binary: OpenBinary, encoding: str | None = None, *,
             fallback = None
         decoder: codecs.IncrementalDecoder | None = codecs.getincrementaldecoder(encoding)(
             "strict")
-        lines = head.count(b"\n")
-        last = head[-1:]
+        lines = offset = 0
+        last = b""
         block = head
-        while True:
+        cuts: list[tuple[int, int]] = []
+        next_cut = cut_every or 0
+        while block:
             if decoder is not None:
                 try:
                     decoder.decode(block)
                 except UnicodeDecodeError:
                     # Not this encoding throughout: name the fallback, check no further.
                     decoder, encoding = None, fallback or encoding
-            block = stream.read(BLOCK)
-            if not block:
-                break
+            end = offset + len(block)
+            while cut_every and next_cut < end:  # the first line start at or past it
+                newline = block.find(b"\n", max(0, next_cut - offset - 1))
+                if newline < 0:
+                    break
+                cut = offset + newline + 1
+                cuts.append((cut, lines + block.count(b"\n", 0, newline + 1) + 1))
+                next_cut = cut + cut_every
             lines += block.count(b"\n")
-            last = block[-1:]
+            offset, last = end, block[-1:]
+            block = stream.read(BLOCK)
         clean = decoder is not None
         if decoder is not None:
             try:
                 decoder.decode(b"", final=True)
             except UnicodeDecodeError:
                 clean, encoding = False, fallback or encoding
-        return Scan(encoding=encoding, clean=clean, lines=lines + (last not in (b"", b"\n")))
+        return Scan(encoding=encoding, clean=clean, lines=lines + (last not in (b"", b"\n")),
+                    size=offset, cuts=tuple(c for c in cuts if c[0] < offset))
     finally:
         stream.close()
+
+
+class _RangeStream(io.RawIOBase):
+    """Bytes [start, stop) of `inner` (read from its beginning: a gzip stream cannot
+    seek, so the bytes before `start` are inflated and dropped, a block at a time)."""
+
+    def __init__(self, inner: IO[bytes], start: int, stop: int) -> None:
+        self._inner = inner
+        self._skip = start
+        self._left = stop - start
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while self._skip > 0:
+            dropped = len(self._inner.read(min(self._skip, 1 << 20)))
+            if not dropped:
+                return 0
+            self._skip -= dropped
+        if self._left <= 0:
+            return 0
+        data = self._inner.read(min(len(buffer), self._left, BLOCK))
+        self._left -= len(data)
+        buffer[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._inner.close()
+        super().close()
+
+
+def open_text_range(open_binary: OpenBinary, encoding: str, start: int, stop: int,
+                    max_bytes: int | None = None) -> IO[str]:
+    """`open_text` of the decompressed bytes [start, stop) alone: one part of an upload
+    cut at line starts (`Scan.cuts`), so no character and no line spans two parts."""
+    stream = _RangeStream(open_decompressed(open_binary, max_bytes), start, stop)
+    return io.TextIOWrapper(io.BufferedReader(stream, BLOCK), encoding=encoding,
+                            errors="surrogateescape", newline="\n")
 
 
 def open_text(open_binary: OpenBinary, encoding: str, max_bytes: int | None = None
@@ -234,14 +287,15 @@ def detect_format(filename: str | None, open_binary: OpenBinary, encoding: str,
 
 
 # ---- text → records -----------------------------------------------------------------
-def iter_records(text: IO[str], fmt: ImportFormat, *, clean: bool = False
-                 ) -> Iterator[Record]:
+def iter_records(text: IO[str], fmt: ImportFormat, *, clean: bool = False,
+                 first_line: int = 1) -> Iterator[Record]:
     """The records of an upload; `clean` (from `scan_upload`) says every byte decoded,
-    so only a JSON `\\u` escape can still spell a lone surrogate."""
+    so only a JSON `\\u` escape can still spell a lone surrogate. `first_line` numbers
+    the lines of one part of an NDJSON upload (`open_text_range`)."""
     if fmt is ImportFormat.CSV:
         return iter_csv(text, clean=clean)
     if fmt is ImportFormat.NDJSON:
-        return iter_ndjson(text, clean=clean)
+        return iter_ndjson(text, clean=clean, first_line=first_line)
     return iter_json_array(text, clean=clean)
 
 
@@ -411,9 +465,10 @@ def iter_csv(text: IO[str], *, clean: bool = False) -> Iterator[Record]:
     # unreachable
 
 
-def iter_ndjson(text: IO[str], *, clean: bool = False) -> Iterator[Record]:
+def iter_ndjson(text: IO[str], *, clean: bool = False, first_line: int = 1
+                ) -> Iterator[Record]:
     encoding = getattr(text, "encoding", "utf-8")
-    for number, line in enumerate(bounded_lines(text), start=1):
+    for number, line in enumerate(bounded_lines(text), start=first_line):
         if line is None:
             yield Record(number, None, f"the line is longer than {MAX_LINE_CHARS} characters")
             continue

@@ -12,7 +12,16 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy import (
+    Boolean,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -110,6 +119,41 @@ class ImportChunk(Base):
     first_error_line: Mapped[int | None] = mapped_column(Integer, nullable=True)
     detail: Mapped[str | None] = mapped_column(Text, nullable=True)
     done_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class ImportSplitPart(Base):
+    """A line-aligned part of a big NDJSON upload, split by a task of its own so that
+    every worker splits (`ImportService.split_part`). Every part routes its rows by the
+    same hash of their slot into the job's `buckets`, so the rows of one slot meet in one
+    chunk whichever parts they came from; the chunks are made once every part is done.
+
+    The part's fence: the run splitting it holds `token` and refreshes `heartbeat_at`
+    with every write (a part quiet for SPLIT_LEASE may be taken over: the new run deletes
+    what the old one staged, and the old run's next write is refused). `done` is written
+    with the part's counts, so a retried part either sees it or starts from nothing."""
+
+    __tablename__ = "import_split_parts"
+    __table_args__ = (UniqueConstraint("job_pk", "part", name="uq_import_split_parts_part"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    job_pk: Mapped[int] = mapped_column(BigId, ForeignKey("import_jobs.id", ondelete="CASCADE"))
+    part: Mapped[int] = mapped_column(Integer)
+    # Bytes [start_byte, end_byte) of the decompressed upload; its first line's number
+    start_byte: Mapped[int] = mapped_column(BigId)
+    end_byte: Mapped[int] = mapped_column(BigId)
+    first_line: Mapped[int] = mapped_column(Integer)
+    buckets: Mapped[int] = mapped_column(Integer)
+    clean: Mapped[bool] = mapped_column(Boolean)  # every byte of the upload decodes
+    status: Mapped[str] = mapped_column(String(8), default="pending")  # pending, done, failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    token: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    staged_rows: Mapped[int] = mapped_column(Integer, default=0)
+    records: Mapped[int] = mapped_column(Integer, default=0)
+    invalid: Mapped[int] = mapped_column(Integer, default=0)
+    errors: Mapped[list[dict[str, Any]] | None] = mapped_column(JsonDoc, nullable=True)
+    # [[bucket, rows], …]: what the part staged for each chunk
+    rows_per_bucket: Mapped[list[list[int]] | None] = mapped_column(JsonDoc, nullable=True)
 
 
 class ImportChunkPart(Base):

@@ -2,9 +2,12 @@
 
     create_job   stage the raw upload in the database (pieces of 1 MiB); job `queued`
     prepare      read the staged upload as a stream: one pass over its bytes (encoding,
-                 lines; CSV and JSON records are counted by parsing), then split the
-                 records into chunks of about TASK_ROWS rows (`chunking`), all rows of a
-                 slot in one chunk (the one serial step: it only finds each row's slot)
+                 lines, line starts; CSV and JSON records are counted by parsing), then
+                 split the records into chunks of about TASK_ROWS rows (`chunking`), all
+                 rows of a slot in one chunk (the split only finds each row's slot) —
+                 or, for a big NDJSON upload, cut it at line starts into parts
+    split_part   split one part into the same chunks as every other part (the same hash
+                 of the slot); `merge_parts`, once every part is done, makes the chunks
     process_chunk  validate, de-duplicate, group and store one chunk in one transaction
                  whose commit also marks the chunk done (a retry is harmless); its rows
                  go to the database in batches of at most BATCH_SIZE rows (the job's
@@ -15,8 +18,8 @@
                  however many callers race for it
 
 The task layer (`tasks.imports`) runs these steps on Celery workers: prepare, then one
-task per chunk; the chunk task that finds no chunk left pending closes the job. Nothing
-here imports Celery or Flask.
+task per split part (the last one merges), then one task per chunk; the chunk task that
+finds no chunk left pending closes the job. Nothing here imports Celery or Flask.
 """
 
 from __future__ import annotations
@@ -30,9 +33,9 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from pydantic import BaseModel
 from sqlalchemy import delete, exists, func, insert, select, update
@@ -64,6 +67,7 @@ from app.imports.models import (
     ImportChunkPart,
     ImportJob,
     ImportSlotMark,
+    ImportSplitPart,
     ImportUploadPart,
 )
 from app.imports.pages import (
@@ -92,6 +96,16 @@ TERMINAL = ("succeeded", "partially_succeeded", "failed")
 # old splitter's next write is refused by the job's split token.
 SPLIT_LEASE = 60.0
 SPLIT_HEARTBEAT = 10.0
+# An NDJSON upload of at least two of these (decompressed) is split in parts, one task
+# each, so that every worker splits (`ImportService.split_part`); a smaller one, and CSV
+# or a JSON array (whose records may span lines), is split by one run of prepare.
+PART_MIN_BYTES = 8 << 20
+# Parts are cut at line starts found by the upload's scan every this many bytes (or an
+# eighth of the smallest part, if less), so parts come out about equal.
+CUT_EVERY = 1 << 20
+# Staged pieces of part `p` are numbered from p << PART_SEQ_SHIFT (below RUN_SEQ_BASE).
+PART_SEQ_SHIFT = 20
+MAX_PARTS = RUN_SEQ_BASE >> PART_SEQ_SHIFT
 
 
 class JobStatus:
@@ -164,6 +178,7 @@ class PrepareOutcome:
     chunk_pks: list[int]
     ready_to_finish: bool
     retry_in: float | None = None  # another run is splitting: look again after this long
+    part_pks: list[int] = field(default_factory=list)  # split parts to send, one task each
 
 
 class SplitFence:
@@ -193,6 +208,45 @@ class SplitFence:
 
     def beat(self) -> None:
         """Between writes (while the upload is read), refresh the heartbeat now and then."""
+        if time.monotonic() - self._last < SPLIT_HEARTBEAT:
+            return
+        with self.database.unit_of_work() as uow:
+            self.write(uow.session)
+            uow.commit()
+
+
+class Fence(Protocol):
+    """What a split checks with every write: `SplitFence` (the job's) or `PartFence`."""
+
+    def write(self, db: DbSession, staged_rows: int = 0) -> None: ...
+
+    def beat(self) -> None: ...
+
+
+class PartFence:
+    """A split part's claim: the token its run wrote on the part's row. Like
+    `SplitFence`, checked (and the heartbeat refreshed) in every write's transaction; a
+    part of a job that failed meanwhile is refused too (the failure clears its token)."""
+
+    def __init__(self, database: Database, part_pk: int, token: str) -> None:
+        self.database = database
+        self.part_pk = part_pk
+        self.token = token
+        self._last = time.monotonic()
+
+    def write(self, db: DbSession, staged_rows: int = 0) -> None:
+        result = db.execute(
+            update(ImportSplitPart)
+            .where(ImportSplitPart.id == self.part_pk, ImportSplitPart.token == self.token,
+                   ImportSplitPart.status == "pending")
+            .values(staged_rows=ImportSplitPart.staged_rows + staged_rows,
+                    heartbeat_at=utcnow())
+        )
+        if affected_rows(result) != 1:
+            raise SplitTakenOver(f"split part {self.part_pk}: taken over or ended")
+        self._last = time.monotonic()
+
+    def beat(self) -> None:
         if time.monotonic() - self._last < SPLIT_HEARTBEAT:
             return
         with self.database.unit_of_work() as uow:
@@ -298,7 +352,8 @@ class ImportService:
 
     def __init__(self, runtime: Any, *, segmenter: Segmenter = split_at_gaps,
                  split_lease: float = SPLIT_LEASE,
-                 page_limits: PageLimits | None = None, task_rows: int = TASK_ROWS) -> None:
+                 page_limits: PageLimits | None = None, task_rows: int = TASK_ROWS,
+                 split_parts: int = 1, part_min_bytes: int = PART_MIN_BYTES) -> None:
         self.runtime = runtime
         self.database: Database = runtime.database
         self.settings = runtime.settings
@@ -306,6 +361,9 @@ class ImportService:
         self.split_lease = split_lease
         self.page_limits = page_limits or PageLimits()
         self.task_rows = task_rows  # rows one chunk task takes (about)
+        # At most this many parts a split (the task layer passes the worker's cores)
+        self.split_parts = max(1, min(split_parts, MAX_PARTS))
+        self.part_min_bytes = part_min_bytes
 
     # ---- upload -------------------------------------------------------------------------
     def create_job(
@@ -365,42 +423,64 @@ class ImportService:
             if job.phase in ("chunks", "finishing"):
                 pending = self._pending_chunks(uow.session, job.id)
                 return PrepareOutcome(job_id, pending, not pending)
+            if job.phase == "split_parts":  # split in parts: send those left, or merge
+                parts = self._pending_parts(uow.session, job.id)
+                if parts:
+                    return PrepareOutcome(job_id, [], False, part_pks=parts)
+                merge = True
+            else:
+                merge = False
             now = utcnow()
-            if job.phase == "splitting" and job.split_heartbeat_at is not None:
-                quiet = (now - job.split_heartbeat_at).total_seconds()
-                if quiet < self.split_lease:
-                    return PrepareOutcome(job_id, [], False,
-                                          retry_in=self.split_lease - quiet)
-                log.warning("import %s: split quiet for %.0f s; taking it over", job_id, quiet)
-            token = new_id("spl")
-            job.status, job.phase = JobStatus.RUNNING, "splitting"
-            job.split_token, job.split_heartbeat_at = token, now
-            job.started_at = job.started_at or now
-            job.staged_rows = 0
-            # Leftovers of an earlier attempt that died (or was taken over) while splitting
-            uow.session.execute(delete(ImportChunkPart).where(ImportChunkPart.job_pk == job.id))
-            uow.commit()
-            job_pk, parts, batch = job.id, job.upload_parts, job.batch_size
+            if not merge:
+                if job.phase == "splitting" and job.split_heartbeat_at is not None:
+                    quiet = (now - job.split_heartbeat_at).total_seconds()
+                    if quiet < self.split_lease:
+                        return PrepareOutcome(job_id, [], False,
+                                              retry_in=self.split_lease - quiet)
+                    log.warning("import %s: split quiet for %.0f s; taking it over", job_id,
+                                quiet)
+                token = new_id("spl")
+                job.status, job.phase = JobStatus.RUNNING, "splitting"
+                job.split_token, job.split_heartbeat_at = token, now
+                job.started_at = job.started_at or now
+                job.staged_rows = 0
+                # Leftovers of an earlier attempt that died (or was taken over) while
+                # splitting, in one run or in parts
+                uow.session.execute(delete(ImportChunkPart)
+                                    .where(ImportChunkPart.job_pk == job.id))
+                uow.session.execute(delete(ImportSplitPart)
+                                    .where(ImportSplitPart.job_pk == job.id))
+                uow.commit()
+            job_pk, parts_in, batch = job.id, job.upload_parts, job.batch_size
             filename, fmt_name, encoding = job.filename, job.format, job.encoding
+        if merge:
+            return self.merge_parts(job_id)
         fence = SplitFence(self.database, job_pk, token)
         expanded = self.settings.max_upload_expanded_bytes
 
         def opener() -> IO[bytes]:
-            return UploadReader(self.database, job_pk, parts,  # type: ignore[return-value]
+            return UploadReader(self.database, job_pk, parts_in,  # type: ignore[return-value]
                                 on_piece=fence.beat)
 
         try:
-            scan = formats.scan_upload(opener, encoding, max_bytes=expanded)
+            cut_every = max(1, min(CUT_EVERY, self.part_min_bytes // 8))
+            scan = formats.scan_upload(opener, encoding, max_bytes=expanded,
+                                       cut_every=cut_every if self.split_parts > 1 else None)
             encoding = scan.encoding
             fmt = ImportFormat(fmt_name) if fmt_name else formats.detect_format(
                 filename, opener, encoding, expanded)
             if fmt is ImportFormat.NDJSON:
                 rows_hint = scan.lines  # at most one record per line: no parse to size chunks
+                cuts = self._part_cuts(scan)
+                if cuts:
+                    return self._plan_parts(job_id, job_pk, token, scan, cuts)
             else:
                 with formats.open_text(opener, encoding, expanded) as text:
                     rows_hint = formats.count_records(text, fmt)
-            outcome = self._split(job_pk, opener, fmt, encoding, rows_hint, batch,
-                                  clean=scan.clean, fence=fence, max_bytes=expanded)
+            used_encoding = encoding
+            outcome = self._split(
+                job_pk, lambda: formats.open_text(opener, used_encoding, expanded), fmt,
+                chunk_count(rows_hint, self.task_rows), batch, clean=scan.clean, fence=fence)
         except SplitTakenOver:
             log.info("import %s: split taken over by another run; this one stops", job_id)
             return PrepareOutcome(job_id, [], False)
@@ -423,12 +503,7 @@ class ImportService:
             if job.split_token != token or job.status in TERMINAL:
                 log.info("import %s: split taken over at its end; this one stops", job_id)
                 return PrepareOutcome(job_id, [], False)
-            for bucket, rows in sorted(outcome.rows_per_bucket.items()):
-                uow.session.add(ImportChunk(
-                    job_pk=job_pk, bucket=bucket, row_count=rows, status="pending",
-                    attempts=0, inserted=0, duplicates=0, invalid=0, sessions_created=0,
-                    sessions_updated=0, conflicts=0,
-                ))
+            self._add_chunks(uow.session, job_pk, outcome.rows_per_bucket)
             job.format, job.encoding = fmt.value, encoding
             job.total_rows = outcome.records
             job.staged_rows = sum(outcome.rows_per_bucket.values())
@@ -448,14 +523,14 @@ class ImportService:
         invalid: int
         errors: list[dict[str, Any]]
 
-    def _split(self, job_pk: int, opener: Callable[[], IO[bytes]], fmt: ImportFormat,
-               encoding: str, rows_hint: int, batch: int, *, clean: bool, fence: SplitFence,
-               max_bytes: int | None = None) -> ImportService._Split:
-        """Route every record to its slot's chunk: about `task_rows` rows a chunk (the
-        rows of a task, not BATCH_SIZE: `batch` bounds only the pieces one INSERT
-        stages). The split is the one serial step of a job (chunks wait for it), so it
-        only finds each row's slot; the chunks validate."""
-        buckets = chunk_count(rows_hint, self.task_rows)
+    def _split(self, job_pk: int, open_text: Callable[[], IO[str]], fmt: ImportFormat,
+               buckets: int, batch: int, *, clean: bool, fence: Fence, first_line: int = 1,
+               seq_base: int = 0) -> ImportService._Split:
+        """Route every record to its slot's chunk, one of `buckets` of about `task_rows`
+        rows (the rows of a task, not BATCH_SIZE: `batch` bounds only the pieces one
+        INSERT stages). Chunks wait for the split, so it only finds each row's slot; the
+        chunks validate. The text is the whole upload, or one part of it whose lines
+        are numbered from `first_line` and whose pieces from `seq_base`."""
         records = 0
         seqs: dict[int, int] = {}
 
@@ -508,15 +583,16 @@ class ImportService:
                 return
             pieces = []
             for bucket, rows in pending:
-                seq = seqs.get(bucket, 0)
+                seq = seqs.get(bucket, seq_base)
                 seqs[bucket] = seq + 1
                 pieces.append((bucket, seq, rows))
             pending.clear()
             writer.put(pieces)
 
         try:
-            with formats.open_text(opener, encoding, max_bytes) as text:
-                for record in formats.iter_records(text, fmt, clean=clean):
+            with open_text() as text:
+                for record in formats.iter_records(text, fmt, clean=clean,
+                                                   first_line=first_line):
                     records += 1
                     if record.fields is None:
                         bad(record.line, record.error or "unreadable record")
@@ -547,6 +623,178 @@ class ImportService:
         finally:
             writer.abort()  # whatever happened, no write of this split is left in flight
         return ImportService._Split(records, dict(spool.rows_per_bucket), invalid, errors)
+
+    # ---- the split in parts ---------------------------------------------------------------
+    def _part_cuts(self, scan: formats.Scan) -> list[tuple[int, int]]:
+        """Where an NDJSON upload is cut into parts: `(offset, line)` of each part's start
+        after the first; none for an upload smaller than two parts. Parts are about equal
+        in bytes, at most `split_parts` of them (more parts than workers would only
+        inflate a gzip's head again for each)."""
+        parts = min(self.split_parts, scan.size // max(1, self.part_min_bytes))
+        if parts < 2 or not scan.cuts:
+            return []
+        cuts: list[tuple[int, int]] = []
+        for index in range(1, parts):
+            target = scan.size * index // parts
+            cut = min(scan.cuts, key=lambda c: abs(c[0] - target))
+            if (not cuts or cut[0] > cuts[-1][0]) and cut[0] < scan.size:
+                cuts.append(cut)
+        return cuts
+
+    def _plan_parts(self, job_id: str, job_pk: int, token: str, scan: formats.Scan,
+                    cuts: list[tuple[int, int]]) -> PrepareOutcome:
+        """Write the parts of an NDJSON upload (still this split's: its token) and move
+        the job to `split_parts`: the task layer sends one task per part."""
+        buckets = chunk_count(scan.lines, self.task_rows)
+        starts = [(0, 1), *cuts]
+        with self.database.unit_of_work() as uow:
+            job = self._job(uow.session, job_id, lock=True)
+            if job.split_token != token or job.status in TERMINAL:
+                log.info("import %s: split taken over at its end; this one stops", job_id)
+                return PrepareOutcome(job_id, [], False)
+            for index, (start, line) in enumerate(starts):
+                end = starts[index + 1][0] if index + 1 < len(starts) else scan.size
+                uow.session.add(ImportSplitPart(
+                    job_pk=job_pk, part=index, start_byte=start, end_byte=end,
+                    first_line=line, buckets=buckets, clean=scan.clean, status="pending",
+                    attempts=0, staged_rows=0, records=0, invalid=0))
+            job.format, job.encoding = ImportFormat.NDJSON.value, scan.encoding
+            job.phase = "split_parts"
+            uow.session.flush()
+            part_pks = self._pending_parts(uow.session, job_pk)
+            uow.commit()
+        log.info("import %s: split in %d parts", job_id, len(part_pks))
+        return PrepareOutcome(job_id, [], False, part_pks=part_pks)
+
+    def split_part(self, job_id: str, part_pk: int) -> PrepareOutcome:
+        """Split one part: stage its rows for the job's chunks (by the same slot hash as
+        every part) and mark it done with its counts. A part done already, or of a job
+        that ended, is left; a part another run is splitting right now is left to it
+        (`retry_in`: look again once its lease could have run out); a quiet one is
+        taken over, and what it staged is deleted first. A part gone (its job ended and
+        its staged data with it) is nothing to do."""
+        with self.database.unit_of_work() as uow:
+            part = uow.session.get(ImportSplitPart, part_pk, with_for_update=True)
+            if part is None:
+                return PrepareOutcome(job_id, [], False)
+            job = uow.session.get(ImportJob, part.job_pk)
+            assert job is not None
+            if part.status != "pending" or job.status in TERMINAL:
+                return PrepareOutcome(job_id, [], False)
+            now = utcnow()
+            if part.token is not None and part.heartbeat_at is not None:
+                quiet = (now - part.heartbeat_at).total_seconds()
+                if quiet < self.split_lease:
+                    return PrepareOutcome(job_id, [], False,
+                                          retry_in=self.split_lease - quiet)
+                log.warning("import %s: split part %d quiet for %.0f s; taking it over",
+                            job_id, part.part, quiet)
+            part.attempts += 1
+            if part.attempts > MAX_CHUNK_ATTEMPTS:
+                uow.commit()
+                self._fail(job_id, f"the upload could not be split: part {part.part} gave "
+                                   f"up after {MAX_CHUNK_ATTEMPTS} attempts")
+                return PrepareOutcome(job_id, [], False)
+            token = new_id("spl")
+            part.token, part.heartbeat_at, part.staged_rows = token, now, 0
+            low = part.part << PART_SEQ_SHIFT
+            uow.session.execute(delete(ImportChunkPart).where(  # an earlier run's pieces
+                ImportChunkPart.job_pk == part.job_pk, ImportChunkPart.seq >= low,
+                ImportChunkPart.seq < low + (1 << PART_SEQ_SHIFT)))
+            uow.commit()
+            job_pk, upload_parts, batch = job.id, job.upload_parts, job.batch_size
+            encoding, start, end = job.encoding or "utf-8", part.start_byte, part.end_byte
+            first_line, buckets, clean = part.first_line, part.buckets, part.clean
+        fence = PartFence(self.database, part_pk, token)
+        expanded = self.settings.max_upload_expanded_bytes
+
+        def opener() -> IO[bytes]:
+            return UploadReader(self.database, job_pk, upload_parts,  # type: ignore[return-value]
+                                on_piece=fence.beat)
+
+        try:
+            outcome = self._split(
+                job_pk, lambda: formats.open_text_range(opener, encoding, start, end, expanded),
+                ImportFormat.NDJSON, buckets, batch, clean=clean, fence=fence,
+                first_line=first_line, seq_base=low)
+            with self.database.unit_of_work() as uow:
+                fence.write(uow.session)
+                uow.session.execute(update(ImportSplitPart).where(
+                    ImportSplitPart.id == part_pk).values(
+                    status="done", records=outcome.records, invalid=outcome.invalid,
+                    errors=outcome.errors,
+                    rows_per_bucket=sorted([b, n] for b, n in outcome.rows_per_bucket.items())))
+                uow.commit()
+        except SplitTakenOver:
+            log.info("import %s: split part %s taken over or ended; this run stops", job_id,
+                     part_pk)
+        except UnreadableUpload as exc:
+            self._fail(job_id, str(exc), part_token=(part_pk, token))
+        except (UnicodeDecodeError, OSError, EOFError, zlib.error) as exc:
+            self._fail(job_id, f"the upload cannot be read: {exc}", part_token=(part_pk, token))
+        except (OperationalError, ServiceUnavailable):
+            raise  # the database or Redis is away: the task retries, the part starts again
+        except Exception as exc:  # anything else would leave the job 'running' for good
+            log.exception("import %s: split part %s failed", job_id, part_pk)
+            self._fail(job_id, f"the upload could not be read: {type(exc).__name__}: "
+                               f"{str(exc)[:300]}", part_token=(part_pk, token))
+        return PrepareOutcome(job_id, [], False)
+
+    def parts_left(self, job_id: str) -> int:
+        """Split parts still pending (every part task asks after its own commit)."""
+        with self.database.read() as db:
+            job = self._job(db, job_id)
+            return db.execute(select(func.count()).select_from(ImportSplitPart).where(
+                ImportSplitPart.job_pk == job.id, ImportSplitPart.status == "pending")
+            ).scalar_one()
+
+    def merge_parts(self, job_id: str) -> PrepareOutcome:
+        """Once every part is done, make the job's chunks from what the parts staged and
+        move it to its chunks, once: under the job's row lock, only a job still in
+        `split_parts` with no part pending is merged (a second caller finds it merged and
+        answers no chunk)."""
+        with self.database.unit_of_work() as uow:
+            job = self._job(uow.session, job_id, lock=True)
+            if job.status in TERMINAL or job.phase != "split_parts":
+                return PrepareOutcome(job_id, [], False)
+            parts = list(uow.session.execute(select(ImportSplitPart).where(
+                ImportSplitPart.job_pk == job.id).order_by(ImportSplitPart.part)).scalars())
+            if not parts or any(p.status != "done" for p in parts):
+                return PrepareOutcome(job_id, [], False)
+            rows_per_bucket: dict[int, int] = {}
+            for p in parts:
+                for bucket, rows in p.rows_per_bucket or []:
+                    rows_per_bucket[bucket] = rows_per_bucket.get(bucket, 0) + rows
+            errors = heapq.nsmallest(MAX_ERRORS, (e for p in parts for e in p.errors or []),
+                                     key=lambda e: (e["line"], e["error"]))
+            self._add_chunks(uow.session, job.id, rows_per_bucket)
+            job.total_rows = sum(p.records for p in parts)
+            job.staged_rows = sum(rows_per_bucket.values())
+            job.chunk_count = len(rows_per_bucket)
+            job.prepare_invalid = sum(p.invalid for p in parts)
+            job.prepare_errors = errors
+            job.phase = "chunks"
+            uow.session.flush()
+            pending = self._pending_chunks(uow.session, job.id)
+            uow.commit()
+        return PrepareOutcome(job_id, pending, not pending)
+
+    @staticmethod
+    def _add_chunks(db: DbSession, job_pk: int, rows_per_bucket: dict[int, int]) -> None:
+        for bucket, rows in sorted(rows_per_bucket.items()):
+            db.add(ImportChunk(
+                job_pk=job_pk, bucket=bucket, row_count=rows, status="pending", attempts=0,
+                inserted=0, duplicates=0, invalid=0, sessions_created=0, sessions_updated=0,
+                conflicts=0,
+            ))
+
+    @staticmethod
+    def _pending_parts(db: DbSession, job_pk: int) -> builtins.list[int]:
+        return list(db.execute(
+            select(ImportSplitPart.id).where(ImportSplitPart.job_pk == job_pk,
+                                             ImportSplitPart.status == "pending")
+            .order_by(ImportSplitPart.part)
+        ).scalars())
 
     # ---- one chunk --------------------------------------------------------------------------
     def process_chunk(
@@ -907,7 +1155,8 @@ class ImportService:
         self._fail(job_id, detail)
 
     def _fail(self, job_id: str, detail: str, *, encoding: str | None = None,
-              split_token: str | None = None) -> None:
+              split_token: str | None = None,
+              part_token: tuple[int, str] | None = None) -> None:
         """Close the job as failed (unless it is closed, or, for a split that failed,
         someone else's split by now). Its staged data is deleted (the upload and the
         staged rows: README, "the upload is deleted when the job ends"); chunks still
@@ -918,6 +1167,10 @@ class ImportService:
                 return
             if split_token is not None and job.split_token != split_token:
                 return
+            if part_token is not None and uow.session.execute(
+                    select(ImportSplitPart.token).where(ImportSplitPart.id == part_token[0])
+            ).scalar_one_or_none() != part_token[1]:
+                return  # that part's run was taken over: the failure is not its to call
             job.status, job.phase, job.detail = JobStatus.FAILED, "finished", detail[:2000]
             job.encoding = job.encoding or encoding
             job.finished_at = utcnow()
@@ -928,6 +1181,10 @@ class ImportService:
                 update(ImportChunk)
                 .where(ImportChunk.job_pk == job.id, ImportChunk.status == "pending")
                 .values(status="failed", detail="the job failed", done_at=utcnow()))
+            uow.session.execute(  # parts still splitting: their next write is refused
+                update(ImportSplitPart)
+                .where(ImportSplitPart.job_pk == job.id, ImportSplitPart.status == "pending")
+                .values(status="failed", token=None))
             self._announce(uow.session, job)
             self._delete_staged(uow.session, job.id)
             uow.commit()
@@ -936,6 +1193,7 @@ class ImportService:
     @staticmethod
     def _delete_staged(db: DbSession, job_pk: int) -> None:
         db.execute(delete(ImportChunkPart).where(ImportChunkPart.job_pk == job_pk))
+        db.execute(delete(ImportSplitPart).where(ImportSplitPart.job_pk == job_pk))
         db.execute(delete(ImportUploadPart).where(ImportUploadPart.job_pk == job_pk))
 
     # ---- reads ----------------------------------------------------------------------------
@@ -980,7 +1238,13 @@ class ImportService:
             counts = {n: int(v) for n, v in zip(ImportCounts.COUNTERS, row[2:], strict=True)}
             counts["invalid"] += job.prepare_invalid
             processed = int(row[1]) + job.prepare_invalid
-            errors = self._first_errors(db, job)
+            # A chunk's errors never change once it is done: while no chunk ends, a
+            # status poll answers the errors it found last time instead of reading the
+            # error lists of up to a hundred chunks again.
+            seen = (job.job_id, done, counts["invalid"])
+            found = _errors_seen.get(seen)
+            errors = found if found is not None else _errors_seen.keep(
+                seen, self._first_errors(db, job))
         elif job.status not in TERMINAL:
             counts["invalid"] = job.prepare_invalid
             errors = job.prepare_errors or []
@@ -1011,6 +1275,30 @@ class ImportService:
                                          ImportChunk.status == "pending")
             .order_by(ImportChunk.id)
         ).scalars())
+
+
+class _ErrorsSeen:
+    """The first errors of running jobs as status reads last found them, by (job, chunks
+    done, invalid rows); the oldest entries go first (a few jobs run at once)."""
+
+    def __init__(self, size: int = 64) -> None:
+        self._size = size
+        self._entries: dict[tuple[str, int, int], list[dict[str, Any]]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, int, int]) -> list[dict[str, Any]] | None:
+        return self._entries.get(key)
+
+    def keep(self, key: tuple[str, int, int], errors: list[dict[str, Any]]
+             ) -> list[dict[str, Any]]:
+        with self._lock:
+            self._entries[key] = errors
+            while len(self._entries) > self._size:
+                del self._entries[next(iter(self._entries))]
+        return errors
+
+
+_errors_seen = _ErrorsSeen()
 
 
 def combined(*parts: ImportCounts) -> ImportCounts:

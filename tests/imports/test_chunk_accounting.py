@@ -67,3 +67,27 @@ def test_a_failed_chunk_counts_its_live_slots_as_stored(runtime):
     assert (view.inserted, view.invalid, view.sessions_created) == (len(live), len(past), 1)
     assert view.processed == len(live) + len(past)
     assert view.errors[0].error.startswith("chunk of 8 rows failed")
+
+
+def test_status_reads_follow_every_chunk_that_ends_while_they_reuse_errors(runtime):
+    """Status reads of a running job reuse the first errors they found while no chunk
+    ended since; each chunk that ends shows at the next read."""
+    rows = []
+    for i in range(30):  # 30 slots, one bad row each (its line), a few chunks
+        rows += conversation(f"shop-{i}", T0 + timedelta(minutes=i), "cr")
+        rows.append(row(f"shop-{i}", "robot", T0, "no time", sent_at="yesterday-ish"))
+    service = ImportService(runtime, task_rows=20)
+    job = service.create_job(io.BytesIO(as_ndjson(rows)), filename="x.ndjson")
+    chunks = service.prepare(job.job_id).chunk_pks
+    assert len(chunks) > 2
+    seen = []
+    for pk in chunks[:-1]:
+        service.process_chunk(pk)
+        first, again = service.get(job.job_id), service.get(job.job_id)
+        assert first.errors == again.errors and first.invalid == again.invalid
+        seen.append([e.line for e in first.errors])
+    with runtime.database.read() as db:
+        every_error = import_job_errors(db, job.job_id, limit=10_000)["items"]
+    assert seen[-1] == [e["line"] for e in every_error]
+    assert [len(lines) for lines in seen] == sorted({len(lines) for lines in seen})
+    assert len(seen[-1]) == service.get(job.job_id).invalid < 30  # one chunk still to go

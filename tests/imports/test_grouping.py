@@ -82,6 +82,11 @@ def test_robot_then_staff_is_one_session_with_a_history_transfer(runtime):
     assert (transfer.session_id, transfer.trigger, transfer.status) == (
         session.session_id, "history", "COMPLETED")
     assert transfer.agent_id == "human-1" and transfer.accepted_at == T0 + minutes(4)
+    # The conversation before the hand-off is referenced, not copied: the session and
+    # the ids of its messages, stored with it.
+    stored = messages_of(runtime, session.id)
+    assert transfer.history == {"session_id": session.session_id,
+                                "recent_message_ids": [m.message_id for m in stored[:4]]}
 
 
 def test_staff_joining_an_ended_robot_session_later_is_its_hand_off_once(runtime):
