@@ -181,16 +181,36 @@ class PrepareOutcome:
     part_pks: list[int] = field(default_factory=list)  # split parts to send, one task each
 
 
-class SplitFence:
+class _Claim:
+    """A token a split run wrote on its row, refreshed with every write (`write`, in the
+    write's own transaction) and, between writes, by `beat` now and then."""
+
+    def __init__(self, database: Database, pk: int, token: str) -> None:
+        self.database = database
+        self.pk = pk
+        self.token = token
+        self._last = time.monotonic()
+
+    def write(self, db: DbSession, staged_rows: int = 0) -> None:
+        raise NotImplementedError
+
+    def beat(self) -> None:
+        """Between writes (while the upload is read), refresh the heartbeat now and then."""
+        if time.monotonic() - self._last < SPLIT_HEARTBEAT:
+            return
+        with self.database.unit_of_work() as uow:
+            self.write(uow.session)
+            uow.commit()
+
+
+class SplitFence(_Claim):
     """A split's claim on its job: the token it wrote when it began. Every write of the
     split checks the token in the same transaction (and refreshes the heartbeat), so a
     splitter that was taken over cannot stage a row more."""
 
-    def __init__(self, database: Database, job_pk: int, token: str) -> None:
-        self.database = database
-        self.job_pk = job_pk
-        self.token = token
-        self._last = time.monotonic()
+    @property
+    def job_pk(self) -> int:
+        return self.pk
 
     def write(self, db: DbSession, staged_rows: int = 0) -> None:
         """In the caller's transaction, before its writes: count `staged_rows` and refresh
@@ -206,14 +226,6 @@ class SplitFence:
             raise SplitTakenOver(f"import job {self.job_pk}: split taken over by another run")
         self._last = time.monotonic()
 
-    def beat(self) -> None:
-        """Between writes (while the upload is read), refresh the heartbeat now and then."""
-        if time.monotonic() - self._last < SPLIT_HEARTBEAT:
-            return
-        with self.database.unit_of_work() as uow:
-            self.write(uow.session)
-            uow.commit()
-
 
 class Fence(Protocol):
     """What a split checks with every write: `SplitFence` (the job's) or `PartFence`."""
@@ -223,16 +235,14 @@ class Fence(Protocol):
     def beat(self) -> None: ...
 
 
-class PartFence:
+class PartFence(_Claim):
     """A split part's claim: the token its run wrote on the part's row. Like
     `SplitFence`, checked (and the heartbeat refreshed) in every write's transaction; a
     part of a job that failed meanwhile is refused too (the failure clears its token)."""
 
-    def __init__(self, database: Database, part_pk: int, token: str) -> None:
-        self.database = database
-        self.part_pk = part_pk
-        self.token = token
-        self._last = time.monotonic()
+    @property
+    def part_pk(self) -> int:
+        return self.pk
 
     def write(self, db: DbSession, staged_rows: int = 0) -> None:
         result = db.execute(
@@ -245,13 +255,6 @@ class PartFence:
         if affected_rows(result) != 1:
             raise SplitTakenOver(f"split part {self.part_pk}: taken over or ended")
         self._last = time.monotonic()
-
-    def beat(self) -> None:
-        if time.monotonic() - self._last < SPLIT_HEARTBEAT:
-            return
-        with self.database.unit_of_work() as uow:
-            self.write(uow.session)
-            uow.commit()
 
 
 class StagingWriter:
