@@ -93,6 +93,10 @@ class Settings(BaseSettings):
     secret_key: str | None = Field(default=None, description="Flask secret for the admin console")
     host: str = "127.0.0.1"
     port: PositiveInt = 8000
+    # Reverse proxies in front of the web processes whose X-Forwarded-For/-Proto/-Host
+    # are trusted (Werkzeug's ProxyFix); 0 trusts none, so a client cannot spoof its
+    # address into the per-address limits.
+    proxy_hops: int = Field(default=0, ge=0, le=10)
 
     @field_validator("timezone")
     @classmethod

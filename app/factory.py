@@ -10,11 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Blueprint, Flask
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from admin import views as admin_views
 from app.api import agents, docs, events, health, ratelimit, sessions, transfers
 from app.api.http import RUNTIME_KEY, limit_request_bodies
 from app.api.problems import register_error_handlers
+from app.config import get_settings
 from app.delivery import views as delivery_views
 from app.imports import views as import_views
 from app.runtime import Runtime
@@ -50,4 +52,8 @@ def create_app(runtime: Runtime | None = None, **config: Any) -> Flask:
     limit_request_bodies(app)
     for blueprint in BLUEPRINTS:
         app.register_blueprint(blueprint)
+    hops = (runtime.settings if runtime is not None else get_settings()).proxy_hops
+    if hops:  # the client's address, scheme and host as the trusted proxies saw them
+        app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
+            app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)
     return app

@@ -140,6 +140,25 @@ def test_failed_authentications_are_limited_per_address(http: FlaskClient, bot: 
     assert http.get("/admin/api/stats").status_code == 429  # the admin API's door too
 
 
+def test_behind_trusted_proxies_the_forwarded_address_is_the_client(
+        runtime: Runtime, other_runtime: Any) -> None:
+    """PROXY_HOPS=1: each forwarded client address has its own count; without it a
+    forged X-Forwarded-For changes nothing (every try counts against the peer)."""
+    trusting = create_app(other_runtime(proxy_hops=1), TESTING=True).test_client()
+    for _ in range(3):
+        trusting.get("/api/v1/sessions", headers={"X-Forwarded-For": "198.51.100.1"})
+    refused = trusting.get("/api/v1/sessions", headers={"X-Forwarded-For": "198.51.100.1"})
+    assert refused.status_code == 429 and "198.51.100.1" in refused.get_json()["detail"]
+    other = trusting.get("/api/v1/sessions", headers={"X-Forwarded-For": "198.51.100.2"})
+    assert other.status_code == 401
+
+    direct = create_app(other_runtime(), TESTING=True).test_client()
+    forged = [direct.get("/api/v1/sessions", environ_base={"REMOTE_ADDR": "192.0.2.9"},
+                         headers={"X-Forwarded-For": f"203.0.113.{n}"}).status_code
+              for n in range(4)]
+    assert forged == [401, 401, 401, 429]
+
+
 def test_a_refused_token_does_not_spend_a_client_budget(http: FlaskClient, bot: Caller):
     for _ in range(3):
         http.get("/api/v1/sessions", headers={"Authorization": "Bearer ast_nope"})
