@@ -98,6 +98,22 @@ class Settings(BaseSettings):
     # address into the per-address limits.
     proxy_hops: int = Field(default=0, ge=0, le=10)
 
+    # Import grouping (SPEC §4 a-d): threads, reply chains, gap rule, optional LLM review.
+    # (issue 16: settings of the grouping pipeline go below this line)
+
+    # Live desk (SPEC §12): hand-back, one agent speaks, first-response timer.
+    first_response_timeout: PositiveInt = 120
+
+    # Live desk (SPEC §12): the event stream's own process type.
+    # (issue 17: settings of the stream go below this line)
+
+    # Operations (SPEC §13): metrics and logs.
+    # (issue 18: metrics/log settings go below this line)
+
+    # Retention (SPEC §6, §13): kept this long (s), then purged by beat in bounded batches.
+    events_retention: PositiveInt = 604800
+    deliveries_retention: PositiveInt = 2592000
+
     @field_validator("timezone")
     @classmethod
     def _known_timezone(cls, value: str) -> str:

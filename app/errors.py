@@ -120,6 +120,17 @@ class IdempotencyMismatch(Conflict):
     title = "Idempotency key reused with another request"
 
 
+class CursorExpired(AutoSessionError):
+    """The feed or stream cursor points before the oldest event still kept (retention)."""
+
+    status = 410
+    type = "/problems/cursor-expired"
+    title = "Cursor expired"
+
+    def __init__(self, detail: str, *, oldest_cursor: int) -> None:
+        super().__init__(detail, oldest_cursor=oldest_cursor)
+
+
 class ServiceUnavailable(AutoSessionError):
     """Retry later: the slot lock could not be had, or a dependency is down."""
 
