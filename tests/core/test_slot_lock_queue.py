@@ -58,11 +58,15 @@ def test_waiters_are_served_in_arrival_order_without_polling(server: redis.Redis
     first.start()
     holder_in.wait(5)
     waiters = []
-    for n in range(12):  # arrive one after another
+    queue = locks.key("acc", "hot") + ":q"
+    for n in range(12):  # arrive one after another: the next starts once this one queued
         thread = threading.Thread(target=waiter, args=(n,))
         thread.start()
         waiters.append(thread)
-        time.sleep(0.02)
+        deadline = time.monotonic() + 5
+        while server.llen(queue) < n + 1 and time.monotonic() < deadline:
+            time.sleep(0.002)
+        assert server.llen(queue) == n + 1, f"waiter {n} never queued"
     before = commands(server)
     time.sleep(1.0)  # twelve waiters wait a second: each looks at most every POLL_SLICE
     during = commands(server) - before
