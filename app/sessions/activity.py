@@ -39,6 +39,7 @@ from sqlalchemy import (
     bindparam,
     case,
     insert,
+    null,
     or_,
     select,
     update,
@@ -104,7 +105,7 @@ _ACCEPTED_TRANSFER = Prepared(
 _FIRST_RESPONSE = Prepared(
     update(TRANSFERS)
     .where(TRANSFERS.c.id == bindparam("transfer_pk"), TRANSFERS.c.first_response_at.is_(None))
-    .values(first_response_at=bindparam("now"), first_response_due_at=None))
+    .values(first_response_at=bindparam("now"), first_response_due_at=null()))
 
 
 @dataclass
