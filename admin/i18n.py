@@ -133,6 +133,8 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "first_response_overdue": ("overdue", "超时未响应"),
     "first_response_median": ("First response, median (24 h)", "首次响应中位数（24 小时）"),
     "first_response_overdue_24h": ("overdue (24 h)", "次超时未响应（24 小时）"),
+    "handed_back_from": ("Handed back from", "转回自"),
+    "handed_back_to": ("Handed back to the robot as", "已转回机器人会话"),
 }
 
 
