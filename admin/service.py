@@ -39,6 +39,7 @@ from app.sessions.enums import (
     SessionStatus,
     SessionType,
     TransferStatus,
+    TransferTrigger,
 )
 from app.sessions.models import Session, Slot
 from app.sessions.queries import decode_cursor, encode_cursor
@@ -544,11 +545,13 @@ def first_response_figures(db: DbSession, now: datetime) -> dict[str, Any]:
     """First-response time over the last 24 hours (SPEC §12): from the accept to the first
     human message, for transfers answered in that window; the median and p90 are the
     nearest-rank values. `overdue_24h`: transfers flagged in the window; `waiting`:
-    accepted transfers still unanswered now."""
+    accepted transfers still unanswered now. Hand-offs found in imported history (trigger
+    `history`) were answered outside the system and are not counted."""
     since = now - timedelta(hours=24)
+    live = Transfer.trigger != TransferTrigger.HISTORY
     answered = db.execute(
         select(Transfer.accepted_at, Transfer.first_response_at)
-        .where(Transfer.first_response_at >= since, Transfer.accepted_at.is_not(None))
+        .where(Transfer.first_response_at >= since, Transfer.accepted_at.is_not(None), live)
     ).all()
     seconds = sorted(max((f - a).total_seconds(), 0.0) for a, f in answered
                      if a is not None and f is not None)
@@ -558,7 +561,8 @@ def first_response_figures(db: DbSession, now: datetime) -> dict[str, Any]:
     ).scalar_one()
     waiting = db.execute(
         select(func.count()).select_from(Transfer)
-        .where(Transfer.status == TransferStatus.ACCEPTED, Transfer.first_response_at.is_(None))
+        .where(Transfer.status == TransferStatus.ACCEPTED, Transfer.first_response_at.is_(None),
+               live)
     ).scalar_one()
     return {"answered_24h": len(seconds), "median_s": _percentile(seconds, 0.5),
             "p90_s": _percentile(seconds, 0.9), "overdue_24h": int(overdue),
