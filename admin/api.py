@@ -22,6 +22,7 @@ from app.delivery.service import delivery_log, delivery_summary
 from app.errors import NotFound, ValidationFailed
 from app.imports.service import ImportService
 from app.imports.views import bounded_upload
+from app.sessions.enums import TransferStatus
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
@@ -110,7 +111,11 @@ def release_slot() -> Response:
 @admin_only
 def transfer_queue() -> Response:
     with runtime().database.read() as db:
-        return respond({"items": admin_service.transfer_queue(db), "next": None})
+        return respond({
+            "items": admin_service.transfer_queue(db), "next": None,
+            # being handled: each with its first-response flag and wait (SPEC §12)
+            "accepted": admin_service.transfer_queue(db, status=TransferStatus.ACCEPTED),
+        })
 
 
 @bp.get("/agents")

@@ -42,7 +42,7 @@ from app.api.ratelimit import RateLimited, count_failed_authentication
 from app.clients.service import ClientRole
 from app.errors import AutoSessionError, Unauthorized
 from app.imports.service import ImportService
-from app.sessions.enums import Origin, SessionStatus, SessionType
+from app.sessions.enums import Origin, SessionStatus, SessionType, TransferStatus
 
 bp = Blueprint("console", __name__, template_folder="templates")
 
@@ -213,7 +213,8 @@ def release_slot() -> WerkzeugResponse:
 def transfers() -> str:
     with runtime().database.read() as db:
         queue = admin_service.transfer_queue(db)
-    return render_template("transfers.html", queue=queue)
+        accepted = admin_service.transfer_queue(db, status=TransferStatus.ACCEPTED)
+    return render_template("transfers.html", queue=queue, accepted=accepted)
 
 
 @bp.get("/agents")

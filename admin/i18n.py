@@ -125,6 +125,16 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "none": ("none", "无"),
     "error_title": ("Something went wrong", "出错了"),
     "done": ("Done.", "完成。"),
+    # the live desk (SPEC §12): first response
+    "being_handled": ("Being handled (accepted)", "处理中（已接入）"),
+    "first_response": ("First response", "首次响应"),
+    "answered": ("answered", "已响应"),
+    "waiting_for": ("waiting", "已等待"),
+    "first_response_overdue": ("overdue", "超时未响应"),
+    "first_response_median": ("First response, median (24 h)", "首次响应中位数（24 小时）"),
+    "first_response_overdue_24h": ("overdue (24 h)", "次超时未响应（24 小时）"),
+    "handed_back_from": ("Handed back from", "转回自"),
+    "handed_back_to": ("Handed back to the robot as", "已转回机器人会话"),
 }
 
 

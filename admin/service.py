@@ -10,6 +10,7 @@ in one transaction — exactly like every other change to a slot.
 
 from __future__ import annotations
 
+import math
 import random
 import secrets
 from collections import Counter
@@ -38,6 +39,7 @@ from app.sessions.enums import (
     SessionStatus,
     SessionType,
     TransferStatus,
+    TransferTrigger,
 )
 from app.sessions.models import Session, Slot
 from app.sessions.queries import decode_cursor, encode_cursor
@@ -510,20 +512,61 @@ def release_slot(
 
 
 # ---- transfers and agents --------------------------------------------------------------------
-def transfer_queue(db: DbSession, *, limit: int = 100) -> list[dict[str, Any]]:
-    """PENDING transfers in desk order (urgency, then age), with their age in seconds."""
+def transfer_queue(db: DbSession, *, limit: int = 100,
+                   status: TransferStatus = TransferStatus.PENDING) -> list[dict[str, Any]]:
+    """Transfers of `status` in desk order (urgency, then age), with their age in seconds.
+    ACCEPTED ones (being handled) also say how long they have waited for their first
+    human answer (`first_response_wait_seconds`, null once answered), and carry the
+    `first_response_overdue` flag (SPEC §12)."""
     now = utcnow()
     rows = db.execute(
         select(Transfer, Session.account_id, Session.shop_id, Session.session_type)
         .join(Session, Session.id == Transfer.session_pk)
-        .where(Transfer.status == TransferStatus.PENDING)
+        .where(Transfer.status == status)
         .order_by(Transfer.urgency, Transfer.created_at, Transfer.id).limit(limit)
     ).all()
     return [
         {**transfer_json(t), "account_id": account, "shop_id": shop,
-         "session_type": str(stype), "age_seconds": (now - t.created_at).total_seconds()}
+         "session_type": str(stype), "age_seconds": (now - t.created_at).total_seconds(),
+         "first_response_wait_seconds": (now - t.accepted_at).total_seconds()
+         if t.accepted_at is not None and t.first_response_at is None else None}
         for t, account, shop, stype in rows
     ]
+
+
+def _percentile(ordered: list[float], fraction: float) -> float | None:
+    """Nearest-rank percentile of an ascending list (None when empty)."""
+    if not ordered:
+        return None
+    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
+
+
+def first_response_figures(db: DbSession, now: datetime) -> dict[str, Any]:
+    """First-response time over the last 24 hours (SPEC §12): from the accept to the first
+    human message, for transfers answered in that window; the median and p90 are the
+    nearest-rank values. `overdue_24h`: transfers flagged in the window; `waiting`:
+    accepted transfers still unanswered now. Hand-offs found in imported history (trigger
+    `history`) were answered outside the system and are not counted."""
+    since = now - timedelta(hours=24)
+    live = Transfer.trigger != TransferTrigger.HISTORY
+    answered = db.execute(
+        select(Transfer.accepted_at, Transfer.first_response_at)
+        .where(Transfer.first_response_at >= since, Transfer.accepted_at.is_not(None), live)
+    ).all()
+    seconds = sorted(max((f - a).total_seconds(), 0.0) for a, f in answered
+                     if a is not None and f is not None)
+    overdue = db.execute(
+        select(func.count()).select_from(Transfer)
+        .where(Transfer.first_response_overdue_at >= since)
+    ).scalar_one()
+    waiting = db.execute(
+        select(func.count()).select_from(Transfer)
+        .where(Transfer.status == TransferStatus.ACCEPTED, Transfer.first_response_at.is_(None),
+               live)
+    ).scalar_one()
+    return {"answered_24h": len(seconds), "median_s": _percentile(seconds, 0.5),
+            "p90_s": _percentile(seconds, 0.9), "overdue_24h": int(overdue),
+            "waiting": int(waiting)}
 
 
 # ---- API clients ---------------------------------------------------------------------------
@@ -772,6 +815,7 @@ def statistics(db: DbSession, *, now: datetime | None = None) -> dict[str, Any]:
             "average_accept_seconds": (sum(accept_seconds) / len(accept_seconds)
                                        if accept_seconds else None),
         },
+        "first_response": first_response_figures(db, now),
         "last_24h": {
             "sessions_started": sum(series(started)),
             "transfers": sum(series(transfers)),

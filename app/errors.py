@@ -115,6 +115,13 @@ class AlreadyAccepted(Conflict):
     title = "Transfer already taken"
 
 
+class NotAssignee(Conflict):
+    """One agent speaks (SPEC §12): the session's transfer was accepted by another agent."""
+
+    type = "/problems/not-assignee"
+    title = "Another agent is assigned to this session"
+
+
 class IdempotencyMismatch(Conflict):
     type = "/problems/idempotency-key-reuse"
     title = "Idempotency key reused with another request"

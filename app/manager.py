@@ -27,7 +27,15 @@ from app.sessions.enums import (
     TransferTrigger,
 )
 from app.sessions.rules import DEFAULT_HUMAN_TYPE_BY_TASK, DEFAULT_ROBOT_TYPE_BY_TASK
-from app.sessions.schemas import SessionRequest, SessionView, TransferRequest, TransferView
+from app.sessions.schemas import (
+    HandBackOutcome,
+    HandBackRequest,
+    ReassignRequest,
+    SessionRequest,
+    SessionView,
+    TransferRequest,
+    TransferView,
+)
 from app.sessions.service import LiveMessage
 from app.validation import field_errors, validated
 
@@ -206,6 +214,33 @@ class AutoSessionManager:
         body = validated(AcceptBody, {"agent_id": agent_id})
         return self.service.accept_transfer(transfer_id, agent_id=body.agent_id,
                                             actor=self.actor)
+
+    def reassign_transfer(
+        self, transfer_id: str, agent_id: str, reason: str | None = None
+    ) -> TransferView:
+        """Hand an open transfer to another agent (audited; event `transfer.reassigned`)."""
+        body = validated(ReassignRequest, {"agent_id": agent_id, "reason": reason})
+        return self.service.reassign_transfer(transfer_id, agent_id=body.agent_id,
+                                              reason=body.reason, actor=self.actor)
+
+    def hand_back(
+        self,
+        session_id: str,
+        summary: str,
+        outcome: str = "resolved",
+        next_action: str | None = None,
+        context: dict[str, Any] | None = None,
+        *,
+        agent_id: str | None = None,
+    ) -> HandBackOutcome:
+        """Give a TRANSFERRED session back (SPEC §12): it and its transfer complete; with
+        `outcome="needs_robot"` the bot's new robot session takes the slot with the
+        packet as its context (`result.resumed`)."""
+        request = validated(HandBackRequest, {
+            "summary": summary, "outcome": outcome, "next_action": next_action,
+            "context": context, "agent_id": agent_id,
+        })
+        return self.service.hand_back(session_id, request, actor=self.actor)
 
     # ---- messages --------------------------------------------------------------------
     def process_chat_messages(self, messages: Iterable[Mapping[str, Any]]) -> ProcessResult:

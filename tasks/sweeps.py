@@ -15,7 +15,12 @@ from typing import Any
 
 from app.config import get_settings
 from app.runtime import get_runtime
-from app.sweeps.service import SweepReport, sweep_sessions, sweep_transfers
+from app.sweeps.service import (
+    SweepReport,
+    sweep_first_responses,
+    sweep_sessions,
+    sweep_transfers,
+)
 from tasks.celery_app import celery, schedule_every
 
 log = logging.getLogger(__name__)
@@ -26,7 +31,9 @@ SWEEP_TIME_LIMIT = 300
 def _summary(report: SweepReport) -> dict[str, Any]:
     return {"ran": report.ran, "timed_out": len(report.timed_out), "busy": report.busy,
             "refreshed": report.refreshed, "expired_transfers": len(report.expired_transfers),
-            "reoffered": len(report.reoffered), "errors": report.errors,
+            "reoffered": len(report.reoffered),
+            "first_response_overdue": len(report.first_response_overdue),
+            "errors": report.errors,
             "seconds": round(report.seconds, 3)}
 
 
@@ -40,8 +47,12 @@ def sweep_sessions_task() -> dict[str, Any]:
 @celery.task(name="sweeps.transfers", acks_late=True, time_limit=SWEEP_TIME_LIMIT + 30,
              soft_time_limit=SWEEP_TIME_LIMIT + 15)
 def sweep_transfers_task() -> dict[str, Any]:
-    """Expire, escalate and re-offer transfers nobody accepted within TRANSFER_TIMEOUT."""
-    return _summary(sweep_transfers(get_runtime()))
+    """Expire, escalate and re-offer transfers nobody accepted within TRANSFER_TIMEOUT;
+    flag accepted ones nobody answered within FIRST_RESPONSE_TIMEOUT (SPEC §12)."""
+    runtime = get_runtime()
+    report = sweep_transfers(runtime)
+    report.first_response_overdue = sweep_first_responses(runtime).first_response_overdue
+    return _summary(report)
 
 
 schedule_every("sweep-sessions", "sweeps.sessions", get_settings().sweep_interval)

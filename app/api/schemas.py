@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.imports.rows import ChatRow
-from app.sessions.schemas import SessionView
+from app.sessions.schemas import SessionView, check_agent_id
 from app.validation import BoundaryModel, JsonValue
 
 
@@ -56,6 +56,13 @@ class MessagesBody(BoundaryModel):
     model_config = ConfigDict(extra="forbid")
 
     messages: list[ChatRow] = Field(min_length=1, max_length=1000)
+    agent_id: str | None = Field(
+        default=None, min_length=1, max_length=64,
+        description="desk: the agent posting (or the X-Agent-Id header); required for "
+        "human messages once the session's transfer is accepted, and only its assignee "
+        "may post them (409 /problems/not-assignee); admins naming none post as operator")
+
+    _agent = field_validator("agent_id")(check_agent_id)
 
 
 class MessagesAnswer(BaseModel):

@@ -38,6 +38,8 @@ from app.sessions.enums import SenderRole, TransferTrigger
 from app.sessions.queries import SessionFilters, list_sessions
 from app.sessions.schemas import (
     CreateOutcome,
+    HandBackOutcome,
+    HandBackRequest,
     SessionRequest,
     SessionView,
     TransferRequest,
@@ -48,6 +50,11 @@ from app.validation import field_errors
 bp = Blueprint("sessions", __name__, url_prefix="/api/v1/sessions")
 
 TAGS = ("sessions",)
+AGENT_HEADER = (
+    "X-Agent-Id",
+    "desk: the agent posting (instead of `agent_id` in the body)",
+    False,
+)
 IDEMPOTENCY_HEADER = (
     "Idempotency-Key",
     "retry-safe create: the same key and body return the first answer; another body is a 409",
@@ -195,6 +202,28 @@ def transfer(session_id: str) -> Response:
     return respond(view, status=201)
 
 
+@bp.post("/<session_id>/hand-back")
+@documented(
+    summary="Hand a TRANSFERRED session back (SPEC 12): completes it and its transfer",
+    description="With `outcome: needs_robot` a new robot session for the bot that "
+    "transferred it (`handed_back_from`, the packet as its context) takes the slot at "
+    "once; the bot gets `session.handed_back` with the packet. 409 unless TRANSFERRED; "
+    "409 /problems/not-assignee when `agent_id` names another agent than the assignee.",
+    tags=TAGS, body=HandBackRequest, responses={201: HandBackOutcome},
+    errors=(404, 409, 503), headers=(AGENT_HEADER,),
+)
+@require_roles("desk", "admin")
+def hand_back(session_id: str) -> Response:
+    client = current_client()
+    hand_back_request = parse_body(HandBackRequest)
+    agent_id = agent_of(client, hand_back_request.agent_id)
+    if agent_id != hand_back_request.agent_id:
+        hand_back_request = hand_back_request.model_copy(update={"agent_id": agent_id})
+    outcome = runtime().sessions.hand_back(session_id, hand_back_request, actor=client.actor,
+                                           guard=control_guard(client, "hand back"))
+    return respond(outcome, status=201)
+
+
 @bp.post("/<session_id>/messages")
 @documented(
     summary="Live messages of the session (while ACTIVE or TRANSFERRED, from its controller)",
@@ -203,13 +232,15 @@ def transfer(session_id: str) -> Response:
     "`sent_at` is stamped with the receipt time. De-duplicated by `message_id` (a stable "
     "hash of the row when absent).",
     tags=TAGS, body=MessagesBody, responses={200: MessagesAnswer}, errors=(404, 409, 503),
+    headers=(AGENT_HEADER,),
 )
 @require_roles("bot", "desk", "admin")
 def post_messages(session_id: str) -> Response:
     client = current_client()
     rt = runtime()
-    problems, rows = _parse_message_rows(client, session_id, request_json(),
-                                         tz=rt.settings.tz)
+    data = request_json()
+    problems, rows = _parse_message_rows(client, session_id, data, tz=rt.settings.tz)
+    agent_id = agent_of(client, data.get("agent_id") if isinstance(data, dict) else None)
     allowed = control_of(client, messages=True)
 
     def control(conn: Any, row: Any) -> bool:
@@ -219,9 +250,29 @@ def post_messages(session_id: str) -> Response:
         return True
 
     outcome = rt.sessions.record_messages(
-        session_id, [message for message, _, _ in rows], actor=client.actor, control=control)
+        session_id, [message for message, _, _ in rows], actor=client.actor, control=control,
+        agent_id=agent_id, as_operator=client.is_admin)
     return respond(MessagesAnswer(accepted=outcome.accepted, duplicates=outcome.duplicates,
                                   accepted_ids=outcome.accepted_ids, session=outcome.session))
+
+
+def agent_of(client: ClientIdentity, in_body: Any) -> str | None:
+    """The agent a desk request names: `agent_id` in the body (validated with it) or the
+    X-Agent-Id header; both must agree. Bots name no agent."""
+    header = request.headers.get(AGENT_HEADER[0])
+    if header is not None:
+        header = header.strip()
+        if not 1 <= len(header) <= 64:
+            raise ValidationFailed("invalid X-Agent-Id header", errors=[
+                {"field": "X-Agent-Id", "message": "1 to 64 characters"}])
+    if header is not None and in_body is not None and header != in_body:
+        raise ValidationFailed("agent_id and X-Agent-Id name different agents", errors=[
+            {"field": "agent_id", "message": f"the X-Agent-Id header says {header!r}"}])
+    agent_id: str | None = in_body if in_body is not None else header
+    if agent_id is not None and client.is_bot:
+        raise ValidationFailed("a bot client names no agent", errors=[
+            {"field": "agent_id", "message": "only desk and admin clients name an agent"}])
+    return agent_id
 
 
 ParsedRow = tuple[LiveMessage, str | None, str | None]  # the message, its account and shop

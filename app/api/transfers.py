@@ -1,4 +1,5 @@
-"""`/api/v1/transfers`: the desk queue and the accept race (exactly one winner)."""
+"""`/api/v1/transfers`: the desk queue, the accept race (exactly one winner) and
+reassignment to another agent."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from app.api.http import parse_body, parse_query, respond, runtime
 from app.api.openapi import documented
 from app.api.schemas import AcceptBody, Page
 from app.errors import NotFound
-from app.sessions.schemas import TransferView
+from app.sessions.schemas import ReassignRequest, TransferView
 from app.transfers.queries import TransferFilters, get_transfer, list_transfers
 
 bp = Blueprint("transfers", __name__, url_prefix="/api/v1/transfers")
@@ -46,5 +47,21 @@ def accept(transfer_id: str) -> Response:
     body = parse_body(AcceptBody)
     view = runtime().sessions.accept_transfer(
         transfer_id, agent_id=body.agent_id, actor=current_client().actor
+    )
+    return respond(view)
+
+
+@bp.post("/<transfer_id>/reassign")
+@documented(summary="Hand an open transfer to another agent (audited, transfer.reassigned)",
+            description="An ACCEPTED transfer changes its assignee: from now on only that "
+            "agent's human messages are accepted on the session; a PENDING one is offered "
+            "to that agent. 409 for a transfer that has ended.",
+            tags=TAGS, body=ReassignRequest, responses={200: TransferView},
+            errors=(404, 409, 503))
+@require_roles("desk", "admin")
+def reassign(transfer_id: str) -> Response:
+    body = parse_body(ReassignRequest)
+    view = runtime().sessions.reassign_transfer(
+        transfer_id, agent_id=body.agent_id, reason=body.reason, actor=current_client().actor
     )
     return respond(view)

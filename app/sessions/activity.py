@@ -16,6 +16,12 @@ retried, finding it stored.
 Live messages are their own append-only record (SPEC §7): each row keeps who posted
 it (`posted_by`, and the desk's `agent_id`) and when it was received; a batch writes no
 audit row of its own.
+
+One agent speaks (SPEC §12): on a TRANSFERRED session whose transfer is accepted, human
+messages are accepted only from the assignee. The assignee changes (accept, reassign)
+inside slot transactions that lock this same session row first, so a message is
+checked against the assignee as of the moment it is stored. The first human message
+after the accept stamps the transfer's `first_response_at` in the same transaction.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from sqlalchemy import (
     bindparam,
     case,
     insert,
+    null,
     or_,
     select,
     update,
@@ -41,12 +48,26 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 
 from app.config import Settings
 from app.db import Database, is_retryable_db_error, one_of, utcnow
-from app.errors import Conflict, NotFound, NotInControl, ServiceUnavailable
+from app.errors import (
+    Conflict,
+    NotAssignee,
+    NotFound,
+    NotInControl,
+    ServiceUnavailable,
+    ValidationFailed,
+)
 from app.fastsql import Prepared, Record
 from app.messages.models import Message
-from app.sessions.enums import HUMAN_TYPES, SenderRole, SessionStatus, SessionType
+from app.sessions.enums import (
+    HUMAN_TYPES,
+    SenderRole,
+    SessionStatus,
+    SessionType,
+    TransferStatus,
+)
 from app.sessions.models import READ_SESSION, SESSIONS
 from app.sessions.schemas import SessionView
+from app.transfers.models import Transfer
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +93,19 @@ _INSERT_NEW_MESSAGE = Prepared(insert(MESSAGES).prefix_with("IGNORE", dialect="m
                                values_from_params=True)
 _TOUCH = Prepared(update(SESSIONS).where(SESSIONS.c.id == bindparam("pk")),
                   values_from_params=True)
+TRANSFERS = cast(Table, Transfer.__table__)
+# The accepted transfer of a TRANSFERRED session (read under the session's row lock:
+# its assignee cannot change until this transaction ends).
+_ACCEPTED_TRANSFER = Prepared(
+    select(TRANSFERS.c.id, TRANSFERS.c.transfer_id, TRANSFERS.c.agent_id,
+           TRANSFERS.c.first_response_at)
+    .where(TRANSFERS.c.session_pk == bindparam("pk"),
+           TRANSFERS.c.status == str(TransferStatus.ACCEPTED))
+    .limit(1))
+_FIRST_RESPONSE = Prepared(
+    update(TRANSFERS)
+    .where(TRANSFERS.c.id == bindparam("transfer_pk"), TRANSFERS.c.first_response_at.is_(None))
+    .values(first_response_at=bindparam("now"), first_response_due_at=null()))
 
 
 @dataclass
@@ -185,12 +219,16 @@ class SessionActivity:
     def record_messages(
         self, session_id: str, messages: Sequence[LiveMessage], *,
         control: Control | None = None, posted_by: str | None = None,
-        agent_id: str | None = None,
+        agent_id: str | None = None, as_operator: bool = True,
     ) -> MessageOutcome:
-        """Store live messages on an ACTIVE or TRANSFERRED session, de-duplicated by id."""
+        """Store live messages on an ACTIVE or TRANSFERRED session, de-duplicated by id.
+
+        `agent_id` is the desk agent posting; `as_operator` lets a poster that names no
+        agent (an admin, the Python API) speak on an accepted transfer."""
         unique: dict[str, LiveMessage] = {}
         for message in messages:
             unique.setdefault(message.message_id, message)
+        speaks = any(m.sender_role == SenderRole.HUMAN for m in unique.values())
 
         def work(conn: Connection, row: Record) -> MessageOutcome:
             if control is not None and not control(conn, row):
@@ -201,6 +239,12 @@ class SessionActivity:
                 raise Conflict(
                     f"session {session_id} is {row.status}; messages are accepted only "
                     "while it is ACTIVE or TRANSFERRED", current_status=str(row.status))
+            assigned = None
+            if speaks and row.status == S.TRANSFERRED:
+                assigned = _ACCEPTED_TRANSFER.one_or_none(conn, {"pk": row.id})
+                if assigned is not None:
+                    check_speaker(session_id, assigned.agent_id, agent_id,
+                                  as_operator=as_operator)
             now = utcnow()  # after the lock: before any change that waits for it
 
             def values(m: LiveMessage) -> dict[str, Any]:
@@ -231,6 +275,9 @@ class SessionActivity:
                 changes = _counters(row, fresh, now)
                 changes["deadline_at"] = self.deadline({**row._asdict(), **changes}, now)
                 _TOUCH.execute(conn, {"pk": row.id, **changes})
+            if (assigned is not None and assigned.first_response_at is None
+                    and any(m.sender_role == SenderRole.HUMAN for m in fresh)):
+                _FIRST_RESPONSE.execute(conn, {"transfer_pk": assigned.id, "now": now})
             return MessageOutcome(
                 accepted=len(fresh), duplicates=len(messages) - len(fresh),
                 session=_view(row, changes), accepted_ids=[m.message_id for m in fresh])
@@ -243,6 +290,24 @@ class SessionActivity:
             except Exception:  # committed; the next message is judged again
                 log.exception("after-commit detection kick failed")
         return outcome
+
+
+def check_speaker(session_id: str, assignee: str | None, agent_id: str | None, *,
+                  as_operator: bool) -> None:
+    """One agent speaks: the assignee of the accepted transfer, or an operator naming
+    no agent. A desk poster naming no agent is refused (422), another agent 409."""
+    if agent_id is None:
+        if as_operator:
+            return
+        raise ValidationFailed(
+            f"session {session_id} is assigned to an agent: name the agent posting "
+            "(`agent_id` in the body or the X-Agent-Id header)",
+            errors=[{"field": "agent_id",
+                     "message": "required on a session whose transfer was accepted"}])
+    if agent_id != assignee:
+        raise NotAssignee(
+            f"session {session_id} is assigned to agent {assignee}; messages from "
+            f"{agent_id} are refused", agent_id=assignee)
 
 
 _LIVE = [str(s) for s in (S.PENDING, S.ACTIVE, S.PAUSED, S.TRANSFERRED)]

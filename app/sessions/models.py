@@ -85,6 +85,10 @@ class Session(Base):
     result: Mapped[Any | None] = mapped_column(JsonDoc, nullable=True)
     preempted_by: Mapped[str | None] = mapped_column(IdStr(40), nullable=True)
     interrupted_session_id: Mapped[str | None] = mapped_column(IdStr(40), nullable=True)
+    # hand-back to the robot (SPEC §12): the robot session that took the conversation
+    # back links the completed one, and that one links it
+    handed_back_from: Mapped[str | None] = mapped_column(IdStr(40), nullable=True)
+    handed_back_to: Mapped[str | None] = mapped_column(IdStr(40), nullable=True)
     unanswered: Mapped[bool] = mapped_column(Boolean, default=False)
     context: Mapped[dict[str, Any] | None] = mapped_column(JsonDoc, nullable=True)
 

@@ -30,6 +30,7 @@ from app.errors import (
     Conflict,
     FenceRejected,
     InvalidTransition,
+    NotAssignee,
     NotFound,
     ServiceUnavailable,
     SlotOccupied,
@@ -58,6 +59,8 @@ from app.sessions.enums import (
 from app.sessions.models import SESSIONS, Session
 from app.sessions.schemas import (
     CreateOutcome,
+    HandBackOutcome,
+    HandBackRequest,
     SessionRequest,
     SessionView,
     TransferRequest,
@@ -464,6 +467,7 @@ class SlotTx:
         for transfer in self.open_transfers(session):
             transfer.status = TransferStatus.CANCELLED
             transfer.ended_at = self.now
+            transfer.first_response_due_at = None
             self.event("transfer.cancelled", session,
                        {"transfer_id": transfer.transfer_id, "reason": reason},
                        audience=Audience.DESK)
@@ -807,6 +811,7 @@ class SessionService:
                 accepted = transfer.status == TransferStatus.ACCEPTED
                 transfer.status = TransferStatus.COMPLETED if accepted else TransferStatus.CANCELLED
                 transfer.ended_at = tx.now
+                transfer.first_response_due_at = None
                 tx.event("transfer.completed" if accepted else "transfer.cancelled", session,
                          {"transfer_id": transfer.transfer_id}, audience=Audience.DESK)
             tx.leave_slot(session, S.COMPLETED, operation="complete", event="session.completed",
@@ -948,6 +953,8 @@ class SessionService:
             transfer.status = TransferStatus.ACCEPTED
             transfer.agent_id = agent_id
             transfer.accepted_at = tx.now
+            transfer.first_response_due_at = tx.now + timedelta(
+                seconds=self.settings.first_response_timeout)
             session.assigned_agent_id = agent_id
             session.last_activity_at = tx.now
             session.deadline_at = self.deadline_for(session, tx.now)
@@ -963,15 +970,161 @@ class SessionService:
 
         return self.run_on_session(session_id, actor, work)
 
+    def reassign_transfer(
+        self, transfer_id: str, *, agent_id: str, actor: str, reason: str | None = None,
+    ) -> TransferView:
+        """Hand an open transfer to another agent (SPEC §12), audited, `transfer.reassigned`.
+
+        An accepted transfer changes its assignee (`agent_id`) and the session's
+        `assigned_agent_id`, so only the new agent's human messages are accepted from
+        now on and the routing's capacity counts follow; a PENDING one is offered to the
+        new agent (still open to the whole desk). Naming the current agent changes
+        nothing. The first-response timer runs from the accept and is not restarted."""
+        session_id = self.get_transfer(transfer_id).session_id
+
+        def work(tx: SlotTx, session: Session) -> TransferView:
+            transfer = tx.db.execute(
+                select(Transfer).where(Transfer.transfer_id == transfer_id)
+            ).scalar_one()
+            accepted = transfer.status == TransferStatus.ACCEPTED
+            if not accepted and transfer.status != TransferStatus.PENDING:
+                raise Conflict(
+                    f"transfer {transfer_id} is {transfer.status}; only PENDING or ACCEPTED "
+                    "transfers can be reassigned", current_status=str(transfer.status))
+            before = transfer.agent_id if accepted else transfer.offered_agent_id
+            if before == agent_id:
+                return TransferView.model_validate(transfer)
+            if accepted:
+                transfer.agent_id = agent_id
+                session.assigned_agent_id = agent_id
+            else:
+                transfer.offered_agent_id = agent_id
+                transfer.offered_at = tx.now
+            details = {"transfer_id": transfer_id, "from_agent_id": before,
+                       "agent_id": agent_id, "transfer_status": str(transfer.status)}
+            tx.audit(session, "transfer-reassign", from_status=session.status, reason=reason,
+                     details=details)
+            tx.event("transfer.reassigned", session, {**details, "reason": reason},
+                     audience=Audience.DESK)
+            tx.db.flush()
+            return TransferView.model_validate(transfer)
+
+        return self.run_on_session(session_id, actor, work)
+
+    # ---- hand-back to the robot --------------------------------------------------------
+    def hand_back(
+        self, session_id: str, request: HandBackRequest, *, actor: str,
+        guard: Guard | None = None,
+    ) -> HandBackOutcome:
+        """SPEC §12 in one slot transaction: the transfer and the TRANSFERRED session
+        complete; with `needs_robot` a new robot session for the bot that transferred it
+        (same types and priority, `handed_back_from`, the packet as its context) takes the
+        slot at once — unless a session waiting in line outranks it under §3.5, which then
+        preempts it as it would any robot. Otherwise the slot goes to the next in line.
+        The bot gets `session.handed_back` with the packet."""
+        packet = request.packet()
+
+        def work(tx: SlotTx, session: Session) -> HandBackOutcome:
+            if session.status != S.TRANSFERRED:
+                raise InvalidTransition(
+                    current=session.status, target=S.COMPLETED,
+                    allowed=sorted(rules.ALLOWED_TRANSITIONS[S(session.status)]),
+                    detail=f"only a TRANSFERRED session can be handed back; {session_id} is "
+                    f"{session.status}")
+            robot = SessionType(session.session_type).is_robot
+            if request.outcome == "needs_robot" and not robot:
+                raise Conflict(
+                    f"session {session_id} is a {session.session_type} session: there is no "
+                    "robot to hand it back to (use outcome resolved or unresolved)",
+                    current_status=str(session.status))
+            transfers = tx.open_transfers(session)
+            assignee = next((t.agent_id for t in transfers
+                             if t.status == TransferStatus.ACCEPTED), None)
+            if request.agent_id is not None and assignee not in (None, request.agent_id):
+                raise NotAssignee(
+                    f"session {session_id} is assigned to agent {assignee}; "
+                    f"{request.agent_id} may not hand it back", agent_id=assignee)
+            transfer_ids = []
+            for transfer in transfers:
+                accepted = transfer.status == TransferStatus.ACCEPTED
+                transfer.status = (TransferStatus.COMPLETED if accepted
+                                   else TransferStatus.CANCELLED)
+                transfer.ended_at = tx.now
+                transfer.first_response_due_at = None
+                transfer.hand_back = packet
+                transfer_ids.append(transfer.transfer_id)
+                tx.event("transfer.completed" if accepted else "transfer.cancelled", session,
+                         {"transfer_id": transfer.transfer_id, "reason": "handed back"},
+                         audience=Audience.DESK)
+            resumed: Session | None = None
+            if request.outcome == "needs_robot":
+                resumed = Session(
+                    session_id=new_id("ses"), account_id=session.account_id,
+                    shop_id=session.shop_id, session_type=session.session_type,
+                    task_type=session.task_type, priority=session.priority,
+                    status=S.PENDING, owner_id=session.owner_id, client_id=session.client_id,
+                    origin=Origin.LIVE, created_at=tx.now, requested_at=tx.now,
+                    last_activity_at=tx.now, reason=f"handed back from {session_id}",
+                    context=packet, handed_back_from=session_id, message_count=0,
+                    robot_message_count=0, human_message_count=0,
+                    counterpart_message_count=0, unanswered=False,
+                )
+                session.handed_back_to = resumed.session_id
+            details = {"outcome": request.outcome, "transfer_ids": transfer_ids,
+                       "agent_id": request.agent_id or assignee,
+                       "handed_back_to": session.handed_back_to}
+            tx.set_status(session, S.COMPLETED, operation="hand-back",
+                          event="session.completed", reason="handed back", details=details)
+            tx.event("session.handed_back", session, {
+                **packet, "transfer_ids": transfer_ids, "agent_id": request.agent_id or assignee,
+                "resumed_session_id": session.handed_back_to,
+            }, audience=Audience.OWNER)
+            if resumed is None:
+                tx.promote_next_waiting()
+            else:
+                self._resume_after_hand_back(tx, resumed)
+            return HandBackOutcome(
+                completed=SessionView.model_validate(session),
+                resumed=SessionView.model_validate(resumed) if resumed is not None else None)
+
+        return self.run_on_session(session_id, actor, work, guard)
+
+    def _resume_after_hand_back(self, tx: SlotTx, resumed: Session) -> None:
+        """The bot's new session takes the slot its old one just left; a waiting session
+        that outranks it (a human in line, say) preempts it at once, as it would have
+        had it asked now."""
+        tx.apply_status(resumed, S.ACTIVE)
+        tx.insert_session(resumed)
+        tx.audit(resumed, "create", from_status=None, to_status=S.PENDING,
+                 reason=resumed.reason,
+                 details={"handed_back_from": resumed.handed_back_from,
+                          "priority": resumed.priority})
+        tx.audit(resumed, "activate", from_status=S.PENDING)
+        tx.event("session.activated", resumed, {
+            "previous_status": str(S.PENDING), "reason": "handed back",
+            "handed_back_from": resumed.handed_back_from})
+        for pk in tx.waiting()[:1]:
+            candidate = tx.db.get_one(Session, pk)
+            decision = rules.decide_conflict(
+                requester_type=SessionType(candidate.session_type),
+                requester=precedence_of(candidate), occupant=precedence_of(resumed))
+            if decision is rules.ConflictDecision.PREEMPT:
+                tx.preempt(resumed, by=candidate)
+                tx.activate(candidate, reason="preempted " + resumed.session_id)
+
     # ---- messages ------------------------------------------------------------------
     def record_messages(
         self, session_id: str, messages: Sequence[LiveMessage], *, actor: str,
         control: Control | None = None, agent_id: str | None = None,
+        as_operator: bool = True,
     ) -> MessageOutcome:
         """Store live messages on an ACTIVE or TRANSFERRED session, de-duplicated by id,
-        recorded as posted by `actor` (and `agent_id` for the desk)."""
+        recorded as posted by `actor` (and `agent_id` for the desk). On an accepted
+        transfer human messages come from its assignee only, or from an operator
+        (`as_operator`) naming no agent (SPEC §12)."""
         return self.activity.record_messages(session_id, messages, control=control,
-                                             posted_by=actor, agent_id=agent_id)
+                                             posted_by=actor, agent_id=agent_id,
+                                             as_operator=as_operator)
 
 
 def raise_already_taken(transfer: Transfer) -> None:

@@ -29,6 +29,7 @@ from app.sessions.models import SESSIONS
 from app.sweeps.bulk import DueSession, expire_batch
 from app.sweeps.locks import sweep_run_lock
 from app.transfers.expiry import expire_transfer
+from app.transfers.first_response import flag_overdue_first_responses
 from app.transfers.models import Transfer
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class SweepReport:
     refreshed: int = 0  # no longer due when re-checked under the lock
     expired_transfers: list[str] = field(default_factory=list)
     reoffered: list[str] = field(default_factory=list)
+    first_response_overdue: list[str] = field(default_factory=list)
     errors: int = 0
     seconds: float = 0.0
 
@@ -219,3 +221,37 @@ def sweep_transfers(
                     skip.add(offer.transfer_id)  # a short TRANSFER_TIMEOUT must not loop
     report.seconds = time.monotonic() - started
     return report
+
+
+def sweep_first_responses(
+    runtime: Runtime, *, now: datetime | None = None, batch_size: int | None = None
+) -> SweepReport:
+    """Flag every accepted transfer still without a human message FIRST_RESPONSE_TIMEOUT
+    after its accept (`transfer.first_response_overdue`, once each), SPEC §12."""
+    settings = runtime.settings
+    batch = batch_size or settings.sweep_batch_size
+    started = time.monotonic()
+    report = SweepReport()
+    with sweep_run_lock(runtime.redis, f"{settings.redis_key_prefix}:sweep:first-response",
+                        ttl=max(60.0, settings.transfer_sweep_interval * 10)) as mine:
+        if not mine:
+            return SweepReport(ran=False)
+        at = now or utcnow()
+        while True:
+            flagged = flag_overdue_first_responses(
+                runtime.database, now=at, timeout=settings.first_response_timeout,
+                limit=batch)
+            report.first_response_overdue += flagged
+            if flagged:
+                runtime.sessions.hooks.events_written()
+            if not flagged and not _first_responses_due(runtime, at):
+                break
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def _first_responses_due(runtime: Runtime, at: datetime) -> bool:
+    with runtime.database.read() as db:
+        return db.execute(
+            select(Transfer.id).where(Transfer.first_response_due_at <= at).limit(1)
+        ).first() is not None

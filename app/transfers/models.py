@@ -20,6 +20,7 @@ class Transfer(Base):
         Index("ix_transfers_queue", "status", "urgency", "created_at"),
         Index("ix_transfers_session", "session_pk", "status"),
         Index("ix_transfers_agent", "offered_agent_id", "status"),
+        Index("ix_transfers_first_response_due", "first_response_due_at"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
@@ -46,3 +47,12 @@ class Transfer(Base):
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     accepted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # the desk's hand-back packet (summary, outcome, next_action, context), SPEC §12
+    hand_back: Mapped[Any | None] = mapped_column(JsonDoc, nullable=True)
+    # first response (SPEC §12): the first human message after the accept; the sweep
+    # looks at a transfer once `first_response_due_at` passes (then clears it) and flags
+    # it overdue if nobody answered
+    first_response_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    first_response_due_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    first_response_overdue_at: Mapped[datetime | None] = mapped_column(
+        UTCDateTime, nullable=True)

@@ -124,3 +124,37 @@ def test_every_page_renders_in_english_and_chinese(http, admin: Caller, open_ses
     assert missing.status_code == 404 and "ses_missing" in missing.get_data(as_text=True)
     bad = http.get("/admin/sessions?status=SLEEPING")
     assert bad.status_code == 422 and "status" in bad.get_data(as_text=True)
+
+
+def test_the_live_desk_shows_first_response_and_hand_back_in_both_languages(
+        http, admin: Caller, open_session, runtime: Runtime):
+    from datetime import timedelta
+
+    from app.db import utcnow
+    from app.sessions.schemas import HandBackRequest, TransferRequest
+    from app.sweeps.service import sweep_first_responses
+
+    service = runtime.sessions
+    robot = open_session("AUTO_BARGAIN", shop="s-silent")
+    silent = service.transfer(robot.session_id, TransferRequest(reason="help"), actor="bot")
+    service.accept_transfer(silent.transfer_id, agent_id="agent-7", actor="desk")
+    sweep_first_responses(runtime, now=utcnow() + timedelta(seconds=121))
+    other = open_session("AUTO_BARGAIN", shop="s-back")
+    service.transfer(other.session_id, TransferRequest(reason="help"), actor="bot")
+    back = service.hand_back(other.session_id, HandBackRequest(
+        summary="done", outcome="needs_robot"), actor="desk")
+    assert back.resumed is not None
+    log_in(http, admin.token)
+
+    page = http.get("/admin/transfers").get_data(as_text=True)
+    handled = page.split('id="transfer-accepted"')[1]
+    assert robot.session_id in handled and "agent-7" in handled
+    assert 'class="overdue"' in handled and "overdue" in handled
+    assert "First response" in http.get("/admin/").get_data(as_text=True)
+    detail = http.get(f"/admin/sessions/{other.session_id}").get_data(as_text=True)
+    assert f'id="handed-back-to">{back.resumed.session_id}<' in detail
+    http.get("/admin/lang/zh?next=/admin/")
+    assert "超时未响应" in http.get("/admin/transfers").get_data(as_text=True)
+    assert "首次响应中位数" in http.get("/admin/").get_data(as_text=True)
+    assert "已转回机器人会话" in http.get(
+        f"/admin/sessions/{other.session_id}").get_data(as_text=True)

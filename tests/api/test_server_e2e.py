@@ -94,8 +94,13 @@ def test_robot_human_robot_story_over_real_http(server):
         assert desk.post(url, json={"agent_id": "wang"}).status_code == 409
         assert bot.post(f"/api/v1/sessions/{sid}/messages",
                         json={"messages": [{"content": "me again"}]}).status_code == 409
+        # one agent speaks: the desk names its agent, and only the assignee is heard
         assert desk.post(f"/api/v1/sessions/{sid}/messages",
-                         json={"messages": [{"content": "refund done"}]}).json()["accepted"] == 1
+                         json={"messages": [{"content": "refund done"}]}).status_code == 422
+        assert desk.post(f"/api/v1/sessions/{sid}/messages", headers={"X-Agent-Id": "wang"},
+                         json={"messages": [{"content": "me too"}]}).status_code == 409
+        assert desk.post(f"/api/v1/sessions/{sid}/messages", json={
+            "messages": [{"content": "refund done"}], "agent_id": "li"}).json()["accepted"] == 1
         assert desk.post(f"/api/v1/sessions/{sid}/complete").json()["status"] == "COMPLETED"
 
         # human → robot: the bot gets the slot again for a follow-up
@@ -108,3 +113,42 @@ def test_robot_human_robot_story_over_real_http(server):
         assert "transfer.accepted" in types
         assert bot.get("/api/v1/sessions", params={"status": "completed"}).json()["items"][0][
             "session_id"] == sid
+
+
+@pytest.mark.services
+def test_robot_human_robot_story_with_a_hand_back_over_real_http(server):
+    """SPEC §12: the desk hands the conversation back with what it learned; the bot
+    finds `session.handed_back` in its feed and carries on in the session it names."""
+    base, env = server
+    bot = httpx.Client(base_url=base, timeout=10,
+                       headers={"Authorization": f"Bearer {new_token(env, 'bot')}"})
+    desk = httpx.Client(base_url=base, timeout=10,
+                        headers={"Authorization": f"Bearer {new_token(env, 'desk')}"})
+    with bot, desk:
+        created = bot.post("/api/v1/sessions", json={
+            "account_id": "acc", "shop_id": "hb-1", "session_type": "AUTO_BARGAIN",
+            "task_type": "negotiation"}).json()
+        sid = created["session_id"]
+        transfer = bot.post(f"/api/v1/sessions/{sid}/transfer",
+                            json={"reason": "asks for a discount code"}).json()
+        assert desk.post(f"/api/v1/transfers/{transfer['transfer_id']}/accept",
+                         json={"agent_id": "li"}).status_code == 200
+        assert desk.post(f"/api/v1/sessions/{sid}/messages", headers={"X-Agent-Id": "li"},
+                         json={"messages": [{"content": "code SAVE5 applies"}]}
+                         ).status_code == 200
+        handed = desk.post(f"/api/v1/sessions/{sid}/hand-back", headers={"X-Agent-Id": "li"},
+                           json={"summary": "gave code SAVE5", "outcome": "needs_robot",
+                                 "next_action": "close the deal", "context": {"code": "SAVE5"}})
+        assert handed.status_code == 201, handed.text
+        resumed = handed.json()["resumed"]
+        assert resumed["status"] == "ACTIVE" and resumed["handed_back_from"] == sid
+        events = bot.get("/api/v1/events", params={"limit": 100}).json()["items"]
+        back = [e for e in events if e["type"] == "session.handed_back"]
+        assert len(back) == 1 and back[0]["data"]["resumed_session_id"] == resumed["session_id"]
+        assert back[0]["data"]["context"] == {"code": "SAVE5"}
+        new_sid = back[0]["data"]["resumed_session_id"]
+        assert bot.get(f"/api/v1/sessions/{new_sid}").json()["context"]["next_action"] == (
+            "close the deal")
+        assert bot.post(f"/api/v1/sessions/{new_sid}/messages", json={
+            "messages": [{"content": "deal closed with SAVE5"}]}).json()["accepted"] == 1
+        assert bot.post(f"/api/v1/sessions/{new_sid}/complete").json()["status"] == "COMPLETED"

@@ -13,6 +13,7 @@ import threading
 import time
 
 import pytest
+import sqlalchemy as sa
 
 from tests.core.invariants import check_final_state, double_occupants
 from tests.core.race import run_workload
@@ -165,3 +166,145 @@ def test_creates_joining_a_hot_slots_line_race_its_changes_and_strand_nobody(run
     # line did not (they ran beside each other, without the slot lock).
     changes = 1 + len(ended) + created.count("ACTIVE")
     assert fence < changes + created.count("PENDING")
+
+
+# ---- the live desk (SPEC §12) -------------------------------------------------------------
+@pytest.mark.services
+def test_hand_back_racing_an_urgent_takeover_has_exactly_one_winner(runtime):
+    """A desk hands a transferred session back to its robot while an urgent human takes
+    the slot: either the hand-back commits first (the old session COMPLETED, the bot's new
+    session opened and then interrupted by the urgent one) or the takeover does (the
+    transferred session CANCELLED, its transfer cancelled, and the hand-back refused with
+    409) — never both, never neither, never two occupants."""
+    import random
+
+    from app.errors import InvalidTransition
+    from app.sessions.schemas import HandBackRequest, TransferRequest
+    from tests.core.helpers import ask
+
+    service = runtime.sessions
+    rng = random.Random(17)
+    outcomes: list[str] = []
+
+    def play(round_no: int) -> None:
+        shop = f"handback-{round_no}"
+        robot = ask(service, "AUTO_BARGAIN", shop=shop, actor="bot").session
+        transfer = service.transfer(robot.session_id, TransferRequest(reason="refund"),
+                                    actor="bot")
+        service.accept_transfer(transfer.transfer_id, agent_id="a1", actor="desk")
+        start = threading.Barrier(2)
+        answers: dict[str, object] = {}
+
+        def hand_back(sid: str = robot.session_id) -> None:
+            start.wait()
+            time.sleep(rng.random() * 0.004)
+            try:
+                answers["hand_back"] = service.hand_back(sid, HandBackRequest(
+                    summary="sorted", outcome="needs_robot", agent_id="a1"), actor="desk")
+            except InvalidTransition as exc:
+                answers["hand_back"] = exc
+
+        def takeover(shop: str = shop) -> None:
+            start.wait()
+            time.sleep(rng.random() * 0.004)
+            answers["urgent"] = ask(service, "MANUAL_URGENT", shop=shop, actor="desk")
+
+        threads = [threading.Thread(target=hand_back), threading.Thread(target=takeover)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        urgent = answers["urgent"].session  # type: ignore[attr-defined]
+        assert urgent.status == "ACTIVE"
+        old = service.get(robot.session_id)
+        handed = answers["hand_back"]
+        if isinstance(handed, InvalidTransition):
+            outcomes.append("takeover first")
+            assert old.status == "CANCELLED" and old.handed_back_to is None
+            assert urgent.interrupted_session_id == robot.session_id
+            assert service.get_transfer(transfer.transfer_id).status == "CANCELLED"
+        else:
+            outcomes.append("hand-back first")
+            resumed = handed.resumed  # type: ignore[attr-defined]
+            assert old.status == "COMPLETED" and old.handed_back_to == resumed.session_id
+            assert service.get_transfer(transfer.transfer_id).status == "COMPLETED"
+            assert urgent.interrupted_session_id == resumed.session_id
+            assert service.get(resumed.session_id).status == "PAUSED"
+
+    with OccupancyWatch(runtime) as watch:
+        for round_no in range(16):
+            play(round_no)
+    assert watch.seen == [] and watch.samples > 0
+    assert check_final_state(runtime) == []
+    assert len(outcomes) == 16
+    print("hand-back vs takeover:", {o: outcomes.count(o) for o in set(outcomes)})
+
+
+@pytest.mark.services
+def test_the_reply_lock_racing_a_reassign(runtime):
+    """Two agents post human messages on an accepted transfer while it is reassigned from
+    the first to the second: every message of the first was stored before the reassign,
+    every message of the second after it, every other one refused with not-assignee."""
+    from app.api.access import control_of
+    from app.audit.models import Operation
+    from app.clients.service import ClientIdentity, ClientRole
+    from app.db import utcnow
+    from app.errors import AutoSessionError, NotAssignee
+    from app.messages.models import Message
+    from app.sessions.activity import LiveMessage
+    from app.sessions.enums import SenderRole
+    from app.sessions.schemas import TransferRequest
+    from tests.core.helpers import ask
+
+    select = sa.select
+    service = runtime.sessions
+    desk = ClientIdentity(client_id="cli_desk", name="desk", role=ClientRole.DESK)
+    robot = ask(service, "AUTO_BARGAIN", shop="reply-race", actor="bot").session
+    transfer = service.transfer(robot.session_id, TransferRequest(reason="help"), actor="bot")
+    service.accept_transfer(transfer.transfer_id, agent_id="a1", actor="desk")
+    stop = threading.Event()
+    answers: list[tuple[str, str, str]] = []  # (agent, outcome, message id or error)
+    guard = threading.Lock()
+    counter = iter(range(1_000_000))
+
+    def poster(agent: str) -> None:
+        while not stop.is_set():
+            with guard:
+                mid = f"{agent}-{next(counter)}"
+            try:
+                service.record_messages(robot.session_id, [LiveMessage(
+                    message_id=mid, sender_role=SenderRole.HUMAN, content="hello",
+                    sent_at=utcnow())], actor=desk.actor, agent_id=agent, as_operator=False,
+                    control=control_of(desk, messages=True))
+                outcome = (agent, "accepted", mid)
+            except NotAssignee:
+                outcome = (agent, "refused", "not-assignee")
+            except AutoSessionError as exc:
+                outcome = (agent, "other", exc.type)
+            with guard:
+                answers.append(outcome)
+
+    threads = [threading.Thread(target=poster, args=(agent,))
+               for agent in ("a1", "a2") for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.4)
+    service.reassign_transfer(transfer.transfer_id, agent_id="a2", actor="desk",
+                              reason="a1 is overloaded")
+    time.sleep(0.4)
+    stop.set()
+    for t in threads:
+        t.join(30)
+
+    assert [a for a in answers if a[1] == "other"] == []
+    by = {(agent, outcome): [a[2] for a in answers if a[:2] == (agent, outcome)]
+          for agent in ("a1", "a2") for outcome in ("accepted", "refused")}
+    assert all(by.values()), {k: len(v) for k, v in by.items()}  # both sides of the change
+    with runtime.database.read() as db:
+        moment = db.execute(select(Operation.created_at).where(
+            Operation.session_id == robot.session_id,
+            Operation.operation == "transfer-reassign")).scalar_one()
+        stored = dict(db.execute(select(Message.message_id, Message.received_at)).all())
+    assert set(by[("a1", "accepted")]) | set(by[("a2", "accepted")]) == set(stored)
+    assert all(stored[mid] <= moment for mid in by[("a1", "accepted")])
+    assert all(stored[mid] >= moment for mid in by[("a2", "accepted")])

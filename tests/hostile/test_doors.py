@@ -35,6 +35,11 @@ def fields_of(caught: pytest.ExceptionInfo[ValidationFailed]) -> set[str]:
     (lambda m, sid: m.complete_session(sid, result={"r": float("inf")}), "result"),
     (lambda m, sid: m.pause_session(sid, reason=BAD), "reason"),
     (lambda m, sid: m.cancel_session(sid, reason=BAD), "reason"),
+    (lambda m, sid: m.hand_back(sid, summary=BAD), "summary"),
+    (lambda m, sid: m.hand_back(sid, "ok", "needs_robot", context={"deep": [BAD]}), "context"),
+    (lambda m, sid: m.hand_back(sid, "ok", "needs_robot", context={"k": "x" * 70_000}),
+     "context"),
+    (lambda m, sid: m.reassign_transfer("trf_x", agent_id=BAD), "agent_id"),
 ])
 def test_the_python_api_refuses_what_http_refuses(
     manager: AutoSessionManager, runtime: Runtime, call: Any, field: str

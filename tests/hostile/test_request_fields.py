@@ -101,6 +101,35 @@ def accept_as(world: dict[str, Any], transfer_id: str, value: Any) -> Any:
     return world["desk"].post(f"/api/v1/transfers/{transfer_id}/accept", {"agent_id": value})
 
 
+def transferred_session(world: dict[str, Any]) -> str:
+    """A robot session of the bot, handed to the desk (TRANSFERRED, offer pending)."""
+    session_id = robot_session(world)
+    answer = world["bot"].post(f"/api/v1/sessions/{session_id}/transfer", {"reason": "help"})
+    assert answer.status_code == 201, answer.get_json()
+    return session_id
+
+
+def hand_back_with(field: str, *, nested: bool = False) -> Callable[..., Any]:
+    def send(world: dict[str, Any], session_id: str, value: Any) -> Any:
+        body: dict[str, Any] = {"summary": "done", "outcome": "needs_robot"}
+        body[field] = {"k": [value]} if nested else value
+        return world["desk"].post(f"/api/v1/sessions/{session_id}/hand-back", body)
+    return send
+
+
+def reassign_with(field: str) -> Callable[..., Any]:
+    def send(world: dict[str, Any], transfer_id: str, value: Any) -> Any:
+        body: dict[str, Any] = {"agent_id": "agent-2"}
+        body[field] = value
+        return world["desk"].post(f"/api/v1/transfers/{transfer_id}/reassign", body)
+    return send
+
+
+def desk_message_as(world: dict[str, Any], session_id: str, value: Any) -> Any:
+    return world["desk"].post(f"/api/v1/sessions/{session_id}/messages", {
+        "messages": [{"content": "hello", "sender_role": "human"}], "agent_id": value})
+
+
 DOORS = [
     Door("create.account_id", "account_id", create_with("account_id")),
     Door("create.shop_id", "shop_id", create_with("shop_id")),
@@ -126,6 +155,15 @@ DOORS = [
     Door("agent.name", "name", agent_with("name")),
     Door("agent.skills", "skills", agent_with("skills")),
     Door("accept.agent_id", "agent_id", accept_as, pending_transfer),
+    Door("hand_back.summary", "summary", hand_back_with("summary"), transferred_session),
+    Door("hand_back.next_action", "next_action", hand_back_with("next_action"),
+         transferred_session),
+    Door("hand_back.agent_id", "agent_id", hand_back_with("agent_id"), transferred_session),
+    Door("hand_back.context", "context", hand_back_with("context", nested=True),
+         transferred_session),
+    Door("reassign.agent_id", "agent_id", reassign_with("agent_id"), pending_transfer),
+    Door("reassign.reason", "reason", reassign_with("reason"), pending_transfer),
+    Door("messages.agent_id", "agent_id", desk_message_as, transferred_session),
 ]
 
 
