@@ -625,8 +625,9 @@ def stored_links(db: DbSession, slots: dict[Slot, list[Msg]], options: GroupingO
     parent_pk: dict[str, int] = {}
     wanted = sorted(parents)
     for i in range(0, len(wanted), ID_BATCH):
-        parent_pk.update(db.execute(select(Message.message_id, Message.session_pk).where(
-            Message.message_id.in_(wanted[i:i + ID_BATCH]))).tuples().all())
+        parent_pk.update((message_id, pk) for message_id, pk in db.execute(
+            select(Message.message_id, Message.session_pk)
+            .where(Message.message_id.in_(wanted[i:i + ID_BATCH]))))
     rows: dict[int, Session] = {}
     pks = sorted(set(parent_pk.values()))
     for i in range(0, len(pks), ID_BATCH):
