@@ -263,6 +263,10 @@ def segment_slot(messages: Sequence[Msg], options: GroupingOptions, *,
     """Run the slot's rows (time-ordered) through the pipeline of `options.grouping` (or
     `steps`); `placed` are conversations already known (rows pinned by session_id),
     which replies may join. Answers every segment, in order of their first rows."""
+    if (steps is None and not placed and not verdicts and options.grouping != Grouping.THREADS
+            and not any(m.thread_id or m.reply_to for m in messages)):
+        # No threading field, no verdict: the pipeline is the gap rule (the usual slot)
+        return [Segment(msgs, StartedBy.GAP) for msgs in split(messages, options.gap)]
     work = SlotWork(rest=list(messages), options=options, stored=stored,
                     verdicts=verdicts or {}, split=split, segments=list(placed))
     for step in steps if steps is not None else PIPELINES[options.grouping]:
