@@ -33,8 +33,9 @@ def threaded_export() -> bytes:
     return "".join(json.dumps(r) + "\n" for r in rows).encode()
 
 
-def test_upload_with_grouping_options_and_the_session_says_why_it_starts(
-        page: Any, server: str, admin_token: str, runtime: Runtime, tmp_path: Path):
+def test_upload_with_grouping_options_and_the_session_says_why_it_starts(  # noqa: F811
+        page: Any, server: str, admin_token: str, runtime: Runtime,  # noqa: F811
+        tmp_path: Path):
     upload = tmp_path / "threads.ndjson"
     upload.write_bytes(threaded_export())
     log_in(page, server, admin_token)
