@@ -62,13 +62,13 @@ class GroupingOptions:
     session_gap: int  # seconds
     grouping: Grouping = Grouping.AUTO
     review: bool = False
+    gap: timedelta = field(init=False, repr=False, compare=False)
 
-    @property
-    def gap(self) -> timedelta:
-        return timedelta(seconds=self.session_gap)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "gap", timedelta(seconds=self.session_gap))  # read per slot
 
 
-@dataclass
+@dataclass(slots=True)
 class Segment:
     """One conversation of new rows (time-ordered)."""
 
