@@ -449,7 +449,8 @@ class ImportService:
             errors.append({"field": "review", "message": "no review endpoint is configured "
                            "(GROUPING_LLM_BASE_URL and GROUPING_LLM_MODEL, or LLM_*)"})
         if errors:
-            raise ValidationFailed("invalid grouping options", errors)
+            raise ValidationFailed("invalid grouping options: " + "; ".join(
+                f"{e['field']}: {e['message']}" for e in errors), errors)
         return GroupingOptions(session_gap=session_gap or self.settings.session_gap,
                                grouping=Grouping(grouping or Grouping.AUTO),
                                review=bool(wants_review))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -278,3 +279,28 @@ def test_upload_options_are_recorded_on_the_job_and_shown_with_it(admin, runtime
     assert (done["session_gap"], done["grouping"], done["review"], done["sessions_created"],
             done["boundaries_reviewed"], done["boundaries_merged"]) == (
         7200, "threads", False, 2, 0, 0)
+
+
+def test_the_cli_takes_the_grouping_flags(runtime, tmp_path):
+    from click.testing import CliRunner
+
+    from app.cli import main
+    from tasks.celery_app import celery
+
+    export = tmp_path / "threads.ndjson"
+    export.write_bytes(as_ndjson(two_threads_interleaved()))
+    bad = CliRunner().invoke(main, ["import", str(export), "--grouping", "topics"])
+    assert bad.exit_code == 2 and "--grouping" in bad.output
+    bad = CliRunner().invoke(main, ["import", str(export), "--session-gap", "0"])
+    assert bad.exit_code == 2 and "--session-gap" in bad.output
+    refused = CliRunner().invoke(main, ["import", str(export), "--review"])
+    assert refused.exit_code == 1 and "review: no review endpoint" in refused.output
+    if not celery.conf.task_always_eager:
+        return  # the rest runs the pipeline in this process (embedded default)
+    with freeze_time(LATER):
+        result = CliRunner().invoke(main, ["import", str(export), "--session-gap", "7200",
+                                           "--grouping", "gap", "--no-review", "--json"])
+    assert result.exit_code == 0, result.output
+    job = json.loads(result.output[result.output.index("{"):])
+    assert (job["session_gap"], job["grouping"], job["review"], job["sessions_created"]) == (
+        7200, "gap", False, 1)
