@@ -3,10 +3,14 @@
 For every slot (account_id, shop_id) of a batch:
 
 1. drop messages already stored or repeated in the batch (by message_id),
-2. order by time and cut into segments at gaps over SESSION_GAP (`split_at_gaps`,
-   a replaceable step: any `Segmenter`),
-3. plan each segment (`plan_slot`, pure): attach it to an existing session it
-   overlaps or continues within the gap, or create a session (`origin=import`,
+2. order by time and segment (`app.imports.segmenting`, a pipeline of replaceable
+   steps: threads, reply chains, the gap rule at the job's `session_gap`, the LLM
+   review's verdicts — asked for before the transaction, `review_boundaries`); what the
+   threading fields point to in storage is looked up first (`stored_links`),
+3. plan each segment (`plan_slot`, pure): attach it to the session it continues (by
+   session_id, thread or reply), else to an existing session it overlaps or continues
+   within the gap (open sessions only, for a threaded one), or create a session
+   (`origin=import`, recording `started_by` and `thread_id`,
    typed by our side's first sender; a robot→staff segment is a hand-off with a
    transfer record, trigger `history`), or — staff talking on a slot whose robot
    session is ACTIVE — the seed's "人工自由" case 1,

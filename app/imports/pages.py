@@ -10,7 +10,10 @@ cut into pages of one slot each. A page ends where the slot's conversation pause
 for more than the job's gap — where the gap rule starts a new segment anyway — so
 grouping page by page is the gap rule's result for the whole slot; only a single
 conversation longer than `hard_rows` without such a pause is cut inside (its later
-pages then continue the session its first page made).
+pages then continue the session its first page made). A thread or a reply chain that a
+page cut crosses is continued the same way: a later page finds the thread's session by
+its `thread_id` and a reply's by its stored parent (only a reply timed before the parent
+it names, on an earlier page, falls back to the gap rule).
 
 Memory holds one run while sorting, one piece per run while merging, one page while
 storing: none of them grows with the file.
