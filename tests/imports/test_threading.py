@@ -304,3 +304,20 @@ def test_the_cli_takes_the_grouping_flags(runtime, tmp_path):
     job = json.loads(result.output[result.output.index("{"):])
     assert (job["session_gap"], job["grouping"], job["review"], job["sessions_created"]) == (
         7200, "gap", False, 1)
+
+
+def msg(message_id: str, minutes: float, *, reply_to=None, thread_id=None) -> Msg:
+    return Msg(0, message_id, "a", "s", SenderRole.COUNTERPART, None, "x", "text",
+               at(minutes), None, None, reply_to, thread_id)
+
+
+def test_a_reply_into_a_thread_joins_the_thread_and_cycles_end():
+    options = GroupingOptions(session_gap=1800)
+    segments = segment_slot([
+        msg("t1", 0, thread_id="T"), msg("x1", 1, reply_to="x2"),
+        msg("x2", 2, reply_to="x1"),  # a cycle: one conversation, no endless walk
+        msg("self", 3, reply_to="self"), msg("r", 500, reply_to="t1"),
+        msg("late", 600)], options)
+    assert [([m.message_id for m in s.messages], s.started_by) for s in segments] == [
+        (["t1", "r"], "thread"), (["x1", "x2"], "reply"), (["self"], "gap"),
+        (["late"], "gap")]
