@@ -21,8 +21,9 @@ from app.api.http import parse_body, parse_query, respond, runtime
 from app.api.problems import validation_problem
 from app.delivery.service import delivery_log, delivery_summary
 from app.errors import NotFound, ValidationFailed
+from app.imports import views as import_views
 from app.imports.service import ImportService
-from app.imports.views import GroupingQuery, bounded_upload
+from app.imports.views import bounded_upload
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
@@ -123,7 +124,7 @@ def list_agents() -> Response:
 
 
 # ---- import jobs ----------------------------------------------------------------------------
-class UploadQuery(GroupingQuery):
+class UploadQuery(import_views.GroupingQuery):
     model_config = ConfigDict(extra="ignore")
 
     format: str = Field(default="auto", max_length=8)
@@ -157,8 +158,8 @@ def upload_import() -> Response:
     filename = None
     if request.mimetype == "multipart/form-data":
         # The console's form sends the grouping options as fields beside the file
-        fields = {k: v for k, v in request.form.items() if k in GroupingQuery.model_fields
-                  and v != ""}
+        options = import_views.GroupingQuery.model_fields
+        fields = {k: v for k, v in request.form.items() if k in options and v != ""}
         if fields:
             try:
                 query = UploadQuery.model_validate({**query.model_dump(exclude_none=True),
