@@ -321,3 +321,14 @@ def test_a_reply_into_a_thread_joins_the_thread_and_cycles_end():
     assert [([m.message_id for m in s.messages], s.started_by) for s in segments] == [
         (["t1", "r"], "thread"), (["x1", "x2"], "reply"), (["self"], "gap"),
         (["late"], "gap")]
+
+
+def test_a_thread_wins_over_the_overlap_with_an_ended_session(runtime):
+    imported(runtime, [row("s", "counterpart", at(i * 5), message_id=f"g{i}")
+                       for i in range(4)])  # an ended session, 09:00 … 09:15
+    job = imported(runtime, [row("s", "counterpart", at(6), message_id="t1", thread_id="T"),
+                             row("s", "human", at(7), message_id="t2", thread_id="T"),
+                             row("s", "counterpart", at(8), message_id="g9")])
+    assert (job.sessions_created, job.sessions_updated) == (1, 1)
+    assert grouped(runtime) == [("gap", ["g0", "g1", "g9", "g2", "g3"]),
+                                ("thread", ["t1", "t2"])]
