@@ -11,15 +11,17 @@ from __future__ import annotations
 from typing import IO, Any
 
 from flask import Blueprint, Response, request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field, ValidationError
 
 from admin import service as admin_service
 from admin.auth import admin_client, admin_only
 from app.agents.service import AgentFilters, AgentService
 from app.api.auth import client_service
 from app.api.http import parse_body, parse_query, respond, runtime
+from app.api.problems import validation_problem
 from app.delivery.service import delivery_log, delivery_summary
 from app.errors import NotFound, ValidationFailed
+from app.imports import views as import_views
 from app.imports.service import ImportService
 from app.imports.views import bounded_upload
 from app.sessions.enums import TransferStatus
@@ -127,7 +129,7 @@ def list_agents() -> Response:
 
 
 # ---- import jobs ----------------------------------------------------------------------------
-class UploadQuery(BaseModel):
+class UploadQuery(import_views.GroupingQuery):
     model_config = ConfigDict(extra="ignore")
 
     format: str = Field(default="auto", max_length=8)
@@ -160,6 +162,15 @@ def upload_import() -> Response:
     stream: IO[bytes]
     filename = None
     if request.mimetype == "multipart/form-data":
+        # The console's form sends the grouping options as fields beside the file
+        options = import_views.GroupingQuery.model_fields
+        fields = {k: v for k, v in request.form.items() if k in options and v != ""}
+        if fields:
+            try:
+                query = UploadQuery.model_validate({**query.model_dump(exclude_none=True),
+                                                    **fields})
+            except ValidationError as exc:
+                raise validation_problem(exc, where="form") from None
         part = request.files.get("file")
         if part is None:
             raise ValidationFailed("send the export as the multipart part named 'file'",
@@ -169,7 +180,7 @@ def upload_import() -> Response:
         stream = request.stream
     job = ImportService(runtime()).create_job(
         stream, filename=filename, format=query.format, encoding=query.encoding,
-        actor=admin_client().actor,
+        actor=admin_client().actor, **query.options(),
     )
     from tasks.imports import enqueue_import
 

@@ -228,8 +228,12 @@ def agents() -> str:
 @login_required
 def imports() -> str:
     jobs = ImportService(runtime()).list(limit=20)
+    settings = runtime().settings
     return render_template("imports.html", jobs=[admin_service.import_progress(j)
-                                                 for j in jobs])
+                                                 for j in jobs],
+                           session_gap=settings.session_gap,
+                           review_default=settings.grouping_review,
+                           review_available=settings.grouping_review_endpoint is not None)
 
 
 @bp.get("/imports/<job_id>")

@@ -14,7 +14,14 @@ from urllib.parse import quote_plus
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from limits import parse_many
-from pydantic import Field, PositiveFloat, PositiveInt, ValidationError, field_validator
+from pydantic import (
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -100,6 +107,53 @@ class Settings(BaseSettings):
 
     # Import grouping (SPEC §4 a-d): threads, reply chains, gap rule, optional LLM review.
     # (issue 16: settings of the grouping pipeline go below this line)
+    # The review's OpenAI-compatible endpoint; unset, each falls back to its LLM_* twin.
+    grouping_llm_base_url: str | None = None
+    grouping_llm_model: str | None = None
+    grouping_llm_api_key: str | None = None
+    grouping_llm_timeout: PositiveFloat | None = None
+    # Gap-rule boundaries whose gap lies in [MIN_GAP, MAX_GAP] seconds are reviewed; a
+    # verdict `continues` at or above CONFIDENCE merges; at most MAX_CALLS calls a job.
+    grouping_review_min_gap: PositiveInt = 600
+    grouping_review_max_gap: PositiveInt = 86400
+    grouping_review_confidence: float = Field(default=0.8, ge=0.0, le=1.0)
+    grouping_review_max_calls: int = Field(default=200, ge=0)
+    # An upload's `review` option when it gives none (off: review costs nothing).
+    grouping_review: bool = False
+
+    @field_validator("grouping_llm_base_url", "grouping_llm_model", "grouping_llm_api_key",
+                     mode="before")
+    @classmethod
+    def _grouping_blank_is_none(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("grouping_review_max_gap")
+    @classmethod
+    def _review_gaps_ordered(cls, value: int, info: ValidationInfo) -> int:
+        low = info.data.get("grouping_review_min_gap")
+        if low is not None and value < low:
+            raise ValueError(f"must be at least GROUPING_REVIEW_MIN_GAP ({low})")
+        return value
+
+    @field_validator("grouping_review")
+    @classmethod
+    def _review_has_an_endpoint(cls, value: bool, info: ValidationInfo) -> bool:
+        data = info.data
+        if value and not ((data.get("grouping_llm_base_url") or data.get("llm_base_url"))
+                          and (data.get("grouping_llm_model") or data.get("llm_model"))):
+            raise ValueError("review needs an endpoint: set GROUPING_LLM_BASE_URL and "
+                             "GROUPING_LLM_MODEL (or LLM_BASE_URL and LLM_MODEL)")
+        return value
+
+    @property
+    def grouping_review_endpoint(self) -> tuple[str, str, str | None, float] | None:
+        """(base URL, model, API key, timeout) of the review, or None if none is set."""
+        url = self.grouping_llm_base_url or self.llm_base_url
+        model = self.grouping_llm_model or self.llm_model
+        if not url or not model:
+            return None
+        return (url, model, self.grouping_llm_api_key or self.llm_api_key,
+                self.grouping_llm_timeout or self.llm_timeout)
 
     # Live desk (SPEC §12): hand-back, one agent speaks, first-response timer.
     first_response_timeout: PositiveInt = 120

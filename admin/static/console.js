@@ -172,6 +172,12 @@
       setProgress(0, t("uploading"));
       var form = new FormData();
       form.append("file", file);
+      var gap = document.getElementById("upload-session-gap");
+      if (gap && gap.value) form.append("session_gap", gap.value);
+      var grouping = document.getElementById("upload-grouping");
+      if (grouping) form.append("grouping", grouping.value);
+      var review = document.getElementById("upload-review");
+      if (review && !review.disabled) form.append("review", review.checked ? "true" : "false");
       var xhr = new XMLHttpRequest();
       xhr.open("POST", card.dataset.uploadUrl);
       xhr.setRequestHeader("X-CSRF-Token", csrf);

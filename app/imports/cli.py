@@ -1,4 +1,5 @@
-"""`auto-session import FILE [--format …] [--encoding …] [--wait]`.
+"""`auto-session import FILE [--format …] [--encoding …] [--session-gap S] [--grouping …]
+[--review/--no-review] [--wait]`.
 
 The file is staged in the database like an HTTP upload and handed to the workers;
 `--wait` follows the job with a progress bar and prints the final counts. On the
@@ -15,6 +16,7 @@ import click
 
 FORMATS = ["auto", "json", "ndjson", "csv"]
 ENCODINGS = ["auto", "utf-8", "utf-8-sig", "gbk"]
+GROUPINGS = ["auto", "threads", "gap"]
 
 
 @click.command("import")
@@ -23,10 +25,19 @@ ENCODINGS = ["auto", "utf-8", "utf-8-sig", "gbk"]
               default="auto", show_default=True, help="Export format (auto: by name/content).")
 @click.option("--encoding", type=click.Choice(ENCODINGS, case_sensitive=False),
               default="auto", show_default=True, help="Text encoding (auto: BOM, UTF-8, GBK).")
+@click.option("--session-gap", type=click.IntRange(1, 30 * 86400), default=None,
+              help="Seconds of silence that start a new conversation (default SESSION_GAP).")
+@click.option("--grouping", type=click.Choice(GROUPINGS, case_sensitive=False), default=None,
+              help="auto: threading fields where rows have them, else the gap rule (default); "
+                   "threads: threading fields alone; gap: the gap rule alone.")
+@click.option("--review/--no-review", default=None,
+              help="Ask the LLM to review ambiguous gap-rule boundaries "
+                   "(default GROUPING_REVIEW).")
 @click.option("--wait/--no-wait", default=False,
               help="Follow the job until it finishes (always on the embedded default).")
 @click.option("--json", "as_json", is_flag=True, help="Print the final job as JSON.")
-def import_file(path: Path, fmt: str, encoding: str, wait: bool, as_json: bool) -> None:
+def import_file(path: Path, fmt: str, encoding: str, session_gap: int | None,
+                grouping: str | None, review: bool | None, wait: bool, as_json: bool) -> None:
     """Import a chat export (JSON array, NDJSON or CSV; UTF-8/GBK; optionally gzip)."""
     from app.errors import AutoSessionError
     from app.imports.service import ImportService
@@ -40,7 +51,9 @@ def import_file(path: Path, fmt: str, encoding: str, wait: bool, as_json: bool) 
     try:
         with path.open("rb") as stream:
             job = service.create_job(stream, filename=path.name, format=fmt, encoding=encoding,
-                                     actor="cli")
+                                     actor="cli", session_gap=session_gap,
+                                     grouping=grouping.lower() if grouping else None,
+                                     review=review)
     except AutoSessionError as exc:
         raise click.ClickException(exc.detail) from None
     enqueue_import(job.job_id)
@@ -90,6 +103,11 @@ def _print_summary(view) -> None:  # type: ignore[no-untyped-def]
     for name in ("total_rows", "processed", "inserted", "duplicates", "invalid",
                  "sessions_created", "sessions_updated", "conflicts"):
         click.echo(f"  {name:17} {getattr(view, name)}")
+    click.echo(f"  grouping          {view.grouping}, session_gap {view.session_gap} s, "
+               f"review {'on' if view.review else 'off'}")
+    if view.review:
+        click.echo(f"  review            {view.boundaries_reviewed} boundaries reviewed, "
+                   f"{view.boundaries_merged} merged")
     if view.detail:
         click.echo(f"  detail            {view.detail}")
     for error in view.errors[:20]:

@@ -3,10 +3,14 @@
 For every slot (account_id, shop_id) of a batch:
 
 1. drop messages already stored or repeated in the batch (by message_id),
-2. order by time and cut into segments at gaps over SESSION_GAP (`split_at_gaps`,
-   a replaceable step: any `Segmenter`),
-3. plan each segment (`plan_slot`, pure): attach it to an existing session it
-   overlaps or continues within the gap, or create a session (`origin=import`,
+2. order by time and segment (`app.imports.segmenting`, a pipeline of replaceable
+   steps: threads, reply chains, the gap rule at the job's `session_gap`, the LLM
+   review's verdicts — asked for before the transaction, `review_boundaries`); what the
+   threading fields point to in storage is looked up first (`stored_links`),
+3. plan each segment (`plan_slot`, pure): attach it to the session it continues (by
+   session_id, thread or reply), else to an existing session it overlaps or continues
+   within the gap (open sessions only, for a threaded one), or create a session
+   (`origin=import`, recording `started_by` and `thread_id`,
    typed by our side's first sender; a robot→staff segment is a hand-off with a
    transfer record, trigger `history`), or — staff talking on a slot whose robot
    session is ACTIVE — the seed's "人工自由" case 1,
@@ -30,10 +34,10 @@ import functools
 import logging
 import operator
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy import and_, bindparam, func, or_, select, tuple_
@@ -44,7 +48,21 @@ from app.audit.models import Operation
 from app.audit.trail import last_hashes, operation_values
 from app.db import UnitOfWork, UTCDateTime, is_retryable_db_error, utcnow
 from app.ids import new_id
-from app.imports.rows import ROLE_ALIASES, ChatRow, parse_time, row_error_text
+from app.imports.review import CONTEXT_MESSAGES as REVIEW_CONTEXT
+from app.imports.review import BoundaryReviewer, ReviewOutcome
+from app.imports.rows import MAX_THREAD_ID, ROLE_ALIASES, ChatRow, parse_time, row_error_text
+from app.imports.segmenting import (
+    NO_LINKS,
+    Boundary,
+    GroupingOptions,
+    Segment,
+    Segmenter,
+    StartedBy,
+    StoredLinks,
+    review_candidates,
+    segment_slot,
+    split_at_gaps,
+)
 from app.messages.models import Message
 from app.sessions import rules
 from app.sessions.enums import (
@@ -84,10 +102,13 @@ class ImportCounts:
     sessions_created: int = 0
     sessions_updated: int = 0
     conflicts: int = 0
+    # LLM review (SPEC §4d): boundaries that got a verdict, and those merged by it
+    boundaries_reviewed: int = 0
+    boundaries_merged: int = 0
     errors: list[dict[str, Any]] = field(default_factory=list)
 
     COUNTERS = ("inserted", "duplicates", "invalid", "sessions_created", "sessions_updated",
-                "conflicts")
+                "conflicts", "boundaries_reviewed", "boundaries_merged")
 
     def add(self, other: ImportCounts) -> None:
         for name in self.COUNTERS:
@@ -127,6 +148,8 @@ class Msg:
     sent_at: datetime
     session_id: str | None
     task_type: TaskType | None
+    reply_to: str | None = None
+    thread_id: str | None = None
 
     @classmethod
     def from_row(cls, line: int, row: ChatRow) -> Msg:
@@ -135,6 +158,7 @@ class Msg:
             shop_id=row.shop_id or "", sender_role=SenderRole(str(row.sender_role)),
             sender_id=row.sender_id, content=row.content, message_type=row.message_type,
             sent_at=row.sent_at, session_id=row.session_id, task_type=row.task_type,
+            reply_to=row.reply_to, thread_id=row.thread_id,
         )
 
 
@@ -172,7 +196,8 @@ def _valid_text(text: str) -> bool:
 
 _ROLES = {alias: SenderRole(role) for alias, role in ROLE_ALIASES.items()}
 _TASKS = {t.value: t for t in TaskType}
-_PLAIN_ABSENT = ("user_id", "timestamp", "is_robot", "direction")
+_PLAIN_ABSENT = ("user_id", "timestamp", "is_robot", "direction", "in_reply_to",
+                 "in_response_to", "conversation_id", "thread")
 _PLAIN_ABSENT_KEYS = frozenset(_PLAIN_ABSENT)
 
 
@@ -214,6 +239,12 @@ def plain_msg(line: int, fields: dict[str, Any], tz: Any, *,
     session_id = _plain_id(get("session_id"), 40, required=False)
     if sender_id is False or session_id is False:
         return None
+    reply_to = thread_id = None
+    if "reply_to" in fields or "thread_id" in fields:
+        reply_to = _plain_id(get("reply_to"), 128, required=False)
+        thread_id = _plain_id(get("thread_id"), MAX_THREAD_ID, required=False)
+        if reply_to is False or thread_id is False:
+            return None
     role = get("sender_role")
     content = get("content")
     sent_at = get("sent_at")
@@ -255,15 +286,18 @@ def plain_msg(line: int, fields: dict[str, Any], tz: Any, *,
     if not (content.isascii() and message_id.isascii()  # type: ignore[union-attr]
             and account_id.isascii() and shop_id.isascii()  # type: ignore[union-attr]
             and message_type.isascii() and (sender_id is None or sender_id.isascii())  # type: ignore[union-attr]
-            and (session_id is None or session_id.isascii())):  # type: ignore[union-attr]
+            and (session_id is None or session_id.isascii())  # type: ignore[union-attr]
+            and (reply_to is None or reply_to.isascii())  # type: ignore[union-attr]
+            and (thread_id is None or thread_id.isascii())):  # type: ignore[union-attr]
         texts = (content, message_id, account_id, shop_id, message_type, sender_id,
-                 session_id)
+                 session_id, reply_to, thread_id)
         if not all(_valid_text(t) for t in texts if isinstance(t, str)):
             return None
     return Msg(line=line, message_id=message_id, account_id=account_id,  # type: ignore[arg-type]
                shop_id=shop_id, sender_role=sender_role, sender_id=sender_id,  # type: ignore[arg-type]
                content=content, message_type=message_type, sent_at=moment,
-               session_id=session_id, task_type=task_type)  # type: ignore[arg-type]
+               session_id=session_id, task_type=task_type,  # type: ignore[arg-type]
+               reply_to=reply_to, thread_id=thread_id)  # type: ignore[arg-type]
 
 
 def check_msg(msg: Msg) -> Msg | str:
@@ -276,21 +310,7 @@ def check_msg(msg: Msg) -> Msg | str:
     return msg
 
 
-# ---- segmentation (replaceable) ---------------------------------------------------------
-class Segmenter(Protocol):
-    def __call__(self, messages: Sequence[Msg], gap: timedelta) -> list[list[Msg]]: ...
-
-
-def split_at_gaps(messages: Sequence[Msg], gap: timedelta) -> list[list[Msg]]:
-    """SPEC §4 step 4: a new segment wherever two consecutive messages are more than
-    `gap` apart. `messages` are in time order."""
-    segments: list[list[Msg]] = []
-    for msg in messages:
-        if segments and msg.sent_at - segments[-1][-1].sent_at <= gap:
-            segments[-1].append(msg)
-        else:
-            segments.append([msg])
-    return segments
+# ---- segmentation: `app.imports.segmenting` (a pipeline of replaceable steps) ---------
 
 
 # ---- planning (pure) -------------------------------------------------------------------
@@ -305,6 +325,7 @@ class Known:
     start: datetime
     end: datetime | None  # None while the session is open (it runs until now)
     holds_slot: bool
+    thread_id: str | None = None
 
     @classmethod
     def of(cls, session: Session) -> Known:
@@ -316,7 +337,8 @@ class Known:
             end = max(candidates) if candidates else start
         return cls(pk=session.id, session_id=session.session_id,
                    session_type=SessionType(session.session_type), status=status,
-                   start=start, end=end, holds_slot=bool(session.holds_slot))
+                   start=start, end=end, holds_slot=bool(session.holds_slot),
+                   thread_id=session.thread_id)
 
     @property
     def is_open(self) -> bool:
@@ -332,6 +354,8 @@ class NewSession:
     unanswered: bool
     handoff_at: int | None  # index of the first staff message after the robot's
     closed: bool
+    started_by: StartedBy | None = None
+    thread_id: str | None = None
 
     @property
     def start(self) -> datetime:
@@ -365,10 +389,22 @@ def plan_slot(
     sessions: Sequence[Known],
     *,
     now: datetime,
-    gap: timedelta,
+    gap: timedelta | None = None,
+    options: GroupingOptions | None = None,
     segmenter: Segmenter = split_at_gaps,
+    stored: StoredLinks = NO_LINKS,
+    verdicts: Mapping[str, bool] | None = None,
 ) -> list[Step]:
-    """Decide what happens to a slot's new messages (time-ordered, de-duplicated)."""
+    """Decide what happens to a slot's new messages (time-ordered, de-duplicated):
+    segment them (`segmenting.segment_slot`: threads, replies, the gap rule, review
+    verdicts), then find each segment its session — the one it continues by a session_id,
+    a thread or a reply; else, for a gap-rule segment, one it overlaps or continues
+    within the gap; for a threaded one, an open session it overlaps (the thread wins over
+    the overlap rule with ended ones) — or plan a new one."""
+    if options is None:
+        assert gap is not None
+        options = GroupingOptions(session_gap=int(gap.total_seconds()))
+    gap = options.gap
     steps: list[Step] = []
     by_id = {k.session_id: k for k in sessions}
     loose: list[Msg] = []
@@ -378,23 +414,34 @@ def plan_slot(
             pinned[msg.session_id].append(msg)
         else:
             loose.append(msg)
-    for session_id, msgs in pinned.items():
-        steps.append(Attach(by_id[session_id], msgs))
-    for segment in segmenter(loose, gap):
-        target = choose_target(segment, sessions, now=now, gap=gap)
-        closed = segment[-1].sent_at < now - gap
+    placed = [Segment(msgs, None, target=by_id[session_id])
+              for session_id, msgs in pinned.items()]
+    for segment in segment_slot(loose, options, placed=placed, stored=stored,
+                                verdicts=verdicts, split=segmenter):
+        msgs = segment.messages
+        if segment.started_by is None:
+            steps.append(Attach(segment.target, msgs))
+            continue
+        target: Known | None = segment.target
         if target is None:
-            steps.append(new_session(segment, closed=closed))
+            candidates = sessions if not segment.linked else [
+                k for k in sessions if k.is_open and k.thread_id in (None, segment.thread_id)]
+            target = choose_target(msgs, candidates, now=now, gap=gap)
+        closed = msgs[-1].sent_at < now - gap
+        if target is None:
+            steps.append(new_session(msgs, closed=closed, started_by=segment.started_by,
+                                     thread_id=segment.thread_id))
             continue
         first_staff = next(
-            (i for i, m in enumerate(segment) if m.sender_role == SenderRole.HUMAN), None
+            (i for i, m in enumerate(msgs) if m.sender_role == SenderRole.HUMAN), None
         )
         if (target.status == S.ACTIVE and target.session_type.is_robot
                 and first_staff is not None):
-            human = new_session(segment[first_staff:], closed=closed, force_human=True)
-            steps.append(FreeChat(target, segment[:first_staff], human))
+            human = new_session(msgs[first_staff:], closed=closed, force_human=True,
+                                started_by=segment.started_by, thread_id=segment.thread_id)
+            steps.append(FreeChat(target, msgs[:first_staff], human))
         else:
-            steps.append(Attach(target, segment))
+            steps.append(Attach(target, msgs))
     return steps
 
 
@@ -416,7 +463,9 @@ def choose_target(
     return max(candidates, key=lambda k: k.end or now)
 
 
-def new_session(segment: list[Msg], *, closed: bool, force_human: bool = False) -> NewSession:
+def new_session(segment: list[Msg], *, closed: bool, force_human: bool = False,
+                started_by: StartedBy | None = StartedBy.GAP,
+                thread_id: str | None = None) -> NewSession:
     """Type a new session by our side's first sender (SPEC §4 step 5)."""
     task = next((m.task_type for m in segment if m.task_type), None)
     ours = [(i, m) for i, m in enumerate(segment) if m.sender_role in OUR_SIDE]
@@ -431,6 +480,7 @@ def new_session(segment: list[Msg], *, closed: bool, force_human: bool = False) 
     return NewSession(
         messages=segment, session_type=kind, task_type=task or rules.DEFAULT_TASK_BY_TYPE[kind],
         owner_id=owner, unanswered=not ours, handoff_at=handoff, closed=closed,
+        started_by=started_by, thread_id=thread_id,
     )
 
 
@@ -549,6 +599,72 @@ def fresh_messages(db: DbSession, slots: dict[Slot, list[Msg]], counts: ImportCo
             keep.sort(key=lambda m: (m.sent_at, m.line))
             result[slot] = keep
     return result
+
+
+def stored_links(db: DbSession, slots: dict[Slot, list[Msg]], options: GroupingOptions
+                 ) -> dict[Slot, StoredLinks]:
+    """What the slots' threading fields point to in storage (SPEC §4 a, b): the session
+    of each stored message a `reply_to` names (of the same slot) and the session of each
+    stored thread. Nothing is read for rows without threading fields, nor with
+    grouping=gap. A session merged into another (`merged_into`, SPEC §11) is skipped: its
+    messages, and so its replies, now belong to the other."""
+    if options.grouping == "gap":
+        return {}
+    parents: set[str] = set()
+    threads: set[tuple[str, str, str]] = set()
+    for slot, msgs in slots.items():
+        ids: set[str] | None = None
+        for msg in msgs:
+            if msg.thread_id:
+                threads.add((slot[0], slot[1], msg.thread_id))
+            if msg.reply_to:
+                if ids is None:
+                    ids = {m.message_id for m in msgs}
+                if msg.reply_to not in ids:
+                    parents.add(msg.reply_to)
+    if not parents and not threads:
+        return {}
+    merged_into = getattr(Session, "merged_into", None)
+    live = [merged_into.is_(None)] if merged_into is not None else []
+    parent_pk: dict[str, int] = {}
+    wanted = sorted(parents)
+    for i in range(0, len(wanted), ID_BATCH):
+        parent_pk.update((message_id, pk) for message_id, pk in db.execute(
+            select(Message.message_id, Message.session_pk)
+            .where(Message.message_id.in_(wanted[i:i + ID_BATCH]))))
+    rows: dict[int, Session] = {}
+    pks = sorted(set(parent_pk.values()))
+    for i in range(0, len(pks), ID_BATCH):
+        rows.update((s.id, s) for s in db.execute(
+            select(Session).where(Session.id.in_(pks[i:i + ID_BATCH]), *live)).scalars())
+    thread_pk: dict[tuple[str, str, str], int] = {}
+    keys = sorted(threads)
+    for i in range(0, len(keys), ID_BATCH):
+        for session in db.execute(select(Session).where(
+                tuple_(Session.account_id, Session.shop_id, Session.thread_id)
+                .in_(keys[i:i + ID_BATCH]), Session.message_count > 0, *live)
+                .order_by(Session.id)).scalars():
+            key = (session.account_id, session.shop_id, session.thread_id or "")
+            if key in threads:  # byte-exact, whatever the collation pads
+                thread_pk[key] = session.id  # the latest session of the thread wins
+                rows[session.id] = session
+    links: dict[Slot, StoredLinks] = {}
+    for slot, msgs in slots.items():
+        link = StoredLinks()
+        for msg in msgs:
+            if msg.reply_to and msg.reply_to in parent_pk:
+                parent = rows.get(parent_pk[msg.reply_to])
+                if parent is not None and parent.slot == slot:
+                    link.by_message[msg.reply_to] = parent.id
+                    link.sessions.setdefault(parent.id, Known.of(parent))
+            if msg.thread_id:
+                pk = thread_pk.get((slot[0], slot[1], msg.thread_id))
+                if pk is not None:
+                    link.by_thread[msg.thread_id] = pk
+                    link.sessions.setdefault(pk, Known.of(rows[pk]))
+        if link.sessions:
+            links[slot] = link
+    return links
 
 
 # ---- writing ------------------------------------------------------------------------
@@ -759,6 +875,8 @@ class Writer:
             "first_message_at": plan.start, "last_message_at": plan.end,
             "end_reason": "history import", "unanswered": plan.unanswered,
             "reason": "history import",
+            "started_by": str(plan.started_by) if plan.started_by else None,
+            "thread_id": plan.thread_id,
         }
         self._sessions.append((values, plan))
         self._messages.extend((m, public) for m in msgs)
@@ -940,6 +1058,7 @@ def _new_live_row(tx: Any, plan: NewSession, job_id: str | None) -> Session:
         last_activity_at=plan.end, reason="history import", message_count=0,
         robot_message_count=0, human_message_count=0, counterpart_message_count=0,
         unanswered=plan.unanswered,
+        started_by=str(plan.started_by) if plan.started_by else None, thread_id=plan.thread_id,
     )
     session.deadline_at = tx.service.deadline_for(session, tx.now)
     tx.db.add(session)
@@ -1006,7 +1125,11 @@ class BatchContext:
 
     job_id: str | None = None
     chunk_pk: int | None = None
-    segmenter: Segmenter = split_at_gaps
+    segmenter: Segmenter = split_at_gaps  # the gap rule's step
+    # The upload's grouping options (None: SESSION_GAP, grouping=auto, no review)
+    options: GroupingOptions | None = None
+    # Set when the upload asked for review (and an endpoint is configured)
+    reviewer: BoundaryReviewer | None = None
     # Rows per INSERT (BATCH_SIZE: one database batch); None: no bound.
     batch_rows: int | None = None
     # Runs inside the bulk transaction before its commit (the chunk's 'done' marker).
@@ -1059,6 +1182,42 @@ def resolve_session_slots(runtime: Any, session_ids: Sequence[str]) -> dict[str,
     return found
 
 
+def review_boundaries(runtime: Any, slots: dict[Slot, list[Msg]], options: GroupingOptions,
+                      reviewer: BoundaryReviewer, *, segmenter: Segmenter = split_at_gaps
+                      ) -> ReviewOutcome:
+    """SPEC §4d, before the chunk's transaction: segment the slots' new rows as the
+    transaction will (read-only: stored rows dropped, stored links looked up), and ask
+    the reviewer about the ambiguous gap-rule boundaries. A row that a concurrent writer
+    stores meanwhile only makes a verdict unused."""
+    with runtime.database.read() as db:
+        fresh = fresh_messages(db, slots, ImportCounts())
+        links = stored_links(db, fresh, options)
+        named = sorted({m.session_id for msgs in fresh.values() for m in msgs
+                        if m.session_id})
+        pinned_to: dict[str, Slot] = {}
+        for i in range(0, len(named), ID_BATCH):
+            for sid, account, shop in db.execute(
+                    select(Session.session_id, Session.account_id, Session.shop_id)
+                    .where(Session.session_id.in_(named[i:i + ID_BATCH]))):
+                pinned_to[sid] = (account, shop)
+    boundaries: list[Boundary] = []
+    for slot, msgs in fresh.items():
+        pinned: dict[str, list[Msg]] = defaultdict(list)
+        loose: list[Msg] = []
+        for msg in msgs:
+            if msg.session_id and pinned_to.get(msg.session_id) == slot:
+                pinned[msg.session_id].append(msg)
+            else:
+                loose.append(msg)
+        segments = segment_slot(loose, options, placed=[Segment(m, None) for m in
+                                                        pinned.values()],
+                                stored=links.get(slot, NO_LINKS), split=segmenter)
+        boundaries.extend(review_candidates(segments, min_gap=reviewer.min_gap,
+                                            max_gap=reviewer.max_gap,
+                                            context=REVIEW_CONTEXT))
+    return reviewer.review(boundaries)
+
+
 class SlotsBecameLive(Exception):
     """Raised inside the bulk transaction: these slots need the slot lock instead."""
 
@@ -1075,8 +1234,9 @@ def import_messages(
     Everything that only touches the past is written in one bulk transaction; a slot
     with anything live is taken out of it and applied in its own slot transaction
     (`run_on_slot`, with a mark when a chunk is given). The bulk transaction is
-    retried on a duplicate key or a deadlock caused by a concurrent writer."""
-    gap = timedelta(seconds=runtime.settings.session_gap)
+    retried on a duplicate key or a deadlock caused by a concurrent writer. With review
+    on, the review's verdicts are asked for first, outside any transaction."""
+    options = context.options or GroupingOptions(session_gap=runtime.settings.session_gap)
     by_slot: dict[Slot, list[Msg]] = defaultdict(list)
     for msg in msgs:
         by_slot[(msg.account_id, msg.shop_id)].append(msg)
@@ -1088,6 +1248,13 @@ def import_messages(
             if slot in by_slot:
                 total.add(counts)
                 del by_slot[slot]
+    verdicts: dict[str, bool] = {}
+    if context.reviewer is not None and by_slot:
+        outcome = review_boundaries(runtime, by_slot, options, context.reviewer,
+                                    segmenter=context.segmenter)
+        verdicts = outcome.verdicts
+        total.boundaries_reviewed += outcome.reviewed
+        total.boundaries_merged += outcome.merged
 
     last_error: Exception | None = None
     attempt = 0
@@ -1096,7 +1263,8 @@ def import_messages(
             with runtime.database.unit_of_work() as uow:
                 # A first attempt probes for stored rows; a retry after a duplicate
                 # key (or any other refusal) looks every message id up.
-                counts = _bulk(uow, by_slot, actor, context, gap, probe=attempt == 0)
+                counts = _bulk(uow, by_slot, actor, context, options, verdicts,
+                               probe=attempt == 0)
                 if context.after_write:
                     context.after_write()
                 if context.before_commit:
@@ -1106,7 +1274,8 @@ def import_messages(
             return total
         except SlotsBecameLive as live:
             for slot in live.slots:
-                total.add(_run_live_slot(runtime, slot, by_slot.pop(slot), actor, context, gap))
+                total.add(_run_live_slot(runtime, slot, by_slot.pop(slot), actor, context,
+                                         options, verdicts))
         except (IntegrityError, OperationalError) as exc:
             if isinstance(exc, OperationalError) and not is_retryable_db_error(exc):
                 raise
@@ -1125,10 +1294,13 @@ def _sum(a: ImportCounts, b: ImportCounts) -> ImportCounts:
 
 
 def _bulk(uow: UnitOfWork, slots: dict[Slot, list[Msg]], actor: str,
-          context: BatchContext, gap: timedelta, *, probe: bool) -> ImportCounts:
+          context: BatchContext, options: GroupingOptions, verdicts: Mapping[str, bool], *,
+          probe: bool) -> ImportCounts:
     db = uow.session
     counts = ImportCounts()
+    gap = options.gap
     fresh = fresh_messages(db, slots, counts, probe=probe)
+    links = stored_links(db, fresh, options)
     known = known_sessions(db, fresh, window=TimeWindow.around(
         (m for msgs in fresh.values() for m in msgs), gap))
     now = utcnow()
@@ -1136,8 +1308,9 @@ def _bulk(uow: UnitOfWork, slots: dict[Slot, list[Msg]], actor: str,
     live: list[Slot] = []
     plans: list[list[Step]] = []
     for slot, msgs in fresh.items():
-        steps = plan_slot(msgs, [Known.of(s) for s in known.get(slot, [])], now=now, gap=gap,
-                          segmenter=context.segmenter)
+        steps = plan_slot(msgs, [Known.of(s) for s in known.get(slot, [])], now=now,
+                          options=options, segmenter=context.segmenter,
+                          stored=links.get(slot, NO_LINKS), verdicts=verdicts)
         if needs_slot_lock(steps):
             live.append(slot)
         plans.append(steps)
@@ -1155,7 +1328,10 @@ def _bulk(uow: UnitOfWork, slots: dict[Slot, list[Msg]], actor: str,
 
 
 def _run_live_slot(runtime: Any, slot: Slot, msgs: list[Msg], actor: str,
-                   context: BatchContext, gap: timedelta) -> ImportCounts:
+                   context: BatchContext, options: GroupingOptions,
+                   verdicts: Mapping[str, bool]) -> ImportCounts:
+    gap = options.gap
+
     def work(tx: Any) -> ImportCounts:
         counts = ImportCounts()
         if context.live_marks:
@@ -1166,8 +1342,10 @@ def _run_live_slot(runtime: Any, slot: Slot, msgs: list[Msg], actor: str,
         window = TimeWindow.around(fresh.get(slot, []), gap)
         sessions = [Known.of(s) for s in known_sessions(tx.db, [slot], window=window)
                     .get(slot, [])]
-        steps = plan_slot(fresh.get(slot, []), sessions, now=tx.now, gap=gap,
-                          segmenter=context.segmenter)
+        links = stored_links(tx.db, fresh, options)
+        steps = plan_slot(fresh.get(slot, []), sessions, now=tx.now, options=options,
+                          segmenter=context.segmenter, stored=links.get(slot, NO_LINKS),
+                          verdicts=verdicts)
         apply_live_slot(tx, steps, job_id=context.job_id, counts=counts,
                         batch=context.batch_rows)
         if context.mark_slot:

@@ -73,6 +73,15 @@ class ImportJob(Base):
     conflicts: Mapped[int] = mapped_column(Integer, default=0)
     errors: Mapped[list[dict[str, Any]] | None] = mapped_column(JsonDoc, nullable=True)
     detail: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Grouping options of the upload (SPEC §4; null on jobs from before them: the
+    # settings' defaults) and what the LLM review did: `review_calls` is the job's spent
+    # call budget (reserved one call at a time), the boundary counts add up the chunks'.
+    session_gap: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    grouping: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    review: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    review_calls: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    boundaries_reviewed: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    boundaries_merged: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
@@ -113,6 +122,8 @@ class ImportChunk(Base):
     sessions_created: Mapped[int] = mapped_column(Integer, default=0)
     sessions_updated: Mapped[int] = mapped_column(Integer, default=0)
     conflicts: Mapped[int] = mapped_column(Integer, default=0)
+    boundaries_reviewed: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    boundaries_merged: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     errors: Mapped[list[dict[str, Any]] | None] = mapped_column(JsonDoc, nullable=True)
     # The line of its first row error: a job's first errors come from the chunks with
     # the lowest ones, so a status read loads a hundred error lists, not thousands.

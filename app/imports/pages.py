@@ -10,7 +10,10 @@ cut into pages of one slot each. A page ends where the slot's conversation pause
 for more than the job's gap — where the gap rule starts a new segment anyway — so
 grouping page by page is the gap rule's result for the whole slot; only a single
 conversation longer than `hard_rows` without such a pause is cut inside (its later
-pages then continue the session its first page made).
+pages then continue the session its first page made). A thread or a reply chain that a
+page cut crosses is continued the same way: a later page finds the thread's session by
+its `thread_id` and a reply's by its stored parent (only a reply timed before the parent
+it names, on an earlier page, falls back to the gap rule).
 
 Memory holds one run while sorting, one piece per run while merging, one page while
 storing: none of them grows with the file.
@@ -130,7 +133,8 @@ def read_staged(database: Database, job_pk: int, bucket: int, *, rows: int,
 def pack_msgs(msgs: Sequence[Msg]) -> bytes:
     rows = [[m.line, m.message_id, m.account_id, m.shop_id, str(m.sender_role), m.sender_id,
              m.content, m.message_type, m.sent_at.isoformat(), m.session_id,
-             m.task_type.value if m.task_type else None] for m in msgs]
+             m.task_type.value if m.task_type else None, m.reply_to, m.thread_id]
+            for m in msgs]
     return zlib.compress(json.dumps(rows, ensure_ascii=False, separators=(",", ":"))
                          .encode("utf-8"), 1)
 
@@ -141,9 +145,11 @@ def unpack_msgs(payload: bytes) -> list[Msg]:
         Msg(line=line, message_id=message_id, account_id=account, shop_id=shop,
             sender_role=roles[role], sender_id=sender_id, content=content,
             message_type=message_type, sent_at=datetime.fromisoformat(sent_at),
-            session_id=session_id, task_type=TaskType(task) if task else None)
+            session_id=session_id, task_type=TaskType(task) if task else None,
+            reply_to=threading[0] if threading else None,
+            thread_id=threading[1] if threading else None)
         for (line, message_id, account, shop, role, sender_id, content, message_type,
-             sent_at, session_id, task) in json.loads(zlib.decompress(payload))
+             sent_at, session_id, task, *threading) in json.loads(zlib.decompress(payload))
     ]
 
 

@@ -31,7 +31,12 @@ from app.validation import BoundaryModel, BoundedTime, check_tree
 KNOWN_FIELDS = frozenset({
     "message_id", "account_id", "user_id", "shop_id", "sender_role", "is_robot", "direction",
     "sender_id", "content", "message_type", "sent_at", "timestamp", "session_id", "task_type",
+    "reply_to", "in_reply_to", "in_response_to", "thread_id", "conversation_id", "thread",
 })
+# Threading fields (SPEC §4) and their aliases, as a row may spell them.
+REPLY_ALIASES = ("reply_to", "in_reply_to", "in_response_to")
+THREAD_ALIASES = ("thread_id", "conversation_id", "thread")
+MAX_THREAD_ID = 128
 
 MAX_CONTENT_BYTES = 65535  # MySQL TEXT
 ROLE_ALIASES: dict[str, SenderRole] = {
@@ -134,12 +139,22 @@ class ChatRow(BoundaryModel):
     sent_at: BoundedTime = Field(validation_alias=AliasChoices("sent_at", "timestamp"))
     session_id: str | None = Field(default=None, max_length=40)
     task_type: TaskType | None = None
+    # Threading: the message this row answers (a message_id), the source's conversation
+    # key. A reply_to naming no message of the slot is no error: the gap rule decides.
+    reply_to: str | None = Field(
+        default=None, validation_alias=AliasChoices(*REPLY_ALIASES), max_length=128
+    )
+    thread_id: str | None = Field(
+        default=None, validation_alias=AliasChoices(*THREAD_ALIASES), max_length=MAX_THREAD_ID
+    )
 
     _ids = field_validator(
-        "message_id", "account_id", "shop_id", "sender_id", "session_id", mode="before"
+        "message_id", "account_id", "shop_id", "sender_id", "session_id", "reply_to",
+        "thread_id", mode="before"
     )(id_text)
 
-    @field_validator("message_id", "account_id", "shop_id", "sender_id", "session_id")
+    @field_validator("message_id", "account_id", "shop_id", "sender_id", "session_id",
+                     "reply_to", "thread_id")
     @classmethod
     def _blank_is_none(cls, value: str | None) -> str | None:
         return value or None

@@ -80,12 +80,15 @@ from app.imports.pages import (
     slot_pages,
     sort_key,
 )
+from app.imports.review import BoundaryReviewer, ReviewEndpoint
+from app.imports.segmenting import Grouping, GroupingOptions
 from app.validation import LATEST_AHEAD
 
 log = logging.getLogger(__name__)
 
 UPLOAD_PIECE = 1 << 20
 MAX_ERRORS = 100
+MAX_SESSION_GAP = 30 * 86400  # an upload's session_gap, at most (s)
 # A chunk attempted this often without finishing (its worker killed, timed out) fails:
 # a job always ends, however its chunks die.
 MAX_CHUNK_ATTEMPTS = 10
@@ -139,6 +142,12 @@ class ImportJobView(BaseModel):
     sessions_created: int
     sessions_updated: int
     conflicts: int
+    # Grouping options (SPEC §4) and what the LLM review did
+    session_gap: int
+    grouping: str
+    review: bool
+    boundaries_reviewed: int = 0
+    boundaries_merged: int = 0
     errors: list[RowError]
     chunks: int
     chunks_done: int
@@ -378,14 +387,20 @@ class ImportService:
         encoding: str | None = None,
         actor: str = ACTOR,
         max_bytes: int | None = None,
+        session_gap: int | None = None,
+        grouping: str | None = None,
+        review: bool | None = None,
     ) -> ImportJobView:
-        """Stage an upload in the database and queue it. The caller starts the pipeline
-        (`tasks.imports.enqueue_import`) once this has returned (i.e. committed). An
-        upload past `max_bytes` (default MAX_UPLOAD_BYTES), counted as it streams in,
-        is refused with UploadTooLarge and nothing of it is kept."""
+        """Stage an upload in the database and queue it, with its grouping options (SPEC
+        §4; unset: SESSION_GAP, `auto`, GROUPING_REVIEW), checked here whatever the door.
+        The caller starts the pipeline (`tasks.imports.enqueue_import`) once this has
+        returned (i.e. committed). An upload past `max_bytes` (default MAX_UPLOAD_BYTES),
+        counted as it streams in, is refused with UploadTooLarge and nothing of it is kept."""
         limit = max_bytes or self.settings.max_upload_bytes
         fmt = _choice("format", format, [f.value for f in ImportFormat])
         enc = _choice("encoding", encoding, list(ENCODINGS))
+        options = self.grouping_options(session_gap=session_gap, grouping=grouping,
+                                        review=review)
         with self.database.unit_of_work() as uow:
             job = ImportJob(
                 job_id=new_id("imp"), status=JobStatus.QUEUED, phase="queued",
@@ -394,6 +409,9 @@ class ImportService:
                 size_bytes=0, upload_parts=0, staged_rows=0, chunk_count=0,
                 prepare_invalid=0, processed=0, inserted=0, duplicates=0, invalid=0,
                 sessions_created=0, sessions_updated=0, conflicts=0,
+                session_gap=options.session_gap, grouping=str(options.grouping),
+                review=options.review, review_calls=0, boundaries_reviewed=0,
+                boundaries_merged=0,
             )
             uow.session.add(job)
             uow.session.flush()
@@ -413,6 +431,62 @@ class ImportService:
                 formats.GZIP_MAGIC) else None
             uow.commit()
             return self._view(uow.session, job)
+
+    def grouping_options(self, *, session_gap: int | None = None, grouping: str | None = None,
+                         review: bool | None = None) -> GroupingOptions:
+        """An upload's grouping options, checked (422 naming the option) and resolved
+        against the settings."""
+        errors = []
+        if session_gap is not None and not (
+                isinstance(session_gap, int) and 1 <= session_gap <= MAX_SESSION_GAP):
+            errors.append({"field": "session_gap",
+                           "message": f"seconds, an integer in 1..{MAX_SESSION_GAP}"})
+        if grouping is not None and grouping not in tuple(Grouping):
+            errors.append({"field": "grouping",
+                           "message": f"use one of {[g.value for g in Grouping]}"})
+        wants_review = self.settings.grouping_review if review is None else review
+        if wants_review and self.settings.grouping_review_endpoint is None:
+            errors.append({"field": "review", "message": "no review endpoint is configured "
+                           "(GROUPING_LLM_BASE_URL and GROUPING_LLM_MODEL, or LLM_*)"})
+        if errors:
+            raise ValidationFailed("invalid grouping options: " + "; ".join(
+                f"{e['field']}: {e['message']}" for e in errors), errors)
+        return GroupingOptions(session_gap=session_gap or self.settings.session_gap,
+                               grouping=Grouping(grouping or Grouping.AUTO),
+                               review=bool(wants_review))
+
+    def _job_grouping(self, job: ImportJob) -> tuple[GroupingOptions, BoundaryReviewer | None]:
+        """The options a job was uploaded with (a job from before them: the defaults),
+        and its reviewer when it asked for review."""
+        options = GroupingOptions(
+            session_gap=job.session_gap or self.settings.session_gap,
+            grouping=Grouping(job.grouping or Grouping.AUTO), review=bool(job.review))
+        endpoint = self.settings.grouping_review_endpoint
+        if not options.review:
+            return options, None
+        if endpoint is None:
+            log.warning("import %s asked for review, but no endpoint is configured any more: "
+                        "the gap rule's boundaries are kept", job.job_id)
+            return options, None
+        settings, job_pk = self.settings, job.id
+        return options, BoundaryReviewer(
+            endpoint=ReviewEndpoint(*endpoint), confidence=settings.grouping_review_confidence,
+            reserve=lambda: self._reserve_review_call(job_pk),
+            min_gap=timedelta(seconds=settings.grouping_review_min_gap),
+            max_gap=timedelta(seconds=settings.grouping_review_max_gap))
+
+    def _reserve_review_call(self, job_pk: int) -> bool:
+        """Spend one call of the job's review budget (GROUPING_REVIEW_MAX_CALLS): one
+        conditional UPDATE, so chunks on any number of workers share it."""
+        with self.database.unit_of_work() as uow:
+            result = uow.session.execute(
+                update(ImportJob)
+                .where(ImportJob.id == job_pk,
+                       ImportJob.review_calls < self.settings.grouping_review_max_calls)
+                .values(review_calls=ImportJob.review_calls + 1)
+                .execution_options(synchronize_session=False))
+            uow.commit()
+        return affected_rows(result) == 1
 
     # ---- split ----------------------------------------------------------------------------
     def prepare(self, job_id: str) -> PrepareOutcome:
@@ -788,7 +862,7 @@ class ImportService:
             db.add(ImportChunk(
                 job_pk=job_pk, bucket=bucket, row_count=rows, status="pending", attempts=0,
                 inserted=0, duplicates=0, invalid=0, sessions_created=0, sessions_updated=0,
-                conflicts=0,
+                conflicts=0, boundaries_reviewed=0, boundaries_merged=0,
             ))
 
     @staticmethod
@@ -821,6 +895,7 @@ class ImportService:
                 return None  # failed while this chunk waited: its staged rows are gone
             job_id, job_pk, bucket = job.job_id, chunk.job_pk, chunk.bucket
             row_count, batch = chunk.row_count, job.batch_size
+            options, reviewer = self._job_grouping(job)
             # Rows are judged against the job's start, so every attempt judges alike.
             latest = (job.started_at or job.created_at) + LATEST_AHEAD
             attempt = chunk.attempts + 1  # read under the row lock: this attempt's own
@@ -851,12 +926,12 @@ class ImportService:
                     msgs, chars = [], 0
             if not runs.pieces:
                 return self._store_at_once(chunk_pk, job_id, msgs, checked.counts(),
-                                           after_write, batch)
+                                           after_write, batch, options, reviewer)
             if msgs:
                 runs.add_run(msgs)
                 msgs = []
             return self._store_in_pages(chunk_pk, job_id, runs, checked.counts(),
-                                        after_write, batch)
+                                        after_write, batch, options, reviewer)
         finally:
             if runs.pieces:
                 try:
@@ -877,10 +952,12 @@ class ImportService:
 
     def _store_at_once(self, chunk_pk: int, job_id: str, msgs: list[Msg],
                        checked: ImportCounts, after_write: Callable[[], None] | None,
-                       batch: int) -> ImportCounts | None:
+                       batch: int, options: GroupingOptions,
+                       reviewer: BoundaryReviewer | None) -> ImportCounts | None:
         """The usual chunk: one transaction, whose commit also marks the chunk done."""
         context = BatchContext(
             job_id=job_id, chunk_pk=chunk_pk, segmenter=self.segmenter, batch_rows=batch,
+            options=options, reviewer=reviewer,
             before_commit=lambda db, counts: self._mark_done(db, chunk_pk,
                                                              combined(checked, counts)),
             after_write=after_write,
@@ -896,14 +973,15 @@ class ImportService:
 
     def _store_in_pages(self, chunk_pk: int, job_id: str, runs: SortedRuns,
                         checked: ImportCounts, after_write: Callable[[], None] | None,
-                        batch: int) -> ImportCounts | None:
+                        batch: int, options: GroupingOptions,
+                        reviewer: BoundaryReviewer | None) -> ImportCounts | None:
         """A chunk too big for one transaction: one page (one slot's rows, cut where its
         conversation pauses) per transaction, each committed with the chunk's progress
         mark — the pages stored, their counts, the last row stored — which is advanced
         only from the value this run read (another run ahead of it stops this one)."""
         progress = self._progress(chunk_pk)
         totals = progress.counts
-        gap = timedelta(seconds=self.settings.session_gap)
+        gap = options.gap
         stream: Iterator[Msg] = runs.merged()
         if progress.cursor is not None:
             cursor = progress.cursor
@@ -913,6 +991,7 @@ class ImportService:
                 commit = _PageCommit(self, progress, totals, page)
                 context = BatchContext(
                     job_id=job_id, chunk_pk=chunk_pk, segmenter=self.segmenter,
+                    options=options, reviewer=reviewer,
                     batch_rows=batch, before_commit=commit.in_bulk, after_write=after_write,
                     live_marks=commit.already_stored, mark_slot=commit.in_slot,
                 )
@@ -1087,12 +1166,16 @@ class ImportService:
                     inserted=chunk.inserted, duplicates=chunk.duplicates, invalid=chunk.invalid,
                     sessions_created=chunk.sessions_created,
                     sessions_updated=chunk.sessions_updated, conflicts=chunk.conflicts,
+                    boundaries_reviewed=chunk.boundaries_reviewed,
+                    boundaries_merged=chunk.boundaries_merged,
                 ))
                 failed += chunk.status == "failed"
             job.inserted, job.duplicates, job.invalid = (
                 totals.inserted, totals.duplicates, totals.invalid)
             job.sessions_created, job.sessions_updated, job.conflicts = (
                 totals.sessions_created, totals.sessions_updated, totals.conflicts)
+            job.boundaries_reviewed, job.boundaries_merged = (
+                totals.boundaries_reviewed, totals.boundaries_merged)
             job.processed = totals.inserted + totals.duplicates + totals.invalid
             job.errors = self._first_errors(db, job)
             stored = totals.inserted + totals.duplicates
@@ -1258,6 +1341,8 @@ class ImportService:
             errors=errors,  # type: ignore[arg-type]  # dicts, validated by pydantic
             chunks=job.chunk_count, chunks_done=done, created_at=job.created_at,
             started_at=job.started_at, finished_at=job.finished_at, detail=job.detail,
+            session_gap=job.session_gap or self.settings.session_gap,
+            grouping=job.grouping or str(Grouping.AUTO), review=bool(job.review),
             **counts,
         )
 

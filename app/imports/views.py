@@ -1,7 +1,8 @@
 """HTTP doors of the history import (SPEC §8), admin only.
 
     POST /api/v1/imports            multipart `file`, or the raw JSON/NDJSON/CSV (or gzip)
-                                    body; `?format=` and `?encoding=` override detection.
+                                    body; `?format=` and `?encoding=` override detection;
+                                    `?session_gap=`, `?grouping=`, `?review=`: grouping
                                     202 with the job (status `queued`).
     GET  /api/v1/imports/<job_id>   status, counts, first row errors, times
     GET  /api/v1/imports            jobs, newest first (`limit`, `after`, `status`)
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import IO, Literal
+from typing import IO, Any, Literal
 
 from flask import Blueprint, Response, request, url_for
 from pydantic import BaseModel, ConfigDict, Field
@@ -28,7 +29,7 @@ from app.api.auth import current_client, require_roles
 from app.api.http import parse_query, respond, runtime
 from app.api.openapi import documented
 from app.errors import NotFound, ValidationFailed
-from app.imports.service import ImportJobView, ImportService, UploadTooLarge
+from app.imports.service import MAX_SESSION_GAP, ImportJobView, ImportService, UploadTooLarge
 from app.validation import BoundaryModel
 
 bp = Blueprint("imports", __name__)
@@ -53,7 +54,26 @@ def bounded_upload[**P](view: Callable[P, Response]) -> Callable[P, Response]:
     return wrapper
 
 
-class UploadQuery(BoundaryModel):
+class GroupingQuery(BoundaryModel):
+    """An upload's grouping options (SPEC §4); unset: SESSION_GAP, `auto`, GROUPING_REVIEW."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    session_gap: int | None = Field(
+        default=None, ge=1, le=MAX_SESSION_GAP, strict=False,
+        description="seconds of silence that start a new conversation (gap rule)")
+    grouping: Literal["auto", "threads", "gap"] | None = Field(
+        default=None, description="auto: threading fields where rows have them, the gap "
+        "rule for the rest; threads: threading fields alone; gap: the gap rule alone")
+    review: bool | None = Field(
+        default=None, description="ask the LLM to review ambiguous gap-rule boundaries")
+
+    def options(self) -> dict[str, Any]:
+        return {"session_gap": self.session_gap, "grouping": self.grouping,
+                "review": self.review}
+
+
+class UploadQuery(GroupingQuery):
     model_config = ConfigDict(extra="ignore")
 
     format: Literal["auto", "json", "ndjson", "csv"] = "auto"
@@ -103,7 +123,7 @@ def upload() -> Response:
     service = ImportService(runtime())
     job = service.create_job(stream, filename=filename, format=query.format,
                              encoding=query.encoding,
-                             actor=f"client:{current_client().client_id}")
+                             actor=f"client:{current_client().client_id}", **query.options())
     from tasks.imports import enqueue_import
 
     enqueue_import(job.job_id)

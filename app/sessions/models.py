@@ -49,6 +49,7 @@ class Session(Base):
         Index("ix_sessions_client", "client_id", "id"),
         Index("ix_sessions_agent", "assigned_agent_id", "status"),
         Index("ix_sessions_created", "created_at"),
+        Index("ix_sessions_slot_thread", "account_id", "shop_id", "thread_id"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
@@ -91,6 +92,10 @@ class Session(Base):
     handed_back_to: Mapped[str | None] = mapped_column(IdStr(40), nullable=True)
     unanswered: Mapped[bool] = mapped_column(Boolean, default=False)
     context: Mapped[dict[str, Any] | None] = mapped_column(JsonDoc, nullable=True)
+    # Imported sessions: why the session starts where it does (thread, reply, gap,
+    # review; SPEC §4 step 4) and the source's conversation key, if it had one.
+    started_by: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    thread_id: Mapped[str | None] = mapped_column(IdStr(128), nullable=True)
 
     @property
     def slot(self) -> tuple[str, str]:

@@ -107,6 +107,10 @@ class SessionView(BaseModel):
     unanswered: bool = False
     result: Any | None = None
     context: dict[str, Any] | None = None
+    # Imported sessions (SPEC §4 step 4): why it starts where it does — thread, reply,
+    # gap, review (null for live sessions) — and the source's conversation key
+    started_by: Literal["thread", "reply", "gap", "review"] | None = None
+    thread_id: str | None = None
 
 
 class TransferRequest(BoundaryModel):

@@ -53,7 +53,9 @@ def write_csv(header: list[str], rows: list[list[str]]) -> bytes:
     return ("\n".join(lines) + "\n").encode("utf-8")
 
 
-def map_twitter() -> tuple[bytes, list[dict], int]:
+def map_twitter(*, replies: bool = False) -> tuple[bytes, list[dict], int]:
+    """The export as our CSV; with `replies`, a `reply_to` column from the source's
+    `in_response_to_tweet_id` (written as a float there: `3.0`)."""
     records = source_records(TWITTER)
     authors = {r.fields["tweet_id"]: r.fields for r in records if r.fields}
     out, mapped = [], []
@@ -69,14 +71,17 @@ def map_twitter() -> tuple[bytes, list[dict], int]:
             customer = mention.group(1) if mention else (
                 parent["author_id"] if parent and parent["inbound"] == "True" else "")
         sent = datetime.strptime(f["created_at"], "%a %b %d %H:%M:%S %z %Y").astimezone(UTC)
+        parent_id = (f["in_response_to_tweet_id"] or "").removesuffix(".0")
         row = ["tw-" + f["tweet_id"], "twitter-care", customer,
                "counterpart" if inbound else "human", f["author_id"], f["text"],
                sent.isoformat()]
+        if replies:
+            row.append("tw-" + parent_id if parent_id else "")
         out.append(row)
         mapped.append({"message_id": row[0], "shop_id": customer, "sent_at": sent,
-                       "text": f["text"]})
+                       "text": f["text"], "parent": "tw-" + parent_id if parent_id else None})
     header = ["message_id", "account_id", "shop_id", "sender_role", "sender_id", "content",
-              "sent_at"]
+              "sent_at"] + (["reply_to"] if replies else [])
     return write_csv(header, out), mapped, len(records)
 
 
@@ -166,3 +171,150 @@ def test_ubuntu_dialogues_import_every_row_and_split_long_pauses(runtime):
     assert kinds[True] > 0  # the askers left alone (one-speaker dialogues, split tails)
     again = run_job(runtime, data, filename="ubuntu.csv")
     assert (again.inserted, again.duplicates, again.sessions_created) == (0, 9999, 0)
+
+
+# ---- scoring the grouping against ground truth ------------------------------------------
+# Pairwise same-conversation precision/recall/F1 within each (account, shop): every pair of
+# one slot's messages is a true pair when the ground truth puts both in one conversation,
+# a found pair when the import put both in one session.
+def pairwise_scores(found: dict[str, object], truth: dict[str, object],
+                    slot_of: dict[str, str]) -> tuple[float, float, float]:
+    by_slot: dict[str, list[str]] = defaultdict(list)
+    for message_id, slot in slot_of.items():
+        by_slot[slot].append(message_id)
+    both = found_pairs = true_pairs = 0
+    for ids in by_slot.values():
+        for i, a in enumerate(ids):
+            for b in ids[i + 1:]:
+                same_found = found[a] == found[b]
+                same_truth = truth[a] == truth[b]
+                found_pairs += same_found
+                true_pairs += same_truth
+                both += same_found and same_truth
+    precision = both / found_pairs if found_pairs else 1.0
+    recall = both / true_pairs if true_pairs else 1.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return precision, recall, f1
+
+
+def gap_rule(rows: list[dict]) -> dict[str, object]:
+    """The gap rule's partition, computed here from the mapped rows."""
+    by_slot: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_slot[r["shop_id"]].append(r)
+    found: dict[str, object] = {}
+    for slot, slot_rows in by_slot.items():
+        segment, last = 0, None
+        for r in sorted(slot_rows, key=lambda r: r["sent_at"]):
+            if last is not None and r["sent_at"] - last > GAP:
+                segment += 1
+            found[r["message_id"]] = (slot, segment)
+            last = r["sent_at"]
+    return found
+
+
+def twitter_threads(rows: list[dict]) -> dict[str, object]:
+    """Ground truth: a conversation is a thread as the slot holds it — the tweets of one
+    customer's slot that the source's reply links join, directly or through other tweets
+    of that slot (a thread another customer joins is, in that customer's slot, the part
+    of it there; a reply whose parent is missing or elsewhere starts one)."""
+    slot_of = {r["message_id"]: r["shop_id"] for r in rows}
+    parent = {r["message_id"]: r["parent"] for r in rows}
+
+    def root(message_id: str) -> str:
+        seen = set()
+        while (up := parent.get(message_id)) and slot_of.get(up) == slot_of[message_id] \
+                and message_id not in seen:
+            seen.add(message_id)
+            message_id = up
+        return message_id
+
+    return {r["message_id"]: root(r["message_id"]) for r in rows}
+
+
+def twitter_whole_threads(rows: list[dict]) -> dict[str, object]:
+    """The stricter truth: whole threads (SOURCE.md's 1,312), whatever slots they cross —
+    no grouping of one slot can follow a chain through another slot's tweets."""
+    parent = {r["message_id"]: r["parent"] for r in rows}
+
+    def root(message_id: str) -> str:
+        seen = set()
+        while (up := parent.get(message_id)) and up in parent and message_id not in seen:
+            seen.add(message_id)
+            message_id = up
+        return message_id
+
+    return {r["message_id"]: root(r["message_id"]) for r in rows}
+
+
+def stored_sessions(runtime, account: str) -> dict[str, object]:
+    with runtime.database.read() as db:
+        return {message_id: pk for message_id, pk in db.execute(
+            select(Message.message_id, Message.session_pk)
+            .where(Message.account_id == account))}
+
+
+def same_partition(a: dict[str, object], b: dict[str, object]) -> bool:
+    """Whether two groupings of the same messages put exactly the same ones together."""
+    def blocks(grouping: dict[str, object]) -> set[frozenset[str]]:
+        found: dict[object, set[str]] = defaultdict(set)
+        for message_id, key in grouping.items():
+            found[key].add(message_id)
+        return {frozenset(ids) for ids in found.values()}
+
+    return a.keys() == b.keys() and blocks(a) == blocks(b)
+
+
+def test_twitter_reply_links_reconstruct_the_threads(runtime):
+    runtime.settings.batch_size = 500
+    data, mapped, _ = map_twitter(replies=True)
+    job = run_job(runtime, data, filename="twitter.csv")
+    valid = [r for r in mapped if r["shop_id"]]
+    assert (job.inserted, job.invalid) == (len(valid), len(mapped) - len(valid))
+    found = stored_sessions(runtime, "twitter-care")
+    slot_of = {r["message_id"]: r["shop_id"] for r in valid}
+    truth = twitter_threads(valid)
+    precision, recall, f1 = pairwise_scores(found, truth, slot_of)
+    gap_f1 = pairwise_scores(gap_rule(valid), truth, slot_of)[2]
+    print(f"twitter with reply links: P {precision:.3f} R {recall:.3f} F1 {f1:.3f} "
+          f"(gap rule F1 {gap_f1:.3f})")
+    assert f1 >= 0.95 and f1 > gap_f1 + 0.3
+    whole = twitter_whole_threads(valid)
+    whole_f1 = pairwise_scores(found, whole, slot_of)[2]
+    whole_gap_f1 = pairwise_scores(gap_rule(valid), whole, slot_of)[2]
+    print(f"  against whole threads: F1 {whole_f1:.3f} (gap rule {whole_gap_f1:.3f})")
+    assert whole_f1 > whole_gap_f1 + 0.3
+    with runtime.database.read() as db:
+        reasons = {by: n for by, n in db.execute(
+            select(Session.started_by, func.count())
+            .where(Session.account_id == "twitter-care").group_by(Session.started_by))}
+    assert set(reasons) == {"reply", "gap"} and reasons["reply"] > reasons["gap"]
+    again = run_job(runtime, data, filename="twitter.csv")
+    assert (again.inserted, again.sessions_created, again.sessions_updated) == (0, 0, 0)
+    assert stored_sessions(runtime, "twitter-care") == found
+
+
+def test_twitter_without_reply_links_is_exactly_the_gap_rule(runtime):
+    runtime.settings.batch_size = 500
+    data, mapped, _ = map_twitter()
+    run_job(runtime, data, filename="twitter.csv")
+    valid = [r for r in mapped if r["shop_id"]]
+    found = stored_sessions(runtime, "twitter-care")
+    assert same_partition(found, gap_rule(valid))
+    slot_of = {r["message_id"]: r["shop_id"] for r in valid}
+    precision, recall, f1 = pairwise_scores(found, twitter_threads(valid), slot_of)
+    print(f"twitter, gap rule: P {precision:.3f} R {recall:.3f} F1 {f1:.3f}")
+    assert (round(precision, 3), round(recall, 3), round(f1, 3)) == (0.931, 0.470, 0.624)
+
+
+def test_ubuntu_grouping_is_exactly_the_gap_rule(runtime):
+    runtime.settings.batch_size = 1000
+    data, mapped, _ = map_ubuntu()
+    run_job(runtime, data, filename="ubuntu.csv")
+    found = stored_sessions(runtime, "ubuntu-help")
+    assert same_partition(found, gap_rule(mapped))
+    slot_of = {r["message_id"]: r["shop_id"] for r in mapped}
+    truth = {r["message_id"]: r["shop_id"] for r in mapped}  # dialogueID: one a slot
+    precision, recall, f1 = pairwise_scores(found, truth, slot_of)
+    print(f"ubuntu, gap rule: P {precision:.3f} R {recall:.3f} F1 {f1:.3f}")
+    assert (round(precision, 3), round(f1, 3)) == (1.0, 0.987)
