@@ -85,6 +85,9 @@ class Session(Base):
     result: Mapped[Any | None] = mapped_column(JsonDoc, nullable=True)
     preempted_by: Mapped[str | None] = mapped_column(IdStr(40), nullable=True)
     interrupted_session_id: Mapped[str | None] = mapped_column(IdStr(40), nullable=True)
+    # operator corrections (SPEC §11): the session this one was merged into / cut from
+    merged_into: Mapped[str | None] = mapped_column(IdStr(40), nullable=True)
+    split_from: Mapped[str | None] = mapped_column(IdStr(40), nullable=True)
     unanswered: Mapped[bool] = mapped_column(Boolean, default=False)
     context: Mapped[dict[str, Any] | None] = mapped_column(JsonDoc, nullable=True)
 

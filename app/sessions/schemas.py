@@ -94,6 +94,8 @@ class SessionView(BaseModel):
     pause_cause: str | None = None
     preempted_by: str | None = None
     interrupted_session_id: str | None = None
+    merged_into: str | None = None
+    split_from: str | None = None
     unanswered: bool = False
     result: Any | None = None
     context: dict[str, Any] | None = None
