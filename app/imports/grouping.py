@@ -510,7 +510,8 @@ def known_sessions(db: DbSession, slots: Iterable[Slot], *, lock: bool = False,
         params = {"window_since": window.since, "window_until": window.until}
     for i in range(0, len(ordered), ID_BATCH):
         stmt = select(Session).where(
-            tuple_(Session.account_id, Session.shop_id).in_(ordered[i:i + ID_BATCH]))
+            tuple_(Session.account_id, Session.shop_id).in_(ordered[i:i + ID_BATCH]),
+            Session.merged_into.is_(None))  # a merged session holds nothing more (§11)
         if near is not None:
             stmt = stmt.where(near)
         if lock:

@@ -7,7 +7,7 @@ moves messages, transfers and counters into `into` and leaves an empty ended hus
 from __future__ import annotations
 
 import itertools
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -442,6 +442,43 @@ def test_the_console_says_why_an_occupant_cannot_be_corrected(
     assert 'id="merge-form"' not in page
 
 
-def _slot_sessions(runtime: Runtime) -> list[Session]:
+def _slot_sessions(runtime: Runtime, shop: str = "shop-1") -> list[Session]:
     with runtime.database.read() as db:
-        return list(db.execute(select(Session).where(Session.shop_id == "shop-1")).scalars())
+        return list(db.execute(select(Session).where(Session.shop_id == shop)).scalars())
+
+
+# ---- corrections and later imports ---------------------------------------------------------
+def test_a_later_import_never_attaches_to_a_merged_session_and_a_reupload_changes_nothing(
+        admin: Caller, runtime: Runtime):
+    from freezegun import freeze_time
+
+    from app.imports.grouping import known_sessions
+    from tests.imports.helpers import as_ndjson, conversation, run_job
+
+    t0 = datetime(2024, 5, 1, 9, 0, tzinfo=UTC)
+    history = conversation("s", t0, "crcr") + conversation("s", t0 + timedelta(hours=2), "crc")
+    with freeze_time(t0 + timedelta(days=2)):
+        job = run_job(runtime, as_ndjson(history), filename="h.ndjson")
+    assert job.sessions_created == 2
+    first, second = sorted(_slot_sessions(runtime, "s"), key=lambda s: s.first_message_at)
+    # the later one is kept: the husk is the older row, the first a look-up finds
+    first, second = second, first
+    assert merge(admin, second.session_id, into=first.session_id,
+                 reason="one chat").status_code == 200
+
+    more = conversation("s", t0 + timedelta(hours=2, minutes=10), "rc", message_id=None)
+    for i, r in enumerate(more):
+        r["message_id"] = f"later-{i}"
+    with freeze_time(t0 + timedelta(days=2)):
+        again = run_job(runtime, as_ndjson(history), filename="again.ndjson")
+        later = run_job(runtime, as_ndjson(more), filename="later.ndjson")
+    assert again.inserted == 0 and again.sessions_created == 0 and again.sessions_updated == 0
+    assert later.inserted == 2 and later.sessions_created == 0
+    husk = assert_counters_match(runtime, second.session_id)
+    assert husk["ids"] == [] and husk["row"].merged_into == first.session_id
+    target = assert_counters_match(runtime, first.session_id)
+    assert target["row"].message_count == 9 and set(target["ids"]) >= {"later-0", "later-1"}
+    # whatever a later export's times, grouping never even sees the merged session
+    with runtime.database.read() as db:
+        known = known_sessions(db, [("acc-1", "s")])[("acc-1", "s")]
+    assert [k.session_id for k in known] == [first.session_id]
