@@ -522,6 +522,16 @@ def known_sessions(db: DbSession, slots: Iterable[Slot], *, lock: bool = False,
     return result
 
 
+def merged_since_read(db: DbSession, pks: Sequence[int]) -> list[Slot]:
+    """The slots of those sessions (locked `FOR UPDATE` here) that an operator has merged
+    into another since they were read without a lock (SPEC §11)."""
+    if not pks:
+        return []
+    rows = db.execute(select(Session.account_id, Session.shop_id, Session.merged_into)
+                      .where(Session.id.in_(sorted(set(pks)))).with_for_update()).all()
+    return sorted({(row.account_id, row.shop_id) for row in rows if row.merged_into})
+
+
 def fresh_messages(db: DbSession, slots: dict[Slot, list[Msg]], counts: ImportCounts,
                    *, probe: bool = False) -> dict[Slot, list[Msg]]:
     """Step 2 and 3: drop what is stored or repeated, order each slot by time.
@@ -1150,6 +1160,10 @@ def _bulk(uow: UnitOfWork, slots: dict[Slot, list[Msg]], actor: str,
                 writer.closed_session(step)
             elif isinstance(step, Attach):
                 writer.attach_closed(step.target, step.messages)
+    merged = merged_since_read(db, [step.target.pk for steps in plans for step in steps
+                                    if isinstance(step, Attach)])
+    if merged:  # an operator merged a target away since the plan read it: redo those slots
+        raise SlotsBecameLive(merged)  # under the slot lock, which corrections hold (§11)
     writer.flush()
     counts.add(writer.counts)
     return counts

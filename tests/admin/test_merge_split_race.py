@@ -12,6 +12,7 @@ only the answers a correction may give were given.
 
 from __future__ import annotations
 
+import io
 import itertools
 import random
 import threading
@@ -22,11 +23,13 @@ from typing import Any
 
 import pytest
 from sqlalchemy import func, select
+from sqlalchemy import text as sa_text
 
 from app.audit.models import Operation
 from app.audit.trail import verify_chain
 from app.db import utcnow
 from app.errors import AutoSessionError
+from app.imports.service import ImportService
 from app.messages.models import Message
 from app.runtime import Runtime
 from app.sessions.activity import LiveMessage
@@ -210,3 +213,89 @@ def test_merges_and_splits_racing_each_other_and_live_traffic_lose_nothing(runti
         if s.split_from:
             assert s.split_from in sessions, sid
         assert chains[sid][0], (sid, chains[sid])
+
+
+def test_an_import_planned_before_a_merge_never_writes_into_the_merged_session(
+        runtime: Runtime, backend):  # type: ignore[no-untyped-def]
+    """The bulk import reads its targets without a lock. Ordered by row locks: the
+    import plans to continue session X, a merge of X into Y commits, then the import
+    writes — it must notice and redo the slot under the slot lock (onto Y)."""
+    from tests.imports.helpers import as_ndjson, conversation, run_job
+
+    t0 = utcnow().replace(microsecond=0) - timedelta(days=2)
+    earlier = conversation("imp", t0 - timedelta(hours=2), "crcr")
+    history = conversation("imp", t0, "crc")
+    for i, r in enumerate(earlier + history):
+        r["message_id"] = f"h{i}"
+    run_job(runtime, as_ndjson(earlier + history), filename="h.ndjson")
+    y, x = sorted((s for s in slot_sessions_of(runtime, "imp")),
+                  key=lambda s: s.first_message_at)
+    more = conversation("imp", t0 + timedelta(minutes=10), "rc")
+    for i, r in enumerate(more):
+        r["message_id"] = f"later-{i}"
+
+    # a statement of this test's database waiting for a row lock (InnoDB may show a
+    # unique-key lock wait as RUNNING in its optimizer phase: the process list is surer)
+    waiting = sa_text(
+        "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE DB = :db "
+        "AND COMMAND = 'Query' AND INFO LIKE '%FOR UPDATE' AND ID != CONNECTION_ID()")
+
+    def until_waiting(n: int) -> None:
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            with runtime.database.engine.connect() as probe:
+                if probe.execute(waiting, {"db": backend.db_name}).scalar() == n:
+                    return
+            time.sleep(0.02)
+        raise AssertionError(f"never {n} statements waiting for a row lock")
+
+    imports = ImportService(runtime)  # staged before the race: only the chunk runs in it
+    job = imports.create_job(io.BytesIO(as_ndjson(more)), filename="m.ndjson")
+    chunks = imports.prepare(job.job_id).chunk_pks
+
+    def import_chunks() -> None:
+        for chunk_pk in chunks:
+            imports.process_chunk(chunk_pk)
+        imports.finish(job.job_id)
+
+    errors: list[BaseException] = []
+
+    def run(target: Any) -> threading.Thread:
+        def body() -> None:
+            try:
+                target()
+            except BaseException as exc:  # noqa: BLE001 - reported by the test
+                errors.append(exc)
+        thread = threading.Thread(target=body)
+        thread.start()
+        return thread
+
+    with runtime.database.engine.connect() as holder:
+        holder.execute(select(Session.id).where(Session.id == x.id).with_for_update())
+        merging = run(lambda: merge_sessions(runtime.sessions, [x.session_id],
+                                             into=y.session_id, actor=OPERATOR,
+                                             reason="one chat"))
+        until_waiting(1)  # the merge waits for X first
+        importing = run(import_chunks)
+        until_waiting(2)  # the import planned onto X and waits for it behind the merge
+        holder.rollback()
+    merging.join(30)
+    importing.join(30)
+    assert errors == []
+
+    with runtime.database.read() as db:
+        husk = db.get_one(Session, x.id)
+        target = db.get_one(Session, y.id)
+        in_husk = db.execute(select(func.count()).where(Message.session_pk == x.id)).scalar()
+        in_target = set(db.execute(select(Message.message_id)
+                                   .where(Message.session_pk == y.id)).scalars())
+    assert husk.merged_into == y.session_id
+    assert in_husk == 0 and husk.message_count == 0
+    assert {"later-0", "later-1"} <= in_target
+    assert target.message_count == len(in_target) == 9
+
+
+def slot_sessions_of(runtime: Runtime, shop: str) -> list[Session]:
+    with runtime.database.read() as db:
+        return list(db.execute(select(Session).where(Session.account_id == "acc-1",
+                                                     Session.shop_id == shop)).scalars())
