@@ -165,6 +165,8 @@ def test_merge_moves_messages_transfers_and_counters_into_the_target(
     # the links show in the session API and on the console's detail
     assert admin.get(f"/admin/api/sessions/{second}").get_json()["session"]["merged_into"] \
         == first
+    public = admin.get(f"/api/v1/sessions/{second}").get_json()
+    assert public["merged_into"] == first and public["split_from"] is None
     detail = admin.get(f"/admin/api/sessions/{first}").get_json()
     assert len(detail["messages"]) == 9 and detail["transfers"][0]["session_id"] == first
 
@@ -231,6 +233,7 @@ def test_split_cuts_before_the_message_into_a_new_ended_session(
                   "owner_id", "priority"):
         assert new[field] == body["session"][field], field
     assert new["status"] == "COMPLETED" and new["merged_into"] is None
+    assert admin.get(f"/api/v1/sessions/{new['session_id']}").get_json()["split_from"] == sid
 
     head = assert_counters_match(runtime, sid)
     tail = assert_counters_match(runtime, new["session_id"])
