@@ -241,7 +241,7 @@ def test_an_import_planned_before_a_merge_never_writes_into_the_merged_session(
         "AND COMMAND = 'Query' AND INFO LIKE '%FOR UPDATE' AND ID != CONNECTION_ID()")
 
     def until_waiting(n: int) -> None:
-        deadline = time.monotonic() + 3
+        deadline = time.monotonic() + 4
         while time.monotonic() < deadline:
             with runtime.database.engine.connect() as probe:
                 if probe.execute(waiting, {"db": backend.db_name}).scalar() == n:
