@@ -83,11 +83,11 @@ class Session(Base):
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     end_reason: Mapped[str | None] = mapped_column(String(255), nullable=True)
     result: Mapped[Any | None] = mapped_column(JsonDoc, nullable=True)
-    preempted_by: Mapped[str | None] = mapped_column(IdStr(40), nullable=True)
-    interrupted_session_id: Mapped[str | None] = mapped_column(IdStr(40), nullable=True)
     # operator corrections (SPEC §11): the session this one was merged into / cut from
     merged_into: Mapped[str | None] = mapped_column(IdStr(40), nullable=True)
     split_from: Mapped[str | None] = mapped_column(IdStr(40), nullable=True)
+    preempted_by: Mapped[str | None] = mapped_column(IdStr(40), nullable=True)
+    interrupted_session_id: Mapped[str | None] = mapped_column(IdStr(40), nullable=True)
     unanswered: Mapped[bool] = mapped_column(Boolean, default=False)
     context: Mapped[dict[str, Any] | None] = mapped_column(JsonDoc, nullable=True)
 

@@ -92,10 +92,10 @@ class SessionView(BaseModel):
     reason: str | None = None
     end_reason: str | None = None
     pause_cause: str | None = None
-    preempted_by: str | None = None
-    interrupted_session_id: str | None = None
     merged_into: str | None = None
     split_from: str | None = None
+    preempted_by: str | None = None
+    interrupted_session_id: str | None = None
     unanswered: bool = False
     result: Any | None = None
     context: dict[str, Any] | None = None
