@@ -74,6 +74,33 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "rows_checked": ("rows checked", "行已校验"),
     "force_close": ("Force close", "强制关闭"),
     "force_close_confirm": ("End this session now (CANCELLED)?", "立即结束该会话（取消）？"),
+    # operator corrections (SPEC §11)
+    "corrections": ("Corrections (merge and split)", "人工修正（合并与拆分）"),
+    "merged_into": ("Merged into", "已合并到"),
+    "merged_from": ("Merged from", "合并自"),
+    "split_from": ("Split from", "拆分自"),
+    "split_into": ("Split into", "已拆分出"),
+    "merge": ("Merge", "合并"),
+    "merge_into": ("Merge this session into (session id)", "将本会话合并到（会话 ID）"),
+    "merge_confirm": ("Move this session's messages and transfers into the other session?",
+                      "将本会话的消息和转人工记录移入另一个会话？"),
+    "split": ("Split", "拆分"),
+    "split_at": ("Split before message (message id)", "从此消息之前拆分（消息 ID）"),
+    "split_confirm": ("Move this message and every later one to a new session?",
+                      "将该消息及之后的所有消息移到一个新会话？"),
+    "corrections_help": ("Only ended sessions of one slot can be merged or split; every "
+                         "correction is audited with you as the actor.",
+                         "只有同一会话槽中已结束的会话可以合并或拆分；每次修正都会以您为"
+                         "操作者记入审计日志。"),
+    "correction_occupies": ("This session occupies the slot: it cannot be merged or split "
+                            "until it ends.",
+                            "该会话正在占用会话槽：结束之前不能合并或拆分。"),
+    "correction_merged": ("This session was merged into another one and holds no messages.",
+                          "该会话已合并到另一个会话，不再包含消息。"),
+    "correction_not_ended": ("This session has not ended: only ended sessions can be "
+                             "merged or split (another ended session can be merged into it).",
+                             "该会话尚未结束：只有已结束的会话可以合并或拆分（可将其他已结束"
+                             "的会话合并到它）。"),
     "reason": ("Reason", "原因"),
     "slot": ("Slot", "会话槽"),
     "view_slot": ("View slot", "查看会话槽"),

@@ -15,7 +15,7 @@ from typing import cast
 from flask import Blueprint, Flask, Response, request
 from flask.blueprints import BlueprintSetupState
 
-from admin import api, console
+from admin import api, console, corrections
 from admin.auth import configure_app
 
 bp = Blueprint(
@@ -24,6 +24,8 @@ bp = Blueprint(
 )
 bp.register_blueprint(api.bp)
 bp.register_blueprint(console.bp)
+bp.register_blueprint(corrections.api_bp)
+bp.register_blueprint(corrections.console_bp)
 
 # Scripts, styles, images and API calls from this origin only; the pages' JSON data
 # blocks (`<script type="application/json">`) are data, not script, so no inline script,

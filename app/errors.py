@@ -127,6 +127,14 @@ class IdempotencyMismatch(Conflict):
     title = "Idempotency key reused with another request"
 
 
+class CorrectionRefused(Conflict):
+    """An operator's merge or split (SPEC §11) would touch a session that occupies the
+    slot, or sessions it cannot join or cut (another slot, not ended, already merged)."""
+
+    type = "/problems/correction-refused"
+    title = "Correction refused"
+
+
 class CursorExpired(AutoSessionError):
     """The feed or stream cursor points before the oldest event still kept (retention)."""
 

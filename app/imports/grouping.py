@@ -560,7 +560,8 @@ def known_sessions(db: DbSession, slots: Iterable[Slot], *, lock: bool = False,
         params = {"window_since": window.since, "window_until": window.until}
     for i in range(0, len(ordered), ID_BATCH):
         stmt = select(Session).where(
-            tuple_(Session.account_id, Session.shop_id).in_(ordered[i:i + ID_BATCH]))
+            tuple_(Session.account_id, Session.shop_id).in_(ordered[i:i + ID_BATCH]),
+            Session.merged_into.is_(None))  # a merged session holds nothing more (§11)
         if near is not None:
             stmt = stmt.where(near)
         if lock:
@@ -569,6 +570,16 @@ def known_sessions(db: DbSession, slots: Iterable[Slot], *, lock: bool = False,
             if session.slot in wanted:  # byte-exact, whatever the collation pads
                 result[session.slot].append(session)
     return result
+
+
+def merged_since_read(db: DbSession, pks: Sequence[int]) -> list[Slot]:
+    """The slots of those sessions (locked `FOR UPDATE` here) that an operator has merged
+    into another since they were read without a lock (SPEC §11)."""
+    if not pks:
+        return []
+    rows = db.execute(select(Session.account_id, Session.shop_id, Session.merged_into)
+                      .where(Session.id.in_(sorted(set(pks)))).with_for_update()).all()
+    return sorted({(row.account_id, row.shop_id) for row in rows if row.merged_into})
 
 
 def fresh_messages(db: DbSession, slots: dict[Slot, list[Msg]], counts: ImportCounts,
@@ -1322,6 +1333,10 @@ def _bulk(uow: UnitOfWork, slots: dict[Slot, list[Msg]], actor: str,
                 writer.closed_session(step)
             elif isinstance(step, Attach):
                 writer.attach_closed(step.target, step.messages)
+    merged = merged_since_read(db, [step.target.pk for steps in plans for step in steps
+                                    if isinstance(step, Attach)])
+    if merged:  # an operator merged a target away since the plan read it: redo those slots
+        raise SlotsBecameLive(merged)  # under the slot lock, which corrections hold (§11)
     writer.flush()
     counts.add(writer.counts)
     return counts

@@ -84,6 +84,9 @@ class Session(Base):
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     end_reason: Mapped[str | None] = mapped_column(String(255), nullable=True)
     result: Mapped[Any | None] = mapped_column(JsonDoc, nullable=True)
+    # operator corrections (SPEC §11): the session this one was merged into / cut from
+    merged_into: Mapped[str | None] = mapped_column(IdStr(40), nullable=True)
+    split_from: Mapped[str | None] = mapped_column(IdStr(40), nullable=True)
     preempted_by: Mapped[str | None] = mapped_column(IdStr(40), nullable=True)
     interrupted_session_id: Mapped[str | None] = mapped_column(IdStr(40), nullable=True)
     # hand-back to the robot (SPEC §12): the robot session that took the conversation

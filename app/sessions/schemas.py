@@ -100,6 +100,8 @@ class SessionView(BaseModel):
     reason: str | None = None
     end_reason: str | None = None
     pause_cause: str | None = None
+    merged_into: str | None = None
+    split_from: str | None = None
     preempted_by: str | None = None
     interrupted_session_id: str | None = None
     handed_back_from: str | None = None
