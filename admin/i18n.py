@@ -125,6 +125,10 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "none": ("none", "无"),
     "error_title": ("Something went wrong", "出错了"),
     "done": ("Done.", "完成。"),
+    # the live pages (static/live.js)
+    "live_connecting": ("Connecting to live updates…", "正在连接实时更新…"),
+    "live_on": ("Live: this page updates by itself", "实时：本页自动更新"),
+    "live_reconnecting": ("Live updates interrupted, reconnecting…", "实时更新中断，正在重新连接…"),
 }
 
 
