@@ -57,16 +57,29 @@
     if (timer === null) timer = window.setTimeout(function () { timer = null; refresh(); }, 150);
   }
 
-  var source = new EventSource(live.getAttribute("data-stream"), { withCredentials: true });
-  show("connecting");
-  source.onopen = function () { show("live"); };
-  source.onerror = function () { show("reconnecting"); };
-  TYPES.forEach(function (type) {
-    source.addEventListener(type, function (message) {
-      var event;
-      try { event = JSON.parse(message.data); } catch (e) { return; }
-      if (concerns(type, event)) schedule();
+  var source = null, connected = false;
+  function connect() {
+    source = new EventSource(live.getAttribute("data-stream"), { withCredentials: true });
+    source.onopen = function () {
+      show("live");
+      if (connected) schedule();  // back after a break: what changed meanwhile
+      connected = true;
+    };
+    source.onerror = function () {
+      show("reconnecting");
+      // EventSource retries a dropped stream by itself, but not a refused one (a 503 when
+      // the server is full, a restart): open a new one a little later
+      if (source.readyState === EventSource.CLOSED) window.setTimeout(connect, 5000);
+    };
+    TYPES.forEach(function (type) {
+      source.addEventListener(type, function (message) {
+        var event;
+        try { event = JSON.parse(message.data); } catch (e) { return; }
+        if (concerns(type, event)) schedule();
+      });
     });
-  });
-  window.addEventListener("pagehide", function () { source.close(); });
+  }
+  show("connecting");
+  connect();
+  window.addEventListener("pagehide", function () { if (source) source.close(); });
 })();
