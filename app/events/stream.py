@@ -231,7 +231,12 @@ class EventHub:
         """The buffered batches with events after `cursor`, the head they reach and the
         buffer's floor (a cursor below the floor must catch up from the table)."""
         with self._changed:
-            found = [b for b in self._batches if b.last_id > cursor]
+            found: list[Batch] = []
+            for batch in reversed(self._batches):  # newest first: a stream is rarely behind
+                if batch.last_id <= cursor:
+                    break
+                found.append(batch)
+            found.reverse()
             return found, self.head, self.floor
 
     def wait_past(self, cursor: int, timeout: float) -> bool:

@@ -166,6 +166,9 @@ class StreamClients:
             raise SystemExit(f"only {self.ready['open']} of {total} streams opened: "
                              f"{self.ready}")
 
+    def cpu(self) -> float:
+        return stat_cpu(f"/proc/{self.proc.pid}/stat")
+
     def counts(self) -> dict[str, int]:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.proc.stdin.write("?\n")
@@ -252,6 +255,7 @@ def main() -> int:
                     # the stream process is counted in: every stream must be served
                     assert httpx.get(f"{stream.base}/healthz", timeout=5).status_code == 200
                 cpu0, counts0 = stream.cpu(), clients.counts() if clients else None
+                held0 = clients.cpu() if clients else 0.0
                 for path in paths:
                     result = run_wrk(wrk, web.base, path, ids_file, args.connections,
                                      args.wrk_threads, args.duration,
@@ -272,6 +276,7 @@ def main() -> int:
                     figures[("with", "frames")] = counts1["frames"] - counts0["frames"]
                     figures[("with", "closed")] = counts1["closed"]
                     figures[("with", "stream_cpu_s")] = stream.cpu() - cpu0
+                    figures[("with", "clients_cpu_s")] = clients.cpu() - held0
                     clients.close()
                     clients = None
                     time.sleep(2)  # the stream process sees the disconnects
@@ -306,8 +311,11 @@ def main() -> int:
         cpu = [r[("with", "stream_cpu_s")] for r in rounds]
         summary["frames_per_round"] = frames
         summary["stream_cpu_s_per_round"] = cpu
+        held = [r[("with", "clients_cpu_s")] for r in rounds]
+        summary["clients_cpu_s_per_round"] = held
         log(f"frames pushed to the {args.streams} streams per round: {frames}; the stream "
-            f"process's CPU per round: {[round(c, 2) for c in cpu]} s; streams closed by "
+            f"process's CPU per round: {[round(c, 2) for c in cpu]} s (the clients': "
+            f"{[round(c, 2) for c in held]} s); streams closed by "
             f"the server: {[r[('with', 'closed')] for r in rounds]}")
         log(f"verdict: {'within' if verdict else 'NOT within'} {AIM:g}× on every path")
         if args.json:
