@@ -135,27 +135,40 @@ def open_stream(client: ClientIdentity) -> Response:
     except BaseException:
         hub.close()
         raise
-    response = Response(_frames(hub, subscription), mimetype="text/event-stream")
+    response = Response(_StreamBody(hub, subscription), mimetype="text/event-stream")
     response.headers["Cache-Control"] = "no-store"
     response.headers["X-Accel-Buffering"] = "no"  # nginx: pass frames on unbuffered
     allow_cross_origin(response)
     return response
 
 
-def _frames(hub: EventHub, subscription: EventSubscription) -> Iterator[bytes]:
-    """The stream's body; the stream is counted out however it ends (the client went
-    away — the server closes the generator — or the database failed mid-stream, when the
-    client reconnects with its Last-Event-ID)."""
-    try:
-        yield b"retry: 2000\n"
-        yield from subscription.frames()
-    except GeneratorExit:
-        raise
-    except Exception:
-        log.warning("event stream ended by an error; the client resumes from its cursor",
-                    exc_info=True)
-    finally:
-        hub.close()
+class _StreamBody:
+    """The stream's body. The stream is counted out however it ends: the client went
+    away (the server closes the body — WSGI calls `close()` even on a body it never
+    iterated, a HEAD), or the database failed mid-stream (the client reconnects with its
+    Last-Event-ID)."""
+
+    def __init__(self, hub: EventHub, subscription: EventSubscription) -> None:
+        self.hub = hub
+        self.subscription = subscription
+        self.closed = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            yield b"retry: 2000\n"
+            yield from self.subscription.frames()
+        except GeneratorExit:
+            raise
+        except Exception:
+            log.warning("event stream ended by an error; the client resumes from its cursor",
+                        exc_info=True)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.hub.close()
 
 
 def allowed_origins() -> set[str]:

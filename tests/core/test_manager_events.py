@@ -10,9 +10,11 @@ import pytest
 
 from app.errors import ValidationFailed
 from app.manager import AutoSessionManager, TaskType
+from tests.api.test_event_stream import seed_event
 
 
 def test_events_arrive_as_they_commit_and_resume_from_a_cursor(runtime) -> None:  # type: ignore[no-untyped-def]
+    seed_event(runtime)  # a poller starting on an emptied table waits out a hole (README)
     manager = AutoSessionManager(runtime)
     stream = manager.events(idle_timeout=3)
     arrived: list[tuple[int, str, str | None]] = []
