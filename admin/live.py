@@ -14,7 +14,7 @@ from app.api.stream import open_stream, preflight
 bp = Blueprint("live", __name__, url_prefix="/api/events")
 
 
-@bp.get("/stream")
+@bp.get("/stream", provide_automatic_options=False)
 @admin_only
 def stream() -> Response:
     return open_stream(admin_client())

@@ -109,9 +109,9 @@ class Settings(BaseSettings):
     # Port of the Procfile's `stream` process (the embedded default serves the stream on
     # PORT); keep-alive comment and outbox poll intervals (s); streams one process serves
     # at most (the embedded default: EMBEDDED_STREAMS, each holds one of its threads);
-    # extra origins whose pages may open the stream with the console's cookie (the web
-    # origin of the same host is always allowed); the stream's origin as browsers reach
-    # it, when a proxy does not serve it at http(s)://<host>:STREAM_PORT.
+    # extra origins whose pages may open the stream with the console's cookie (this
+    # host at PORT is always allowed); the stream's origin as browsers reach it, when a
+    # proxy does not serve it at http(s)://<host>:STREAM_PORT.
     stream_port: PositiveInt = 8001
     stream_keepalive_interval: PositiveFloat = 15.0
     stream_poll_interval: float = Field(default=0.2, ge=0.01, le=10.0)

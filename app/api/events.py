@@ -34,7 +34,7 @@ def feed() -> Response:
     return respond(page)
 
 
-@bp.get("/stream")
+@bp.get("/stream", provide_automatic_options=False)
 @documented(
     summary="The events as a live stream (Server-Sent Events)",
     description="`text/event-stream`: each event as `id: <event_id>`, `event: <type>`, "

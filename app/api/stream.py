@@ -178,15 +178,21 @@ def allowed_origins() -> set[str]:
 
 
 def allow_cross_origin(response: Response) -> None:
-    """Let the console's page (another port of the same host, or a listed origin) open
-    the stream with its cookie: EventSource `withCredentials` needs the exact origin."""
+    """Let the console's page open the stream with its cookie (EventSource
+    `withCredentials` needs the exact origin): the web process of this host (`PORT`), or
+    a listed origin — not any other port of the host, whose pages would get the cookie
+    (cookies are per host, not per port)."""
     origin = request.headers.get("Origin")
     if not origin:
         return
     parsed = urlsplit(origin)
-    same_host = parsed.hostname is not None and parsed.hostname == urlsplit(
-        f"//{request.host}").hostname
-    if same_host or origin.rstrip("/") in allowed_origins():
+    try:
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    except ValueError:
+        return
+    web = parsed.hostname is not None and parsed.hostname == urlsplit(
+        f"//{request.host}").hostname and port == runtime().settings.port
+    if web or origin.rstrip("/") in allowed_origins():
         response.headers["Access-Control-Allow-Origin"] = origin
         response.headers["Access-Control-Allow-Credentials"] = "true"
         response.headers["Access-Control-Allow-Headers"] = "Authorization, Last-Event-ID"

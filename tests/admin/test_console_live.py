@@ -49,13 +49,16 @@ def settings(backend, tmp_path: Path, stream_port: int) -> Settings:  # type: ig
 
 
 @pytest.fixture
-def stream_process(runtime: Runtime, backend, stream_port: int) -> Iterator[None]:  # type: ignore[no-untyped-def]
-    """The `stream` process beside the console on MariaDB + Redis (none when embedded)."""
+def stream_process(runtime: Runtime, backend, stream_port: int,  # type: ignore[no-untyped-def]
+                   server: str) -> Iterator[None]:  # noqa: F811
+    """The `stream` process beside the console on MariaDB + Redis (none when embedded);
+    the console's origin is not this host's PORT, so it is listed."""
     if not backend.is_mysql:
         yield
         return
     seed_event(runtime)
-    env = {**backend.env(), "SECRET_KEY": SECRET, "STREAM_PORT": str(stream_port)}
+    env = {**backend.env(), "SECRET_KEY": SECRET, "STREAM_PORT": str(stream_port),
+           "STREAM_CORS_ORIGINS": server}
     proc = subprocess.Popen(
         [str(BIN / "gunicorn"), "--config", "gunicorn_stream.conf.py", "--bind",
          f"127.0.0.1:{stream_port}", "--no-control-socket", "app.stream_wsgi:app"],

@@ -253,6 +253,15 @@ def test_refusals_come_before_the_stream_starts(live: Live, runtime) -> None:  #
     assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "after"
     bad = httpx.get(live.stream + STREAM, headers={**bot, "Last-Event-ID": "x1"}, timeout=5)
     assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "Last-Event-ID"
+    # the console's origin (this host's web PORT, 8000 here) may open it with its cookie;
+    # another port of the host or another site may not
+    for origin, allowed in (("http://127.0.0.1:8000", True), ("http://127.0.0.1:8999", False),
+                            ("https://evil.example", False)):
+        for answer in (httpx.options(live.stream + STREAM, headers={"Origin": origin}),
+                       httpx.head(live.stream + STREAM, headers={**bot, "Origin": origin})):
+            assert answer.headers.get("Access-Control-Allow-Origin") == (
+                origin if allowed else None), (origin, answer.headers)
+            assert (answer.headers.get("Access-Control-Allow-Credentials") == "true") is allowed
     elsewhere = httpx.get(live.web + STREAM, headers=bot, timeout=5)
     assert elsewhere.status_code == 404 and live.stream.rsplit(":", 1)[1] in (
         elsewhere.json()["detail"])
