@@ -383,7 +383,9 @@ def test_the_embedded_default_serves_the_stream_on_the_web_port(tmp_path: Path) 
         first.wait_for(lambda f: f.comment is not None, timeout=3)  # keep-alive
         first.close()
         missed = [create(f"acc-{i}")[0] for i in range(2, 5)]  # while disconnected
-        again = SseReader(base + STREAM, headers={**auth, "Last-Event-ID": str(first.last_id())})
+        # the reconnect's Last-Event-ID wins over the URL's `after` (EventSource keeps the URL)
+        again = SseReader(base + STREAM, headers={**auth, "Last-Event-ID": str(first.last_id())},
+                          params={"after": start})
         readers.append(again.start())
         sid5, _ = create("acc-5")
         again.wait_for(lambda f: f.is_event and f.data["session_id"] == sid5)
