@@ -39,6 +39,7 @@ from app.api.auth import client_service
 from app.api.http import runtime
 from app.api.problems import field_errors
 from app.api.ratelimit import RateLimited, count_failed_authentication
+from app.api.stream import stream_url_for_console
 from app.clients.service import ClientRole
 from app.errors import AutoSessionError, Unauthorized
 from app.imports.service import ImportService
@@ -189,7 +190,8 @@ def slot_page() -> str:
     query = admin_service.SlotQuery.model_validate(request.args.to_dict())
     with runtime().database.read() as db:
         slot = admin_service.slot_view(db, query.account_id, query.shop_id)
-    return render_template("slot.html", slot=slot)
+    return render_template("slot.html", slot=slot, live=live_marker(
+        "slot-state", account_id=query.account_id, shop_id=query.shop_id))
 
 
 @bp.post("/slots/release")
@@ -214,7 +216,16 @@ def transfers() -> str:
     with runtime().database.read() as db:
         queue = admin_service.transfer_queue(db)
         accepted = admin_service.transfer_queue(db, status=TransferStatus.ACCEPTED)
-    return render_template("transfers.html", queue=queue, accepted=accepted)
+    return render_template("transfers.html", queue=queue, accepted=accepted,
+                           live=live_marker("transfer-queue transfer-accepted"))
+
+
+def live_marker(regions: str, *, account_id: str | None = None,
+                shop_id: str | None = None) -> dict[str, str | None]:
+    """What a live page's `_live.html` needs: the stream's URL (`app.api.stream`), the ids
+    of the regions live.js swaps, and the slot a slot page follows."""
+    return {"stream_url": stream_url_for_console(url_for("admin.live.stream")),
+            "regions": regions, "account_id": account_id, "shop_id": shop_id}
 
 
 @bp.get("/agents")

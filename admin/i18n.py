@@ -178,6 +178,10 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "first_response_overdue_24h": ("overdue (24 h)", "次超时未响应（24 小时）"),
     "handed_back_from": ("Handed back from", "转回自"),
     "handed_back_to": ("Handed back to the robot as", "已转回机器人会话"),
+    # the live pages (static/live.js)
+    "live_connecting": ("Connecting to live updates…", "正在连接实时更新…"),
+    "live_on": ("Live: this page updates by itself", "实时：本页自动更新"),
+    "live_reconnecting": ("Live updates interrupted, reconnecting…", "实时更新中断，正在重新连接…"),
 }
 
 

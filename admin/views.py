@@ -15,8 +15,9 @@ from typing import cast
 from flask import Blueprint, Flask, Response, request
 from flask.blueprints import BlueprintSetupState
 
-from admin import api, console, corrections
+from admin import api, console, corrections, live
 from admin.auth import configure_app
+from app.api.stream import stream_origin_for_console
 
 bp = Blueprint(
     "admin", __name__, url_prefix="/admin", static_folder="static",
@@ -26,6 +27,7 @@ bp.register_blueprint(api.bp)
 bp.register_blueprint(console.bp)
 bp.register_blueprint(corrections.api_bp)
 bp.register_blueprint(corrections.console_bp)
+bp.register_blueprint(live.bp)
 
 # Scripts, styles, images and API calls from this origin only; the pages' JSON data
 # blocks (`<script type="application/json">`) are data, not script, so no inline script,
@@ -53,6 +55,10 @@ def console_security_headers(response: Response) -> Response:
     """Pages, redirects, errors and the console's JSON calls are never cached (they show
     operator data); the static script and stylesheet keep their revalidated caching."""
     response.headers.update(SECURITY_HEADERS)
+    stream_origin = stream_origin_for_console()  # live.js opens the `stream` process's port
+    if stream_origin:
+        response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY.replace(
+            "connect-src 'self'", f"connect-src 'self' {stream_origin}")
     if request.endpoint != "admin.static":
         response.headers["Cache-Control"] = "no-store"
     return response

@@ -160,6 +160,33 @@ class Settings(BaseSettings):
 
     # Live desk (SPEC §12): the event stream's own process type.
     # (issue 17: settings of the stream go below this line)
+    # Port of the Procfile's `stream` process (the embedded default serves the stream on
+    # PORT); keep-alive comment and outbox poll intervals (s); streams one process serves
+    # at most (the embedded default: EMBEDDED_STREAMS, each holds one of its threads);
+    # extra origins whose pages may open the stream with the console's cookie (this
+    # host at PORT is always allowed); the stream's origin as browsers reach it, when a
+    # proxy does not serve it at http(s)://<host>:STREAM_PORT.
+    stream_port: PositiveInt = 8001
+    stream_keepalive_interval: PositiveFloat = 15.0
+    stream_poll_interval: float = Field(default=0.2, ge=0.01, le=10.0)
+    stream_max_connections: PositiveInt = 2000
+    stream_cors_origins: str | None = None
+    stream_public_url: str | None = None
+
+    @field_validator("stream_public_url", "stream_cors_origins", mode="before")
+    @classmethod
+    def _stream_origins(cls, value: object) -> object:
+        """Each an http(s) origin (`STREAM_CORS_ORIGINS` a comma-separated list of them);
+        blank is unset."""
+        from urllib.parse import urlsplit
+
+        if not isinstance(value, str):
+            return value
+        for origin in filter(None, (o.strip() for o in value.split(","))):
+            parsed = urlsplit(origin)
+            if parsed.scheme not in ("http", "https") or not parsed.hostname:
+                raise ValueError(f"not an http(s) origin: {origin!r}")
+        return value.strip() or None
 
     # Operations (SPEC §13): metrics and logs.
     # (issue 18: metrics/log settings go below this line)

@@ -8,14 +8,18 @@
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
 from app.api.schemas import AcceptBody, TransitionBody
+from app.db import utcnow
 from app.errors import NotFound, ValidationFailed
+from app.events.feed import MAX_PAGE, EventQuery, EventView, read_feed
+from app.events.stream import EventHub
 from app.imports.rows import ChatRow, row_error_text
 from app.runtime import Runtime, get_runtime
 from app.sessions.enums import (
@@ -75,6 +79,7 @@ class AutoSessionManager:
         self.runtime.ensure_schema()
         self.actor = actor
         self.service = self.runtime.sessions
+        self._hub: EventHub | None = None
 
     # ---- sessions --------------------------------------------------------------------
     def create_robot_session(
@@ -297,3 +302,50 @@ class AutoSessionManager:
         result.sessions_created += counts.sessions_created
         result.sessions_updated += counts.sessions_updated
         result.conflicts += counts.conflicts
+
+    # ---- the live event stream (SPEC §12) --------------------------------------------
+    def events(self, after: int | None = None, *,
+               idle_timeout: float | None = None) -> Iterator[EventView]:
+        """Every event (an operator's scope) after `after` — without it, from the newest
+        on — as it commits, in order, nothing missed or repeated (the feed's rules:
+        `read_feed`). Woken by this process's one outbox poller (STREAM_POLL_INTERVAL);
+        ends once nothing arrived for `idle_timeout` seconds (never, by default)::
+
+            for event in manager.events(after=last_seen):
+                handle(event); last_seen = event.event_id
+        """
+        hub = self._event_hub()
+        cursor = hub.head if after is None else validated(EventQuery, {"after": after}).after
+        quiet_since = time.monotonic()
+        while True:
+            with self.runtime.database.read() as db:
+                page = read_feed(db, client_id="", role="admin", after=cursor,
+                                 limit=MAX_PAGE, now=utcnow())
+            yield from page.items
+            if page.items:
+                cursor, quiet_since = page.next, time.monotonic()
+                if len(page.items) == MAX_PAGE:
+                    continue
+            wait = self.runtime.settings.stream_keepalive_interval
+            if idle_timeout is not None:
+                wait = idle_timeout - (time.monotonic() - quiet_since)
+                if wait <= 0:
+                    return
+            if not hub.wait_past(cursor, wait) and hub.head > cursor:
+                time.sleep(hub.poll_interval)  # the head is past a hole the feed still waits on
+
+    def _event_hub(self) -> EventHub:
+        if self._hub is None:
+            self._hub = EventHub(self.runtime.database,
+                                 poll_interval=self.runtime.settings.stream_poll_interval,
+                                 max_streams=self.runtime.settings.stream_max_connections)
+            self._hub.start()
+            previous = self.runtime.hooks.events_written
+            hub = self._hub
+
+            def events_written() -> None:  # commits through this manager wake it at once
+                hub.wake()
+                previous()
+
+            self.runtime.hooks.events_written = events_written
+        return self._hub

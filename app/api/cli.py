@@ -41,6 +41,10 @@ def serve(host: str | None, port: int | None, workers: int, threads: int) -> Non
     mode = "embedded: tasks in-process" if settings.embedded else f"Redis {settings.redis_url}"
     click.echo(f"Auto Session API on http://{host}:{port}  (database {db}; {mode})")
     click.echo(f"  docs:    http://{host}:{port}/docs")
+    if settings.embedded:
+        click.echo(f"  events:  http://{host}:{port}/api/v1/events/stream  (Server-Sent Events)")
+    else:
+        click.echo(f"  events:  the Procfile's `stream` process, port {settings.stream_port}")
     click.echo("  a token: auto-session clients create --name my-bot --role bot")
     click.echo("           (roles: bot, desk, admin; add --json for {\"client_id\", \"token\"})")
     sys.stdout.flush()
