@@ -442,3 +442,23 @@ def test_bad_queries_are_422_problems(admin: Caller, path: str):
     response = admin.http.get(path, headers=admin.headers())
     assert response.status_code == 422
     assert response.mimetype == "application/problem+json"
+
+
+def test_every_registered_admin_api_route_is_admin_only(make_caller, http):
+    """The list above is written out for readability; this walks the app's own URL map so
+    an endpoint added later cannot slip past the admin-only rule."""
+    bot = make_caller("bot")
+    checked = 0
+    for rule in http.application.url_map.iter_rules():
+        if not rule.rule.startswith("/admin/api/"):
+            continue
+        values = {name: "x" for name in rule.arguments}
+        if "account_id" in values:
+            values.update(account_id="a", shop_id="s")
+        path = rule.build(values, append_unknown=False)[1]
+        for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
+            response = http.open(path, method=method, headers=bot.headers(), json={})
+            assert response.status_code == 403, (method, rule.rule, response.status_code)
+            assert http.open(path, method=method, json={}).status_code == 401, (method, rule.rule)
+            checked += 1
+    assert checked >= len(ADMIN_ENDPOINTS)
