@@ -51,6 +51,7 @@ from sqlalchemy.exc import OperationalError
 
 from app.errors import ServiceUnavailable
 from app.imports.service import ImportService
+from app.observability.metrics import record_import_chunk
 from app.runtime import get_runtime
 from tasks.celery_app import celery
 
@@ -129,6 +130,7 @@ def import_chunk_task(self: Any, job_id: str, chunk_pk: int) -> dict[str, Any]:
     retried with backoff; anything else, or too many retries, marks the chunk failed so
     the job can close."""
     svc = service()
+    started = time.perf_counter()
     try:
         try:
             counts = svc.process_chunk(chunk_pk, after_write=_test_pause())
@@ -142,6 +144,7 @@ def import_chunk_task(self: Any, job_id: str, chunk_pk: int) -> dict[str, Any]:
             log.exception("import chunk %s failed", chunk_pk)
             svc.fail_chunk(chunk_pk, f"{type(exc).__name__}: {exc}")
             counts = None
+        record_import_chunk(counts, time.perf_counter() - started)
         left = svc.chunks_left(job_id)
     except RETRYABLE as exc:  # could not even record the failure: try the whole task again
         if self.request.retries < self.max_retries and not celery.conf.task_always_eager:
