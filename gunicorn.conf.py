@@ -30,6 +30,8 @@ from __future__ import annotations
 import math
 import os
 
+from gunicorn import glogging
+
 THREADS_PER_WORKER = 2
 MIN_WORKERS = 2
 EMBEDDED_THREADS = 8
@@ -90,16 +92,27 @@ else:
     threads = setting("WEB_THREADS", THREADS_PER_WORKER)
 
 
+class Logger(glogging.Logger):
+    """gunicorn's logger, its lines in LOG_FORMAT (set up again on a HUP)."""
+
+    def setup(self, cfg) -> None:  # type: ignore[no-untyped-def]
+        super().setup(cfg)
+        settings = _settings()
+        if settings is not None:
+            from app.observability import logs
+
+            logs.install(settings, "web", loggers=("gunicorn.error", "gunicorn.access"))
+
+
+logger_class = Logger
+
+
 def on_starting(server) -> None:  # type: ignore[no-untyped-def]
     settings = _settings()
-    if settings is not None:
-        from app.observability import logs
+    if settings is not None and not settings.embedded:
+        from app.observability.processes import metrics_root, use_metrics_dir
 
-        logs.install(settings, "web", loggers=("gunicorn.error", "gunicorn.access"))
-        if not settings.embedded:
-            from app.observability.processes import metrics_root, use_metrics_dir
-
-            use_metrics_dir(metrics_root(settings), "web", clean=True)
+        use_metrics_dir(metrics_root(settings), "web", clean=True)
     server.log.info("sizing: %d workers x %d threads (%d cores available; override with "
                     "WEB_CONCURRENCY, WEB_THREADS)", server.cfg.workers, server.cfg.threads,
                     CORES)

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from contextvars import Token
 from typing import Any
@@ -46,8 +47,12 @@ def _worker_starting(instance: Any = None, **_kwargs: Any) -> None:
     settings = get_settings()
     if not settings.embedded:
         use_metrics_dir(metrics_root(settings), "worker", clean=True)
-    if settings.log_format == "json" and instance is not None:
-        instance.quiet = True  # no multi-line banner among the JSON lines
+    if settings.log_format == "json":
+        # Until Celery sets up its logging: warnings (e.g. "running as root") as JSON too.
+        logging.captureWarnings(True)
+        logs.install(settings, "worker", root_handler=True)
+        if instance is not None:
+            instance.quiet = True  # no multi-line banner among the JSON lines
 
 
 @worker_process_init.connect

@@ -85,6 +85,22 @@ PROCESSES = Gauge(
     multiprocess_mode="livesum")
 
 SESSION_STATUSES_OPEN = ("PENDING", "ACTIVE", "PAUSED", "TRANSFERRED")
+ALL_METRICS: tuple[Any, ...] = (
+    HTTP_REQUESTS, HTTP_DURATION, SLOT_LOCK_WAIT, SLOT_LOCK_BUSY, FENCE_REJECTIONS,
+    IMPORT_ROWS, IMPORT_CHUNKS, IMPORT_CHUNK_DURATION, WEBHOOK_DELIVERIES, WEBHOOK_LAG,
+    SWEEP_DURATION, SWEEP_ROWS, RATE_LIMITED, PROCESSES)
+
+
+def start_over() -> None:
+    """Recreate every metric's values with prometheus_client's current value class (the
+    process switched to shared files after this module was imported; nothing was
+    recorded yet). Uses the metrics' own initialisers (`_metric_init`, the children)."""
+    for metric in ALL_METRICS:
+        if metric._is_parent():
+            with metric._lock:
+                metric._metrics.clear()
+        else:
+            metric._metric_init()
 
 
 def process_started(role: str) -> None:

@@ -9,8 +9,8 @@ the worker's `celeryd_init`), so a restart never adds the counts of the previous
 twice, and one type's start never wipes the other's live files; the web's `/metrics`
 merges both folders (`app.observability.metrics`).
 
-The mode is chosen when prometheus_client is imported, so `use_metrics_dir` must run
-first in the process (the master, before its children fork). Nothing here imports it.
+prometheus_client chooses the mode when it is imported; `use_metrics_dir` switches it
+later if need be (before the process forks its children). Nothing here imports it.
 """
 
 from __future__ import annotations
@@ -50,12 +50,13 @@ def use_metrics_dir(root: Path, role: str, *, clean: bool) -> Path:
     os.environ[MULTIPROC_ENV] = str(folder)
     values: Any = sys.modules.get("prometheus_client.values")
     if values is not None and not getattr(values.ValueClass, "_multiprocess", False):
-        # prometheus_client was imported before the folder was chosen: later samples go to
-        # files; a metric created already would stay in this process's memory.
+        # prometheus_client came first (a Celery worker imports its task modules before
+        # its first signal): samples from now on go to files, and the metrics created
+        # already start over on them.
         values.ValueClass = values.MultiProcessValue()
-        if "app.observability.metrics" in sys.modules:
-            raise RuntimeError("app.observability.metrics was imported before the metrics "
-                               "folder was set up; its samples would not be shared")
+        metrics: Any = sys.modules.get("app.observability.metrics")
+        if metrics is not None:
+            metrics.start_over()
     return folder
 
 
