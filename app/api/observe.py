@@ -8,64 +8,57 @@ sample labelled with the URL rule. The trace id is generated, never taken from t
 request: SPEC §13 does not ask for an incoming one, and a client-chosen id could forge
 or collide with another request's lines.
 
-Cost: a few microseconds a request (no database or Redis round trip); the metric
-children of each (method, rule, status) are looked up once and kept.
+Cost: a few microseconds a request, no database or Redis round trip: the count and the
+duration go to this process's `REQUEST_TALLY`, written to the shared metrics once a
+second (`tests/benchmarks/bench_observability.py`).
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
 
-from flask import Flask, Response, g, request
+from flask import Flask, Response, request
 
 from app.observability import context
-from app.observability.metrics import HTTP_DURATION, HTTP_REQUESTS
+from app.observability.metrics import REQUEST_TALLY
 
 TRACE_HEADER = "X-Trace-Id"
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 UNMATCHED = "unmatched"  # the route label of a URL no rule matched (404, bounded)
-
-_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
-
+BOUND_ARGS = ("session_id", "job_id")  # URL parameters that go into the log lines
+STARTED_KEY = "auto_session.started"
 
 def _start() -> None:
-    fields: dict[str, Any] = {"trace_id": context.new_trace_id()}
-    view_args = request.view_args
+    req = request._get_current_object()  # type: ignore[attr-defined]  # one proxy look-up
+    fields = {"trace_id": context.new_trace_id()}
+    view_args = req.view_args
     if view_args:
-        fields["session_id"] = view_args.get("session_id")
-        fields["job_id"] = view_args.get("job_id")
-    g.observed = (time.perf_counter(), context.start(**fields))
+        for name in BOUND_ARGS:
+            if name in view_args:
+                fields[name] = str(view_args[name])
+    # A request replaces whatever an earlier request of this thread bound: nothing to undo
+    # at its end (gunicorn's access line, written after the answer, still sees it).
+    context.begin(fields)
+    req.environ[STARTED_KEY] = time.perf_counter()
 
 
 def _finish(response: Response) -> Response:
-    observed = g.get("observed")
-    if observed is None:  # pragma: no cover - the first before_request always ran
+    req = request._get_current_object()  # type: ignore[attr-defined]
+    started = req.environ.get(STARTED_KEY)
+    if started is None:  # pragma: no cover - the first before_request always ran
         return response
     trace_id = context.trace_id()
     if trace_id:
-        response.headers[TRACE_HEADER] = trace_id
-    rule = request.url_rule
-    method = request.method if request.method in METHODS else "OTHER"
-    key = (method, rule.rule if rule is not None else UNMATCHED, response.status_code)
-    children = _children.get(key)
-    if children is None:
-        children = (HTTP_REQUESTS.labels(key[0], key[1], str(key[2])),
-                    HTTP_DURATION.labels(key[0], key[1]))
-        _children[key] = children
-    children[0].inc()
-    children[1].observe(time.perf_counter() - observed[0])
+        response.headers.add(TRACE_HEADER, trace_id)
+    rule = req.url_rule
+    method = req.method
+    REQUEST_TALLY.add(method if method in METHODS else "OTHER",
+                      rule.rule if rule is not None else UNMATCHED, response.status_code,
+                      time.perf_counter() - started)
     return response
-
-
-def _end(_exc: BaseException | None) -> None:
-    observed = g.pop("observed", None)
-    if observed is not None:
-        context.end(observed[1])
 
 
 def init_app(app: Flask) -> None:
     """Install the hooks: the start runs before every other `before_request`."""
     app.before_request_funcs.setdefault(None, []).insert(0, _start)
     app.after_request_funcs.setdefault(None, []).insert(0, _finish)
-    app.teardown_request(_end)
