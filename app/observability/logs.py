@@ -127,21 +127,24 @@ def _int(value: Any) -> int:
         return 0
 
 
-def formatter_for(settings: Any, role: str) -> logging.Formatter:
-    inner: logging.Formatter = (JsonLines(role=role) if settings.log_format == "json"
-                                else TextLines())
-    return Redacting(inner, configured_secrets(settings))
-
-
 def install(settings: Any, role: str, *, loggers: tuple[str, ...] = (),
             root_handler: bool = False) -> None:
-    """Give every handler of the root logger and of `loggers` this process's formatter
-    (`root_handler`: first add a stderr handler to the root logger if it has none)."""
-    formatter = formatter_for(settings, role)
+    """Give every handler of the root logger and of `loggers` this process's format:
+    JSON lines, or (text) the handler's own format — gunicorn's, Celery's — or ours if
+    it has none; redacted either way. `root_handler`: first give the root logger a
+    stderr handler at LOG_LEVEL if it has none (the web's app lines)."""
+    secrets = configured_secrets(settings)
     root = logging.getLogger()
     if root_handler and not root.handlers:
         root.addHandler(logging.StreamHandler(sys.stderr))
         root.setLevel(settings.log_level)
     for logger in (root, *(logging.getLogger(name) for name in loggers)):
         for handler in logger.handlers:
-            handler.setFormatter(formatter)
+            current = handler.formatter
+            if settings.log_format == "json":
+                inner: logging.Formatter = JsonLines(role=role)
+            elif isinstance(current, Redacting):
+                continue
+            else:
+                inner = current or TextLines()
+            handler.setFormatter(Redacting(inner, secrets))
