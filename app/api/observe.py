@@ -28,6 +28,7 @@ UNMATCHED = "unmatched"  # the route label of a URL no rule matched (404, bounde
 BOUND_ARGS = ("session_id", "job_id")  # URL parameters that go into the log lines
 STARTED_KEY = "auto_session.started"
 
+
 def _start() -> None:
     req = request._get_current_object()  # type: ignore[attr-defined]  # one proxy look-up
     fields = {"trace_id": context.new_trace_id()}

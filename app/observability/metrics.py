@@ -178,10 +178,6 @@ def process_started(role: str) -> None:
     PROCESSES.labels(role).set(1)
 
 
-def observe_slot_lock_wait(seconds: float) -> None:
-    SLOT_LOCK_WAIT.observe(seconds)
-
-
 def record_import_chunk(counts: Any, seconds: float) -> None:
     """One chunk task's work: its rows by outcome (None: done elsewhere or failed)."""
     IMPORT_CHUNK_DURATION.observe(seconds)
@@ -307,14 +303,3 @@ def exposition(database: Database | None) -> bytes:
         registry.register(StateCollector(database))
     return generate_latest(registry)
 
-
-class Stopwatch:
-    """`with Stopwatch() as w: …; w.seconds`: monotonic time of a block."""
-
-    def __enter__(self) -> Stopwatch:
-        self.started = time.perf_counter()
-        self.seconds = 0.0
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.seconds = time.perf_counter() - self.started

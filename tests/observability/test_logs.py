@@ -3,6 +3,7 @@ tests/observability/test_processes.py)."""
 
 from __future__ import annotations
 
+import contextvars
 import io
 import json
 import logging
@@ -72,7 +73,7 @@ def test_json_lines_carry_the_fields_of_the_current_work(captured, tmp_path):
             logger.exception("failed")
     finally:
         context.end(token)
-    logger.warning("outside any work")
+    contextvars.Context().run(logger.warning, "outside any work")
     first, failed, outside = (json.loads(line) for line in stream.getvalue().splitlines())
     assert first["message"] == "judged ses_1 with key [redacted]"
     assert (first["level"], first["logger"], first["process"]) == (
