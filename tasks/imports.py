@@ -37,6 +37,7 @@ then runs the pipeline on a background thread so that it still answers at once.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import threading
@@ -215,7 +216,9 @@ def dispatch_chunks(job_id: str, chunk_pks: list[int], *, ready_to_finish: bool)
 def enqueue_import(job_id: str) -> None:
     """Start a staged job (call after the job's transaction committed)."""
     if celery.conf.task_always_eager:
-        thread = threading.Thread(target=_run_eagerly, args=(job_id,), daemon=True,
+        # in the caller's context: its trace id goes on in the pipeline's log lines
+        thread = threading.Thread(target=contextvars.copy_context().run,
+                                  args=(_run_eagerly, job_id), daemon=True,
                                   name=f"import-{job_id}")
         thread.start()
         _eager_threads[job_id] = thread

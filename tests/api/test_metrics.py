@@ -170,3 +170,29 @@ def test_metrics_app_fixture_is_the_embedded_registry(app: Flask):
     # no multiprocess folder in the test process: the process's own registry is served
     text = app.test_client().get("/metrics").get_data(as_text=True)
     assert "python_gc_objects_collected_total" in text
+
+
+@pytest.mark.sqlite_only  # the embedded default: the pipeline runs in a thread of the web
+def test_an_embedded_upload_keeps_the_requests_trace_id_in_its_pipeline(admin: Caller):
+    from celery.signals import task_prerun
+
+    from app.observability import context
+    from tasks.imports import wait_eager
+
+    seen: list[tuple[str, str | None]] = []
+
+    def record(task: Any = None, **_kwargs: Any) -> None:
+        seen.append((task.name, context.current().get("trace_id")))
+
+    task_prerun.connect(record, weak=False)
+    try:
+        upload = admin.http.post(
+            "/api/v1/imports", headers=admin.headers({"Content-Type": "text/csv"}),
+            data=b"message_id,account_id,shop_id,sender_role,content,sent_at\n"
+                 b"t1,acc-t,shop-t,robot,hi,2024-01-01T00:00:00Z\n")
+        assert upload.status_code == 202, upload.get_json()
+        wait_eager(upload.get_json()["job_id"], 30)
+    finally:
+        task_prerun.disconnect(record)
+    assert {name for name, _ in seen} >= {"imports.prepare", "imports.chunk"}
+    assert {trace for _, trace in seen} == {upload.headers["X-Trace-Id"]}
