@@ -14,7 +14,6 @@ import threading
 from typing import Any
 
 from app.config import get_settings
-from app.observability.metrics import record_sweep
 from app.runtime import get_runtime
 from app.sweeps.service import SweepReport, sweep_sessions, sweep_transfers
 from tasks.celery_app import celery, schedule_every
@@ -24,12 +23,7 @@ log = logging.getLogger(__name__)
 SWEEP_TIME_LIMIT = 300
 
 
-def _summary(report: SweepReport, sweep: str) -> dict[str, Any]:
-    if report.ran:
-        record_sweep(sweep, report.seconds, {
-            "timed_out": len(report.timed_out), "busy": report.busy,
-            "refreshed": report.refreshed, "expired": len(report.expired_transfers),
-            "reoffered": len(report.reoffered), "errors": report.errors})
+def _summary(report: SweepReport) -> dict[str, Any]:
     return {"ran": report.ran, "timed_out": len(report.timed_out), "busy": report.busy,
             "refreshed": report.refreshed, "expired_transfers": len(report.expired_transfers),
             "reoffered": len(report.reoffered), "errors": report.errors,
@@ -40,14 +34,14 @@ def _summary(report: SweepReport, sweep: str) -> dict[str, Any]:
              soft_time_limit=SWEEP_TIME_LIMIT + 15)
 def sweep_sessions_task() -> dict[str, Any]:
     """Time out sessions past their deadline (idle robots, stale PENDING, long human)."""
-    return _summary(sweep_sessions(get_runtime(), time_budget=SWEEP_TIME_LIMIT), "sessions")
+    return _summary(sweep_sessions(get_runtime(), time_budget=SWEEP_TIME_LIMIT))
 
 
 @celery.task(name="sweeps.transfers", acks_late=True, time_limit=SWEEP_TIME_LIMIT + 30,
              soft_time_limit=SWEEP_TIME_LIMIT + 15)
 def sweep_transfers_task() -> dict[str, Any]:
     """Expire, escalate and re-offer transfers nobody accepted within TRANSFER_TIMEOUT."""
-    return _summary(sweep_transfers(get_runtime()), "transfers")
+    return _summary(sweep_transfers(get_runtime()))
 
 
 schedule_every("sweep-sessions", "sweeps.sessions", get_settings().sweep_interval)

@@ -198,11 +198,15 @@ def record_delivery(outcome: str, event_created_at: datetime | None) -> None:
         WEBHOOK_LAG.observe(max(0.0, (utcnow() - event_created_at).total_seconds()))
 
 
-def record_sweep(sweep: str, seconds: float, rows: dict[str, int]) -> None:
-    SWEEP_DURATION.labels(sweep).observe(seconds)
-    for outcome, value in rows.items():
-        if value:
-            SWEEP_ROWS.labels(sweep, outcome).inc(value)
+def record_sweep(sweep: str, report: Any) -> None:
+    """One sweep run (an `app.sweeps.service.SweepReport`): its time and what it did."""
+    SWEEP_DURATION.labels(sweep).observe(report.seconds)
+    for outcome, number in (("timed_out", len(report.timed_out)), ("busy", report.busy),
+                            ("refreshed", report.refreshed),
+                            ("expired", len(report.expired_transfers)),
+                            ("reoffered", len(report.reoffered)), ("errors", report.errors)):
+        if number:
+            SWEEP_ROWS.labels(sweep, outcome).inc(number)
 
 
 class StateCollector(Collector):
