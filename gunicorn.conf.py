@@ -18,12 +18,19 @@ gunicorn reads `./gunicorn.conf.py` by default (`gunicorn --help`: `-c CONFIG â€
 - on the embedded default (no Redis: SQLite and in-process locks and beat) one process
   with 8 threads, as `auto-session serve` does â€” several processes would each run the
   in-process beat and could not share the in-process slot locks.
+
+Metrics and logs (README "Metrics and logs"): with Redis configured the workers write
+their samples under METRICS_DIR/web (cleaned as the server starts, a dead worker's live
+gauges dropped), so `/metrics` adds up every worker and the Celery worker's processes;
+LOG_FORMAT applies to gunicorn's own lines too.
 """
 
 from __future__ import annotations
 
 import math
 import os
+
+from gunicorn import glogging
 
 THREADS_PER_WORKER = 2
 MIN_WORKERS = 2
@@ -72,6 +79,10 @@ def embedded() -> bool:
         return False
 
 
+# The default access line, and the answer's trace id (`X-Trace-Id`) to find its log lines.
+access_log_format = ('%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s" '
+                     'trace_id=%({x-trace-id}o)s')
+
 CORES = available_cores()
 if embedded():
     workers = setting("WEB_CONCURRENCY", 1)
@@ -81,7 +92,42 @@ else:
     threads = setting("WEB_THREADS", THREADS_PER_WORKER)
 
 
+class Logger(glogging.Logger):
+    """gunicorn's logger, its lines in LOG_FORMAT (set up again on a HUP)."""
+
+    def setup(self, cfg) -> None:  # type: ignore[no-untyped-def]
+        super().setup(cfg)
+        settings = _settings()
+        if settings is not None:
+            from app.observability import logs
+
+            logs.install(settings, "web", loggers=("gunicorn.error", "gunicorn.access"))
+
+
+logger_class = Logger
+
+
 def on_starting(server) -> None:  # type: ignore[no-untyped-def]
+    settings = _settings()
+    if settings is not None and not settings.embedded:
+        from app.observability.processes import metrics_root, use_metrics_dir
+
+        use_metrics_dir(metrics_root(settings), "web", clean=True)
     server.log.info("sizing: %d workers x %d threads (%d cores available; override with "
                     "WEB_CONCURRENCY, WEB_THREADS)", server.cfg.workers, server.cfg.threads,
                     CORES)
+
+
+def child_exit(server, worker) -> None:  # type: ignore[no-untyped-def]
+    from app.observability.processes import forget_process
+
+    forget_process(worker.pid)
+
+
+def _settings():  # type: ignore[no-untyped-def]
+    try:
+        from app.config import load_settings
+
+        return load_settings()
+    except Exception:  # a bad setting: the workers report it with its message
+        return None

@@ -39,6 +39,7 @@ from app.api.http import RUNTIME_KEY, runtime
 from app.api.ratelimit import charge_client, count_failed_authentication
 from app.clients.service import ClientIdentity, ClientRole, hash_token
 from app.errors import Forbidden, Unauthorized
+from app.observability import context
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +177,7 @@ def console_identity() -> ClientIdentity | None:
         _forget_login()
     g.console_identity = identity  # before charging: the 429 page renders as this admin
     if identity is not None:
+        context.bind(client_id=identity.client_id)
         charge_client(identity)
     return identity
 

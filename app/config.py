@@ -190,6 +190,37 @@ class Settings(BaseSettings):
 
     # Operations (SPEC §13): metrics and logs.
     # (issue 18: metrics/log settings go below this line)
+    metrics_enabled: bool = True
+    # Bearer token for /metrics from anywhere but loopback (unset: loopback only)
+    metrics_token: str | None = None
+    # Where the web and worker processes of one machine keep their samples (unset:
+    # DATA_DIR/metrics); one folder per Procfile role, cleaned when that role starts
+    metrics_dir: Path | None = None
+    log_format: str = "text"  # text | json (one JSON object a line)
+    log_level: str = "INFO"
+
+    @field_validator("metrics_token", mode="before")
+    @classmethod
+    def _long_enough_token(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            return None
+        if isinstance(value, str) and len(value.strip()) < 16:
+            raise ValueError("at least 16 characters (e.g. `openssl rand -hex 32`)")
+        return value.strip() if isinstance(value, str) else value
+
+    @field_validator("log_format")
+    @classmethod
+    def _log_format(cls, value: str) -> str:
+        if value.strip().lower() not in ("text", "json"):
+            raise ValueError("one of text, json")
+        return value.strip().lower()
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        if value.strip().upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ValueError("one of DEBUG, INFO, WARNING, ERROR")
+        return value.strip().upper()
 
     # Retention (SPEC §6, §13): kept this long (s), then purged by beat in bounded batches.
     events_retention: PositiveInt = 604800

@@ -15,6 +15,8 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from admin import views as admin_views
 from app.api import agents, docs, events, health, ratelimit, sessions, transfers
 from app.api.http import RUNTIME_KEY, limit_request_bodies
+from app.api.metrics import bp as metrics_bp
+from app.api.observe import init_app as observe_requests
 from app.api.problems import register_error_handlers
 from app.config import get_settings
 from app.delivery import views as delivery_views
@@ -31,6 +33,7 @@ BLUEPRINTS: tuple[Blueprint, ...] = (
     import_views.bp,
     delivery_views.bp,
     admin_views.bp,
+    metrics_bp,
 )
 
 MAX_BODY_BYTES = 64 * 1024 * 1024  # uploads (imports) are the largest bodies
@@ -48,6 +51,7 @@ def create_app(runtime: Runtime | None = None, **config: Any) -> Flask:
         app.extensions[RUNTIME_KEY] = runtime
     app.config.update(config)
     register_error_handlers(app)
+    observe_requests(app)
     ratelimit.init_app(app)
     limit_request_bodies(app)
     for blueprint in BLUEPRINTS:

@@ -10,8 +10,13 @@ import threading
 
 from app.config import get_settings
 from app.factory import create_app
+from app.observability import logs
+from app.observability.metrics import process_started
 
+logs.install(get_settings(), "web", loggers=("gunicorn.error", "gunicorn.access"),
+             root_handler=True)
 app = create_app()
+process_started("web")
 
 if get_settings().embedded:
     from tasks.sweeps import start_in_process_beat

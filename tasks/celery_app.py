@@ -66,3 +66,5 @@ def schedule_every(entry: str, task: str, interval: float) -> None:
 
 configure(celery, get_settings())
 celery.conf.include = TASK_MODULES
+
+import tasks.observability  # noqa: E402,F401  (metrics, logs and trace ids of the processes)

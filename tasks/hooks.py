@@ -11,6 +11,7 @@ receiver's HTTP answer nor for the detection rules (SPEC §5).
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
@@ -54,7 +55,8 @@ def install_hooks(runtime: Runtime) -> None:
             return
         try:
             if celery.conf.task_always_eager:
-                threading.Thread(target=deliver_in_thread, name="webhook-delivery",
+                threading.Thread(target=contextvars.copy_context().run,  # the trace id
+                                 args=(deliver_in_thread,), name="webhook-delivery",
                                  daemon=True).start()
             else:
                 deliver_webhooks_task.delay()

@@ -37,6 +37,7 @@ then runs the pipeline on a background thread so that it still answers at once.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import threading
@@ -51,6 +52,7 @@ from sqlalchemy.exc import OperationalError
 
 from app.errors import ServiceUnavailable
 from app.imports.service import ImportService
+from app.observability.metrics import record_import_chunk
 from app.runtime import get_runtime
 from tasks.celery_app import celery
 
@@ -129,6 +131,7 @@ def import_chunk_task(self: Any, job_id: str, chunk_pk: int) -> dict[str, Any]:
     retried with backoff; anything else, or too many retries, marks the chunk failed so
     the job can close."""
     svc = service()
+    started = time.perf_counter()
     try:
         try:
             counts = svc.process_chunk(chunk_pk, after_write=_test_pause())
@@ -142,6 +145,7 @@ def import_chunk_task(self: Any, job_id: str, chunk_pk: int) -> dict[str, Any]:
             log.exception("import chunk %s failed", chunk_pk)
             svc.fail_chunk(chunk_pk, f"{type(exc).__name__}: {exc}")
             counts = None
+        record_import_chunk(counts, time.perf_counter() - started)
         left = svc.chunks_left(job_id)
     except RETRYABLE as exc:  # could not even record the failure: try the whole task again
         if self.request.retries < self.max_retries and not celery.conf.task_always_eager:
@@ -212,7 +216,9 @@ def dispatch_chunks(job_id: str, chunk_pks: list[int], *, ready_to_finish: bool)
 def enqueue_import(job_id: str) -> None:
     """Start a staged job (call after the job's transaction committed)."""
     if celery.conf.task_always_eager:
-        thread = threading.Thread(target=_run_eagerly, args=(job_id,), daemon=True,
+        # in the caller's context: its trace id goes on in the pipeline's log lines
+        thread = threading.Thread(target=contextvars.copy_context().run,
+                                  args=(_run_eagerly, job_id), daemon=True,
                                   name=f"import-{job_id}")
         thread.start()
         _eager_threads[job_id] = thread

@@ -32,6 +32,7 @@ from app.api.http import runtime
 from app.api.ratelimit import charge_client, count_failed_authentication
 from app.clients.service import ClientIdentity, ClientRole, ClientService
 from app.errors import Forbidden, Unauthorized
+from app.observability import context
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -70,6 +71,7 @@ def authenticate() -> ClientIdentity:
     if identity is None:
         count_failed_authentication()
         raise Unauthorized("the API token is not valid (unknown or revoked)")
+    context.bind(client_id=identity.client_id)  # in the request's log lines from here on
     charge_client(identity)
     g.api_client = identity
     return identity

@@ -10,15 +10,17 @@ Every exception family has one mapping here (STYLE lesson 6):
 - a lost database or Redis connection (the server went away, a connection in the pool
   was dropped, Redis is unreachable): 503 `/problems/unavailable` with `Retry-After`;
   the pool has been reset, so the client's retry gets a fresh connection.
-- anything else: 500 with a generic detail and a `trace_id`; the exception is logged
-  server-side with that id. No stack trace, SQL or secret ever reaches a client.
+- anything else: 500 with a generic detail; the exception is logged server-side with
+  the request's trace id. No stack trace, SQL or secret ever reaches a client.
+
+Every problem document carries the request's `trace_id` (`app.api.observe`; the same
+id is in the `X-Trace-Id` header and in the request's log lines).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import secrets
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,6 +35,7 @@ from werkzeug.exceptions import HTTPException
 
 from app.db import is_unavailable_db_error
 from app.errors import AutoSessionError, ServiceUnavailable, ValidationFailed
+from app.observability import context
 from app.validation import field_errors
 
 log = logging.getLogger(__name__)
@@ -52,6 +55,7 @@ def problem_response(
     """A problem document; extension members go in `extra`."""
     body: dict[str, Any] = {"type": type, "title": title, "status": status, "detail": detail}
     body.update(extra)
+    body.setdefault("trace_id", context.trace_id() or context.new_trace_id())
     response = Response(
         json.dumps(body, ensure_ascii=False, default=str), status=status, mimetype=PROBLEM_JSON
     )
@@ -117,7 +121,7 @@ def is_connection_loss(exc: BaseException) -> bool:
 
 
 def render_connection_loss(exc: Exception) -> Response:
-    trace_id = secrets.token_hex(8)
+    trace_id = context.trace_id() or context.new_trace_id()
     log.warning("lost a connection to a backing service (trace_id=%s): %s", trace_id,
                 exc.__class__.__name__, exc_info=exc)
     unavailable = ServiceUnavailable(
@@ -127,7 +131,7 @@ def render_connection_loss(exc: Exception) -> Response:
 
 
 def render_unexpected(exc: Exception) -> Response:
-    trace_id = secrets.token_hex(8)
+    trace_id = context.trace_id() or context.new_trace_id()
     log.error("unhandled error (trace_id=%s)", trace_id, exc_info=exc)
     return problem_response(
         500,

@@ -54,6 +54,7 @@ from app.api.problems import render_domain_error
 from app.clients.service import ClientIdentity, ClientRole
 from app.config import Settings
 from app.errors import AutoSessionError
+from app.observability.metrics import RATE_LIMITED
 from app.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -172,6 +173,7 @@ class RateLimits:
                         "for %.0f s", exc.__class__.__name__, STORAGE_RETRY_SECONDS)
             return
         retry_after = max(1, math.ceil(ends_at - time.time()))
+        RATE_LIMITED.labels(budget.setting).inc()
         raise RateLimited(
             f"{what}: {budget.text} ({budget.setting}); retry in {retry_after} s",
             limit=budget.text, setting=budget.setting, retry_after=retry_after,

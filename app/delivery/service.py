@@ -45,6 +45,7 @@ from app.errors import NotFound, ValidationFailed
 from app.events.feed import visible_events
 from app.events.models import Event
 from app.ids import new_id
+from app.observability.metrics import record_delivery
 from app.runtime import Runtime
 from app.sweeps.locks import sweep_run_lock
 
@@ -318,6 +319,9 @@ def _attempt(
             duration_ms=int((time.monotonic() - started) * 1000),
         ))
         ok = error is None
+        outcome = "delivered" if ok else (
+            "given_up" if delivery.attempts >= settings.webhook_max_attempts else "retry")
+        event_created_at = event.occurred_at if event is not None else None
         if ok:
             delivery.status = DeliveryStatus.DELIVERED
             delivery.delivered_at = now
@@ -338,6 +342,7 @@ def _attempt(
                 delivery.next_attempt_at = now + timedelta(seconds=delay)
                 _note_due(report, delay)
         uow.commit()
+    record_delivery(outcome, event_created_at)
     return ok
 
 

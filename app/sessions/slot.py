@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session as DbSession
 from app.db import utcnow
 from app.errors import FenceRejected, SlotBusy, SlotLockUnavailable
 from app.fastsql import Prepared, Record
+from app.observability.metrics import FENCE_REJECTIONS, SLOT_LOCK_BUSY, SLOT_LOCK_WAIT
 from app.sessions.models import SESSIONS, SLOTS
 
 log = logging.getLogger(__name__)
@@ -56,8 +57,11 @@ class LocalSlotLocks:
     @contextmanager
     def hold(self, account_id: str, shop_id: str) -> Iterator[None]:
         lock = self._lock_for((account_id, shop_id))
+        started = time.perf_counter()
         if not lock.acquire(timeout=self._wait):
+            SLOT_LOCK_BUSY.inc()
             raise SlotBusy(f"slot ({account_id}, {shop_id}) is busy; retry shortly")
+        SLOT_LOCK_WAIT.observe(time.perf_counter() - started)
         try:
             yield
         finally:
@@ -159,12 +163,15 @@ class RedisSlotLocks:
         key = self.key(account_id, shop_id)
         keys = [key, key + ":q"]
         token = secrets.token_hex(16)
+        started = time.perf_counter()
         try:
             self._wait_for(keys, token)
         except RedisError as exc:
             raise SlotLockUnavailable(f"slot lock service unreachable: {exc}") from exc
         except SlotBusy:
+            SLOT_LOCK_BUSY.inc()
             raise SlotBusy(f"slot ({account_id}, {shop_id}) is busy; retry shortly") from None
+        SLOT_LOCK_WAIT.observe(time.perf_counter() - started)
         try:
             yield
         finally:
@@ -322,6 +329,7 @@ class SlotFence:
         self.occupant_session_id = occupant_session_id
 
     def _refused(self) -> FenceRejected:
+        FENCE_REJECTIONS.inc()
         return FenceRejected(
             f"slot ({self.account_id}, {self.shop_id}) was changed by another holder; "
             "the operation was not applied, retry it"

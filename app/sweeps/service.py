@@ -23,6 +23,7 @@ from sqlalchemy import Connection, and_, or_, select
 
 from app.db import utcnow
 from app.errors import AutoSessionError
+from app.observability.metrics import record_sweep
 from app.runtime import Runtime
 from app.sessions.enums import SessionStatus, TransferStatus
 from app.sessions.models import SESSIONS
@@ -121,6 +122,7 @@ def sweep_sessions(
                     report.add(part)
                     report.busy += len(left)
     report.seconds = time.monotonic() - started
+    record_sweep("sessions", report)
     if report.timed_out:
         log.info("sweep: %d sessions timed out in %.2fs (%d busy, %d refreshed)",
                  len(report.timed_out), report.seconds, report.busy, report.refreshed)
@@ -220,6 +222,7 @@ def sweep_transfers(
                     report.reoffered.append(offer.transfer_id)
                     skip.add(offer.transfer_id)  # a short TRANSFER_TIMEOUT must not loop
     report.seconds = time.monotonic() - started
+    record_sweep("transfers", report)
     return report
 
 

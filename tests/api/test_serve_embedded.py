@@ -70,6 +70,13 @@ def test_serve_embedded_default_answers_and_sweeps_in_process(tmp_path):
                              timeout=10).json()
         assert promoted["status"] in ("ACTIVE", "TIMEOUT")  # promoted, then idle itself
         assert promoted["activated_at"] is not None
+        # /metrics from the one process's own registry (no metrics folder embedded)
+        scraped = httpx.get(f"{base}/metrics", timeout=10)
+        assert scraped.status_code == 200
+        assert ('autosession_http_requests_total{method="POST",route="/api/v1/sessions",'
+                'status="201"} 2.0') in scraped.text
+        assert 'autosession_sweep_duration_seconds_count{sweep="sessions"}' in scraped.text
+        assert not (tmp_path / "data" / "metrics").exists()
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=20)
