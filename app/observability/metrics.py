@@ -204,7 +204,8 @@ def record_sweep(sweep: str, report: Any) -> None:
     for outcome, number in (("timed_out", len(report.timed_out)), ("busy", report.busy),
                             ("refreshed", report.refreshed),
                             ("expired", len(report.expired_transfers)),
-                            ("reoffered", len(report.reoffered)), ("errors", report.errors)):
+                            ("reoffered", len(report.reoffered)), ("errors", report.errors),
+                            ("first_response_overdue", len(report.first_response_overdue))):
         if number:
             SWEEP_ROWS.labels(sweep, outcome).inc(number)
 

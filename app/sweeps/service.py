@@ -250,6 +250,7 @@ def sweep_first_responses(
             if not flagged and not _first_responses_due(runtime, at):
                 break
     report.seconds = time.monotonic() - started
+    record_sweep("first_response", report)
     return report
 
 

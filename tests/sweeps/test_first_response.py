@@ -7,6 +7,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from freezegun import freeze_time
+from prometheus_client import REGISTRY
 from sqlalchemy import select
 
 from admin import service as admin_service
@@ -55,10 +56,13 @@ def test_unanswered_accept_is_flagged_once_after_the_timeout(runtime, service):
         clock.move_to(T0 + timedelta(seconds=119))
         assert sweep_first_responses(runtime).first_response_overdue == []
         assert service.get_transfer(transfer_id).first_response_overdue is False
+        counted = {"sweep": "first_response", "outcome": "first_response_overdue"}
+        before = REGISTRY.get_sample_value("autosession_sweep_rows_total", counted) or 0.0
         clock.move_to(T0 + timedelta(seconds=121))
         assert sweep_first_responses(runtime).first_response_overdue == [transfer_id]
         clock.move_to(T0 + timedelta(seconds=400))
         assert sweep_first_responses(runtime).first_response_overdue == []
+        assert REGISTRY.get_sample_value("autosession_sweep_rows_total", counted) == before + 1
     events = overdue_events(runtime)
     assert len(events) == 1
     assert (events[0].session_id, events[0].audience) == (session_id, "desk")
