@@ -87,6 +87,9 @@ class Session(Base):
     interrupted_session_id: Mapped[str | None] = mapped_column(IdStr(40), nullable=True)
     unanswered: Mapped[bool] = mapped_column(Boolean, default=False)
     context: Mapped[dict[str, Any] | None] = mapped_column(JsonDoc, nullable=True)
+    # The hash of the last audit row, anchored outside the chain (SPEC §7): written in
+    # the same transaction as every audit row, so verification sees a deleted last row.
+    audit_head: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
     @property
     def slot(self) -> tuple[str, str]:
