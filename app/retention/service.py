@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Table, delete, distinct, insert, select, union, update
+from sqlalchemy import Table, delete, insert, select, union, update
 from sqlalchemy.orm import Session as DbSession
 
 from admin.models import ConsoleLogin
@@ -192,11 +191,11 @@ def purge_console_logins(database: Database, *, now: datetime | None = None,
 def purge_ended_imports(database: Database) -> int:
     """Delete staged data still held by ended jobs (one transaction per job); returns
     how many jobs had some."""
-    staged = union(
-        select(distinct(ImportUploadPart.job_pk).label("job_pk")),
-        select(distinct(ImportChunkPart.job_pk).label("job_pk")),
-        select(distinct(ImportSplitPart.job_pk).label("job_pk")),
-        select(distinct(ImportChunk.job_pk).label("job_pk"))
+    staged = union(  # UNION removes the duplicates
+        select(ImportUploadPart.job_pk.label("job_pk")),
+        select(ImportChunkPart.job_pk.label("job_pk")),
+        select(ImportSplitPart.job_pk.label("job_pk")),
+        select(ImportChunk.job_pk.label("job_pk"))
         .join(ImportSlotMark, ImportSlotMark.chunk_pk == ImportChunk.id),
     ).subquery()
     with database.read() as db:
@@ -218,12 +217,11 @@ def purge_ended_imports(database: Database) -> int:
 def purge_expired(
     database: Database, *, events_retention: float, deliveries_retention: float,
     time_budget: float = 300.0, batch: int = PURGE_BATCH,
-    clock: Callable[[], float] = time.monotonic,
 ) -> PurgeReport:
     """One retention run over every purged table, within `time_budget` seconds (a
     backlog left over is taken up by the next run)."""
     report = PurgeReport()
-    started = clock()
+    started = time.monotonic()
     deadline = started + time_budget
     purge_events(database, older_than=timedelta(seconds=events_retention), batch=batch,
                  deadline=deadline, report=report)
@@ -231,6 +229,6 @@ def purge_expired(
                      batch=batch, deadline=deadline, report=report)
     report.console_logins = purge_console_logins(database, batch=batch)
     report.import_jobs = purge_ended_imports(database)
-    report.seconds = clock() - started
+    report.seconds = time.monotonic() - started
     log.info("retention purge: %s", report.as_dict())
     return report
