@@ -125,6 +125,20 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "none": ("none", "无"),
     "error_title": ("Something went wrong", "出错了"),
     "done": ("Done.", "完成。"),
+    # Webhook redelivery (SPEC §13)
+    "nav_deliveries": ("Failed webhooks", "推送失败"),
+    "failed_deliveries": ("Given-up webhook deliveries", "已放弃的 Webhook 推送"),
+    "failed_deliveries_hint": ("Deliveries given up after WEBHOOK_MAX_ATTEMPTS. Redeliver "
+                               "sends one again with a new round of attempts (audited).",
+                               "超过 WEBHOOK_MAX_ATTEMPTS 次后放弃的推送。重新推送会再次发送并"
+                               "重新计算重试次数（记入审计）。"),
+    "delivery": ("Delivery", "推送"),
+    "client": ("Client", "客户端"),
+    "event": ("Event", "事件"),
+    "attempts": ("Attempts", "尝试次数"),
+    "last_error": ("Last error", "最近错误"),
+    "redeliver": ("Redeliver", "重新推送"),
+    "redelivery_queued": ("Sent again:", "已重新推送："),
 }
 
 

@@ -178,8 +178,17 @@ class PageQuery(BoundaryModel):
 
 class DeliveryQuery(PageQuery):
     client_id: str | None = Field(default=None, max_length=40)
-    status: str | None = Field(default=None, max_length=16)
+    status: Literal["pending", "delivered", "failed"] | None = Field(
+        default=None, description="`failed`: the given-up deliveries (redeliverable)")
     session_id: str | None = Field(default=None, max_length=40)
+
+
+class Redelivery(BoundaryModel):
+    """Body of a redelivery (optional): why, kept in the session's audit row."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field(default="redelivered by operator", min_length=1, max_length=255)
 
 
 class ImportListQuery(BoundaryModel):

@@ -43,6 +43,9 @@ class WebhookDelivery(Base):
     last_status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # An operator's last redelivery of it once given up (admin API, audited).
+    redelivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    redelivered_by: Mapped[str | None] = mapped_column(String(128), nullable=True)
 
 
 class WebhookAttempt(Base):

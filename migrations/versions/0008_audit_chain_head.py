@@ -7,7 +7,8 @@
   feed answers 410 for a cursor below it, SPEC §6).
 - `webhook_deliveries.event_pk` no longer references `events`: events are kept
   `EVENTS_RETENTION` (7 d), deliveries `DELIVERIES_RETENTION` (30 d), so a delivery
-  outlives its event.
+  outlives its event; `redelivered_at`/`redelivered_by` record an operator's last
+  redelivery of a given-up delivery (SPEC §13).
 
 Revision ID: 0008
 Revises: 0007
@@ -48,6 +49,8 @@ def upgrade() -> None:
 
     with op.batch_alter_table("webhook_deliveries") as batch_op:
         batch_op.drop_constraint(DELIVERY_EVENT_FK, type_="foreignkey")
+        batch_op.add_column(sa.Column("redelivered_at", app.db.UTCDateTime(), nullable=True))
+        batch_op.add_column(sa.Column("redelivered_by", sa.String(length=128), nullable=True))
 
 
 def downgrade() -> None:
@@ -62,6 +65,8 @@ def downgrade() -> None:
         op.execute("DELETE FROM webhook_deliveries WHERE NOT EXISTS"
                    " (SELECT 1 FROM events e WHERE e.id = webhook_deliveries.event_pk)")
     with op.batch_alter_table("webhook_deliveries") as batch_op:
+        batch_op.drop_column("redelivered_by")
+        batch_op.drop_column("redelivered_at")
         batch_op.create_foreign_key(DELIVERY_EVENT_FK, "events", ["event_pk"], ["id"])
     op.drop_table("retention_marks")
     with op.batch_alter_table("sessions") as batch_op:
