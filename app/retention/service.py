@@ -46,7 +46,12 @@ from app.retention.models import EVENTS_MARK, RetentionMark
 
 log = logging.getLogger(__name__)
 
-PURGE_BATCH = 5000
+PURGE_BATCH = 2000
+# After each batch the purge rests this many times as long as the batch took, so that it
+# takes at most about 1/(1 + PAUSE_RATIO) of a core and of the database's write time:
+# live traffic keeps its latency (tests/benchmarks/bench_retention.py), and the backlog
+# of a first run is spread over a few minutes instead of seconds.
+PAUSE_RATIO = 1.0
 
 
 @dataclass
@@ -100,7 +105,8 @@ def _prefix_end(db: DbSession, table: Table, time_column: str, *, after: int,
 
 
 def purge_events(database: Database, *, older_than: timedelta, batch: int = PURGE_BATCH,
-                 deadline: float | None = None, report: PurgeReport | None = None) -> int:
+                 deadline: float | None = None, report: PurgeReport | None = None,
+                 pause_ratio: float = PAUSE_RATIO) -> int:
     """Delete the events older than `older_than` (an id prefix), batch by batch."""
     report = report if report is not None else PurgeReport()
     cutoff = utcnow() - older_than
@@ -126,10 +132,12 @@ def purge_events(database: Database, *, older_than: timedelta, batch: int = PURG
         if deadline is not None and time.monotonic() > deadline:
             report.complete = False
             return purged
+        _rest(report, pause_ratio)
 
 
 def purge_deliveries(database: Database, *, older_than: timedelta, batch: int = PURGE_BATCH,
-                     deadline: float | None = None, report: PurgeReport | None = None) -> int:
+                     deadline: float | None = None, report: PurgeReport | None = None,
+                     pause_ratio: float = PAUSE_RATIO) -> int:
     """Delete webhook deliveries created more than `older_than` ago (an id prefix), with
     their attempts, whatever their status."""
     report = report if report is not None else PurgeReport()
@@ -164,6 +172,12 @@ def purge_deliveries(database: Database, *, older_than: timedelta, batch: int = 
         if deadline is not None and time.monotonic() > deadline:
             report.complete = False
             return purged
+        _rest(report, pause_ratio)
+
+
+def _rest(report: PurgeReport, pause_ratio: float) -> None:
+    if pause_ratio > 0 and report.batches:
+        time.sleep(report.batches[-1] * pause_ratio)
 
 
 # ---- other tables ----------------------------------------------------------------------
@@ -216,7 +230,7 @@ def purge_ended_imports(database: Database) -> int:
 
 def purge_expired(
     database: Database, *, events_retention: float, deliveries_retention: float,
-    time_budget: float = 300.0, batch: int = PURGE_BATCH,
+    time_budget: float = 300.0, batch: int = PURGE_BATCH, pause_ratio: float = PAUSE_RATIO,
 ) -> PurgeReport:
     """One retention run over every purged table, within `time_budget` seconds (a
     backlog left over is taken up by the next run)."""
@@ -224,9 +238,9 @@ def purge_expired(
     started = time.monotonic()
     deadline = started + time_budget
     purge_events(database, older_than=timedelta(seconds=events_retention), batch=batch,
-                 deadline=deadline, report=report)
+                 deadline=deadline, report=report, pause_ratio=pause_ratio)
     purge_deliveries(database, older_than=timedelta(seconds=deliveries_retention),
-                     batch=batch, deadline=deadline, report=report)
+                     batch=batch, deadline=deadline, report=report, pause_ratio=pause_ratio)
     report.console_logins = purge_console_logins(database, batch=batch)
     report.import_jobs = purge_ended_imports(database)
     report.seconds = time.monotonic() - started

@@ -44,6 +44,7 @@ ADMIN_ENDPOINTS: list[tuple[str, str]] = [
     ("POST", "/admin/api/clients/cli_x/revoke"),
     ("POST", "/admin/api/clients/cli_x/rotate"),
     ("GET", "/admin/api/deliveries"),
+    ("POST", "/admin/api/deliveries/dlv_x/redeliver"),
     ("GET", "/admin/api/stats"),
 ]
 

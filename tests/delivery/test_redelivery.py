@@ -59,7 +59,9 @@ def test_a_given_up_delivery_is_listed_and_redelivered_signed(rt):
                            json={"reason": "receiver fixed"}, headers=auth)
         assert answer.status_code == 200, answer.get_json()
         body = answer.get_json()
-        assert (body["status"], body["attempts"]) == ("pending", 0)
+        # Pending again with a fresh round of attempts (on the embedded default the run
+        # it starts may have delivered it already, at its first new attempt).
+        assert (body["status"], body["attempts"]) in {("pending", 0), ("delivered", 1)}
         assert body["redelivered_by"] == f"client:{admin.client_id}"
         drain(rt, lambda: len(receiver.received) == 2)
         got = receiver.received[-1]
