@@ -13,8 +13,9 @@ that keeps the same rules. Per batch, with the batch's slot locks held:
 3. for the rest: one conditional `UPDATE` per former status (refused unless every
    row is still in that status and past its deadline), one fence bump per slot
    conditioned on the fence value read, the audit rows (hash-chained exactly as a
-   slot transaction does, to the last hash read with the row) and the
-   `session.timeout` events — all in one transaction that commits or not as a whole.
+   slot transaction does, to the chain head read with the row; the new head is set by
+   the status `UPDATE` itself) and the `session.timeout` events — all in one
+   transaction that commits or not as a whole.
 
 At 2,000 sessions a batch, Python costs as much as the database: every value read
 or sent goes through pymysql's pure-Python parsing and escaping. So the batch runs

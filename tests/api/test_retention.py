@@ -184,3 +184,9 @@ def test_the_beat_task_runs_the_purge(runtime):
     with freeze_time(T0 + timedelta(days=8)):
         result = purge_retention_task()
     assert result["ran"] is True and result["events"] == 1 and result["complete"] is True
+
+
+def test_the_contract_documents_the_410(http):
+    responses = http.get("/openapi.json").get_json()["paths"]["/api/v1/events"]["get"][
+        "responses"]
+    assert "410" in responses and "oldest_cursor" in responses["410"]["description"]
