@@ -8,7 +8,9 @@ from __future__ import annotations
 import io
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from freezegun import freeze_time
+from sqlalchemy import delete as sa_delete
 from sqlalchemy import func, insert, select
 
 from admin.models import ConsoleLogin
@@ -190,3 +192,29 @@ def test_the_contract_documents_the_410(http):
     responses = http.get("/openapi.json").get_json()["paths"]["/api/v1/events"]["get"][
         "responses"]
     assert "410" in responses and "oldest_cursor" in responses["410"]["description"]
+
+
+@pytest.mark.services
+def test_a_purge_batch_in_flight_blocks_no_slot_operation(runtime, bot):
+    """While a purge batch holds its delete uncommitted (its row locks on the old
+    prefix, the mark's row locked), creates append events, the feed reads and the
+    feed reads: nothing waits for it (a wait would end in MariaDB's 5 s lock timeout, a
+    503). The same batch run at REPEATABLE READ locks the gap at the table's end and
+    every create fails here."""
+    from app.retention.service import _set_mark
+
+    with freeze_time(T0):
+        for i in range(3):
+            bot.create("AUTO_BARGAIN", shop=f"old-{i}")
+    with freeze_time(T0 + timedelta(days=8)):
+        with runtime.database.unit_of_work() as purge:  # the batch, left open
+            old = _event_ids(runtime)
+            purge.session.execute(sa_delete(Event).where(Event.id <= old[-1]))
+            _set_mark(purge.session, "events", old[-1], utcnow())
+            created = [bot.create("AUTO_BARGAIN", shop=f"new-{i}") for i in range(3)]
+            bot.post(f"/api/v1/sessions/{created[0]['session_id']}/pause")
+            page = bot.get("/api/v1/events", after=old[-1])
+            assert page.status_code == 200
+            assert len(page.get_json()["items"]) == 4  # 3 activated, 1 paused; mark not yet moved
+            purge.commit()
+        assert bot.get("/api/v1/events", after=1).status_code == 410
