@@ -178,7 +178,13 @@ def test_staged_data_left_by_an_ended_job_is_purged(runtime):
 
 
 def test_the_beat_task_runs_the_purge(runtime):
+    from tasks.celery_app import TASK_MODULES, celery
     from tasks.retention import purge_retention_task
+
+    assert "tasks.retention" in TASK_MODULES  # workers and beat import it
+    entry = celery.conf.beat_schedule["purge-retention"]
+    assert entry["task"] == purge_retention_task.name
+    assert entry["schedule"] == runtime.settings.maintenance_interval
 
     with runtime.database.engine.begin() as conn:
         conn.execute(insert(Event), [{"id": 1, "type": "t", "audience": "admin",
