@@ -182,6 +182,11 @@ class DeliveryQuery(PageQuery):
         default=None, description="`failed`: the given-up deliveries (redeliverable)")
     session_id: str | None = Field(default=None, max_length=40)
 
+    @field_validator("status", mode="before")
+    @classmethod
+    def _any_case(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
 
 class Redelivery(BoundaryModel):
     """Body of a redelivery (optional): why, kept in the session's audit row."""
