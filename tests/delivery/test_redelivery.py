@@ -50,6 +50,8 @@ def test_a_given_up_delivery_is_listed_and_redelivered_signed(rt):
         delivery_id = failed["delivery_id"]
         assert http.get("/admin/api/deliveries?status=bogus",
                         headers=auth).status_code == 422
+        assert http.get("/admin/api/deliveries?status=FAILED", headers=auth).get_json()[
+            "items"] == listed["items"]
 
         receiver.fail_first.clear()  # the receiver is fixed
         bad = http.post(f"/admin/api/deliveries/{delivery_id}/redeliver",
