@@ -341,6 +341,8 @@ class SlotTx:
     def write_records(self) -> None:
         """Insert the audit rows and events collected so far (one statement per table)."""
         if self._audit_rows:
+            if any(session.id is None for session, _ in self._audit_rows):
+                self.db.flush()  # a session added to the unit of work, not inserted yet
             for session, row in self._audit_rows:
                 row["session_pk"] = session.id
             _INSERT_OPERATIONS.execute_many(self.conn, [row for _, row in self._audit_rows])
