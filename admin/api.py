@@ -19,7 +19,7 @@ from app.agents.service import AgentFilters, AgentService
 from app.api.auth import client_service
 from app.api.http import parse_body, parse_query, respond, runtime
 from app.api.problems import validation_problem
-from app.delivery.service import delivery_log, delivery_summary
+from app.delivery.service import delivery_log, delivery_summary, redeliver
 from app.errors import NotFound, ValidationFailed
 from app.imports import views as import_views
 from app.imports.service import ImportService
@@ -277,6 +277,16 @@ def list_deliveries() -> Response:
     following = page[-1]["id"] if len(rows) > query.limit else None
     return respond({"items": page, "next": None if following is None else str(following),
                     "summary": summary})
+
+
+@bp.post("/deliveries/<delivery_id>/redeliver")
+@admin_only
+def redeliver_delivery(delivery_id: str) -> Response:
+    """Send a given-up delivery again (SPEC §13), audited with the operator as actor."""
+    body = parse_body(admin_service.Redelivery)
+    operator = admin_client()
+    return respond(redeliver(runtime(), delivery_id, actor=operator.actor,
+                             reason=body.reason))
 
 
 # ---- statistics ---------------------------------------------------------------------------------

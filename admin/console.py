@@ -41,6 +41,7 @@ from app.api.problems import field_errors
 from app.api.ratelimit import RateLimited, count_failed_authentication
 from app.api.stream import stream_url_for_console
 from app.clients.service import ClientRole
+from app.delivery.service import delivery_log, redeliver
 from app.errors import AutoSessionError, Unauthorized
 from app.imports.service import ImportService
 from app.sessions.enums import Origin, SessionStatus, SessionType, TransferStatus
@@ -254,3 +255,23 @@ def import_page(job_id: str) -> str:
     with runtime().database.read() as db:
         errors = admin_service.import_job_errors(db, job_id, limit=500)
     return render_template("import_job.html", job=job, errors=errors)
+
+
+@bp.get("/deliveries")
+@login_required
+def deliveries() -> str:
+    """The given-up webhook deliveries (newest first), each with a redeliver button."""
+    with runtime().database.read() as db:
+        failed = delivery_log(db, status="failed", limit=200, with_attempts=False)
+    return render_template("deliveries.html", deliveries=failed)
+
+
+@bp.post("/deliveries/<delivery_id>/redeliver")
+@login_required
+def redeliver_delivery(delivery_id: str) -> WerkzeugResponse:
+    operator = console_identity()
+    assert operator is not None
+    body = admin_service.Redelivery.model_validate(
+        {"reason": request.form.get("reason") or "redelivered by operator"})
+    redeliver(runtime(), delivery_id, actor=operator.actor, reason=body.reason)
+    return redirect(url_for("admin.console.deliveries", redelivered=delivery_id))

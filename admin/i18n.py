@@ -182,6 +182,20 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "live_connecting": ("Connecting to live updates…", "正在连接实时更新…"),
     "live_on": ("Live: this page updates by itself", "实时：本页自动更新"),
     "live_reconnecting": ("Live updates interrupted, reconnecting…", "实时更新中断，正在重新连接…"),
+    # Webhook redelivery (SPEC §13)
+    "nav_deliveries": ("Failed webhooks", "推送失败"),
+    "failed_deliveries": ("Given-up webhook deliveries", "已放弃的 Webhook 推送"),
+    "failed_deliveries_hint": ("Deliveries given up after WEBHOOK_MAX_ATTEMPTS. Redeliver "
+                               "sends one again with a new round of attempts (audited).",
+                               "超过 WEBHOOK_MAX_ATTEMPTS 次后放弃的推送。重新推送会再次发送并"
+                               "重新计算重试次数（记入审计）。"),
+    "delivery": ("Delivery", "推送"),
+    "client": ("Client", "客户端"),
+    "event": ("Event", "事件"),
+    "attempts": ("Attempts", "尝试次数"),
+    "last_error": ("Last error", "最近错误"),
+    "redeliver": ("Redeliver", "重新推送"),
+    "redelivery_queued": ("Sent again:", "已重新推送："),
 }
 
 

@@ -18,12 +18,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, AliasChoices, ConfigDict, Field, field_validator
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, select, union, update
 from sqlalchemy.orm import Session as DbSession
 
 from admin.models import ConsoleLogin
 from app.audit.models import Operation
-from app.audit.trail import verify_chain
+from app.audit.trail import check_chain
 from app.clients.models import ApiClient
 from app.clients.service import hash_token
 from app.db import Database, utcnow
@@ -180,8 +180,22 @@ class PageQuery(BoundaryModel):
 
 class DeliveryQuery(PageQuery):
     client_id: str | None = Field(default=None, max_length=40)
-    status: str | None = Field(default=None, max_length=16)
+    status: Literal["pending", "delivered", "failed"] | None = Field(
+        default=None, description="`failed`: the given-up deliveries (redeliverable)")
     session_id: str | None = Field(default=None, max_length=40)
+
+    @field_validator("status", mode="before")
+    @classmethod
+    def _any_case(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+
+class Redelivery(BoundaryModel):
+    """Body of a redelivery (optional): why, kept in the session's audit row."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field(default="redelivered by operator", min_length=1, max_length=255)
 
 
 class ImportListQuery(BoundaryModel):
@@ -377,19 +391,27 @@ def search_audit(db: DbSession, search: AuditSearch) -> tuple[list[dict[str, Any
 # ---- the audit chain ---------------------------------------------------------------------
 def verify_session_chain(db: DbSession, session_id: str) -> dict[str, Any]:
     session = load_session(db, session_id)
-    intact, bad_row, checked = verify_chain(db, session.id)
-    return {"session_id": session_id, "intact": intact, "first_bad_row_id": bad_row,
-            "rows_checked": checked}
+    check = check_chain(db, session.id)
+    return {"session_id": session_id, "intact": check.intact,
+            "first_bad_row_id": check.first_bad_row_id, "rows_checked": check.rows_checked,
+            "head_matches": check.head_matches}
 
 
 def verify_chains(db: DbSession, request: VerifyRange) -> dict[str, Any]:
     """Verify every session with audit rows in the range (up to `limit`), or a random
     `sample` of them. Answers which chains are broken and where."""
-    stmt = select(Operation.session_pk).distinct()
+    by_rows = select(Operation.session_pk.label("session_pk"))
+    # A session whose rows were all deleted has none in the range: its anchored head
+    # still names it, found by when it was created.
+    by_head = select(Session.id.label("session_pk")).where(Session.audit_head.is_not(None))
     if request.created_from is not None:
-        stmt = stmt.where(Operation.created_at >= request.created_from)
+        by_rows = by_rows.where(Operation.created_at >= request.created_from)
+        by_head = by_head.where(Session.created_at >= request.created_from)
     if request.created_to is not None:
-        stmt = stmt.where(Operation.created_at < request.created_to)
+        by_rows = by_rows.where(Operation.created_at < request.created_to)
+        by_head = by_head.where(Session.created_at < request.created_to)
+    candidates_of = union(by_rows, by_head).subquery()
+    stmt = select(candidates_of.c.session_pk)
     if request.sample is not None:
         # A sample is drawn from the range's sessions; drawing happens in Python over
         # ids only, so it is the same SQL on SQLite and MySQL.
@@ -397,20 +419,22 @@ def verify_chains(db: DbSession, request: VerifyRange) -> dict[str, Any]:
         chosen = random.sample(candidates, min(request.sample, len(candidates)))
         truncated = False
     else:
-        chosen = list(db.execute(stmt.order_by(Operation.session_pk)
+        chosen = list(db.execute(stmt.order_by(candidates_of.c.session_pk)
                                  .limit(request.limit + 1)).scalars())
         truncated = len(chosen) > request.limit
         chosen = chosen[: request.limit]
     broken: list[dict[str, Any]] = []
     rows_checked = 0
     for session_pk in chosen:
-        intact, bad_row, checked = verify_chain(db, session_pk)
-        rows_checked += checked
-        if not intact:
+        check = check_chain(db, session_pk)
+        rows_checked += check.rows_checked
+        if not check.intact:
             public_id = db.execute(
                 select(Session.session_id).where(Session.id == session_pk)
             ).scalar_one_or_none()
-            broken.append({"session_id": public_id, "first_bad_row_id": bad_row})
+            broken.append({"session_id": public_id,
+                           "first_bad_row_id": check.first_bad_row_id,
+                           "head_matches": check.head_matches})
     return {
         "intact": not broken,
         "sessions_checked": len(chosen),

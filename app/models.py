@@ -17,6 +17,7 @@ from app.imports.models import (
     ImportUploadPart,
 )
 from app.messages.models import Message
+from app.retention.models import RetentionMark
 from app.sessions.models import Session, Slot
 from app.transfers.models import Transfer
 
@@ -36,6 +37,7 @@ __all__ = [
     "ImportUploadPart",
     "Message",
     "Operation",
+    "RetentionMark",
     "Session",
     "Slot",
     "Transfer",

@@ -21,6 +21,7 @@ TASK_MODULES = [
     "tasks.delivery",
     "tasks.detection",
     "tasks.clients",
+    "tasks.retention",
 ]
 
 celery = Celery("auto_session")

@@ -61,15 +61,17 @@ schedule_every("sweep-transfers", "sweeps.transfers", get_settings().transfer_sw
 
 def start_in_process_beat(stop: threading.Event) -> threading.Thread:
     """The embedded default has no beat process: run the periodic work in a thread
-    (sweeps, the delivery safety net, the idempotency purge) until `stop` is set."""
+    (sweeps, the delivery safety net, the idempotency and retention purges) until `stop` is set."""
     from tasks.clients import purge_idempotency_task
     from tasks.delivery import deliver_webhooks_task
+    from tasks.retention import purge_retention_task
 
     settings = get_settings()
     jobs = [(settings.sweep_interval, sweep_sessions_task),
             (settings.transfer_sweep_interval, sweep_transfers_task),
             (settings.delivery_interval, deliver_webhooks_task),
-            (settings.maintenance_interval, purge_idempotency_task)]
+            (settings.maintenance_interval, purge_idempotency_task),
+            (settings.maintenance_interval, purge_retention_task)]
 
     def loop() -> None:
         import time

@@ -18,8 +18,10 @@ bp = Blueprint("events", __name__, url_prefix="/api/v1/events")
 @documented(
     summary="Events after a cursor (resumable: nothing missed, nothing repeated)",
     description="A bot sees its own sessions' events, the desk what is addressed to it, "
-    "admins everything. Pass the answer's `next` as `after` to continue.",
-    tags=("events",), query=EventQuery, responses={200: EventPage},
+    "admins everything. Pass the answer's `next` as `after` to continue. Events are kept "
+    "EVENTS_RETENTION (7 days): a cursor before the oldest kept event answers 410 "
+    "`/problems/cursor-expired` with `oldest_cursor`, the `after` to resume from.",
+    tags=("events",), query=EventQuery, responses={200: EventPage}, errors=(410,),
 )
 @require_roles("bot", "desk", "admin")
 def feed() -> Response:

@@ -36,6 +36,7 @@ ERROR_TITLES = {
     403: "The client's role may not call this operation",
     404: "Not found (or not visible to this client)",
     409: "Conflict with the current state",
+    410: "Gone: the cursor is past retention (`oldest_cursor` says where to resume)",
     413: "Payload too large",
     422: "Invalid request: `errors` names each bad field",
     503: "Temporarily unavailable; retry (see Retry-After)",

@@ -1,13 +1,18 @@
 """Append audit rows and verify a session's hash chain (SPEC §7).
 
 Each row's hash covers its content and the previous row's hash for the same
-session, so editing or deleting any row breaks the chain from there on.
+session, so editing, inserting or deleting a row breaks the chain from there on. The
+chain's head — the last row's hash — is anchored outside it, on the session row
+(`sessions.audit_head`, written in the same transaction as every audit row), so
+deleting the last rows, which leaves a shorter chain that is still consistent, is
+seen too: the recomputed head no longer matches the anchor.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -15,6 +20,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session as DbSession
 
 from app.audit.models import Operation
+from app.sessions.models import Session
 
 
 def _digest(
@@ -60,8 +66,23 @@ def last_hash(db: DbSession, session_pk: int) -> str | None:
     return db.execute(stmt).scalar_one_or_none()
 
 
-def verify_chain(db: DbSession, session_pk: int) -> tuple[bool, int | None, int]:
-    """Recompute a session's chain: (intact, id of the first bad row or None, rows checked)."""
+@dataclass(frozen=True)
+class ChainCheck:
+    """A session's chain recomputed: `first_bad_row_id` is the first row whose hash or
+    link is wrong; `head_matches` says whether the last row's hash is the anchored head
+    (False with every row right: rows were deleted from the end)."""
+
+    intact: bool
+    first_bad_row_id: int | None
+    rows_checked: int
+    head_matches: bool
+
+
+def check_chain(db: DbSession, session_pk: int) -> ChainCheck:
+    """Recompute a session's chain and compare its end with the anchored head."""
+    anchored = db.execute(
+        select(Session.audit_head).where(Session.id == session_pk)
+    ).scalar_one_or_none()
     rows = db.execute(
         select(Operation).where(Operation.session_pk == session_pk).order_by(Operation.id)
     ).scalars()
@@ -81,9 +102,17 @@ def verify_chain(db: DbSession, session_pk: int) -> tuple[bool, int | None, int]
             created_at=row.created_at,
         )
         if row.prev_hash != prev or row.row_hash != expected:
-            return False, row.id, count
+            return ChainCheck(False, row.id, count, head_matches=False)
         prev = row.row_hash
-    return True, None, count
+    head_matches = prev == anchored
+    return ChainCheck(head_matches, None, count, head_matches=head_matches)
+
+
+def verify_chain(db: DbSession, session_pk: int) -> tuple[bool, int | None, int]:
+    """Recompute a session's chain: (intact, id of the first bad row or None, rows
+    checked); not intact with no bad row means the chain ends before its anchored head."""
+    check = check_chain(db, session_pk)
+    return check.intact, check.first_bad_row_id, check.rows_checked
 
 
 def operation_values(

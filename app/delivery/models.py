@@ -32,7 +32,8 @@ class WebhookDelivery(Base):
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     delivery_id: Mapped[str] = mapped_column(IdStr(40), unique=True)
     client_id: Mapped[str] = mapped_column(IdStr(40))
-    event_pk: Mapped[int] = mapped_column(BigId, ForeignKey("events.id"))
+    # No foreign key: a delivery (DELIVERIES_RETENTION) outlives its event (EVENTS_RETENTION).
+    event_pk: Mapped[int] = mapped_column(BigId)
     session_id: Mapped[str | None] = mapped_column(IdStr(40), nullable=True)
     event_type: Mapped[str] = mapped_column(String(48))
     status: Mapped[str] = mapped_column(String(16), default=DeliveryStatus.PENDING)
@@ -42,6 +43,9 @@ class WebhookDelivery(Base):
     last_status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # An operator's last redelivery of it once given up (admin API, audited).
+    redelivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    redelivered_by: Mapped[str | None] = mapped_column(String(128), nullable=True)
 
 
 class WebhookAttempt(Base):

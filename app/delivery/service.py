@@ -41,7 +41,7 @@ from app.db import utcnow
 from app.delivery import signing, urlpolicy
 from app.delivery.models import DeliveryStatus, WebhookAttempt, WebhookCursor, WebhookDelivery
 from app.delivery.transport import post_webhook
-from app.errors import NotFound, ValidationFailed
+from app.errors import Conflict, NotFound, ValidationFailed
 from app.events.feed import visible_events
 from app.events.models import Event
 from app.ids import new_id
@@ -437,6 +437,67 @@ def deliver_webhooks(
     return report
 
 
+# ---- redelivery (SPEC §13) -------------------------------------------------------------
+def redeliver(runtime: Runtime, delivery_id: str, *, actor: str,
+              reason: str | None = None) -> dict[str, Any]:
+    """Send a given-up delivery again: pending from now, with a fresh round of
+    WEBHOOK_MAX_ATTEMPTS, the operator and time kept on it. For a session's event an
+    audit row of that session (`redeliver`, the operator as actor) is written in the
+    same transaction, a slot transaction like any other audit row (one chain writer at
+    a time). Refused (409) unless the delivery is given up, its event still kept and
+    its client still listening; then a delivery run is started."""
+    with runtime.database.read() as db:
+        found = db.execute(select(WebhookDelivery.session_id)
+                           .where(WebhookDelivery.delivery_id == delivery_id)).one_or_none()
+    if found is None:
+        raise NotFound(f"delivery {delivery_id} not found")
+
+    def reset(db: DbSession) -> WebhookDelivery:
+        delivery = db.execute(select(WebhookDelivery)
+                              .where(WebhookDelivery.delivery_id == delivery_id)
+                              .with_for_update()).scalar_one()
+        if delivery.status != DeliveryStatus.FAILED:
+            raise Conflict(f"delivery {delivery_id} is {delivery.status}: only a given-up "
+                           "(failed) delivery is sent again", delivery_status=delivery.status)
+        if db.get(Event, delivery.event_pk) is None:
+            raise Conflict(f"the event of delivery {delivery_id} is no longer kept "
+                           "(EVENTS_RETENTION)", event_id=delivery.event_pk)
+        client = db.get(ApiClient, delivery.client_id)
+        if client is None or client.revoked_at is not None or not client.webhook_url:
+            raise Conflict(f"client {delivery.client_id} has no webhook URL any more")
+        now = utcnow()
+        delivery.status, delivery.attempts = DeliveryStatus.PENDING, 0
+        delivery.next_attempt_at = delivery.redelivered_at = now
+        delivery.redelivered_by = actor
+        return delivery
+
+    details = {"delivery_id": delivery_id}
+    session_id = found.session_id
+    if session_id is not None:
+        def work(tx: Any, session: Any) -> WebhookDelivery:
+            delivery = reset(tx.db)
+            tx.audit(session, "redeliver", from_status=session.status, actor=actor,
+                     reason=reason, details={**details, "event_id": delivery.event_pk,
+                                             "event_type": delivery.event_type})
+            return delivery
+
+        try:
+            runtime.sessions.run_on_session(session_id, actor, work)
+        except NotFound:
+            session_id = None  # an event of no session we keep: the delivery row records it
+    if session_id is None:
+        with runtime.database.unit_of_work() as uow:
+            reset(uow.session)
+            uow.commit()
+    log.info("webhook delivery %s redelivered by %s", delivery_id, actor)
+    try:
+        runtime.hooks.events_written()  # start a delivery run (as a new event would)
+    except Exception:  # the delivery is pending: beat's safety-net run sends it
+        log.exception("could not start a delivery run after a redelivery")
+    with runtime.database.read() as db:
+        return delivery_log(db, delivery_id=delivery_id, limit=1)[0]
+
+
 # ---- the admin view --------------------------------------------------------------------
 def delivery_log(
     db: DbSession,
@@ -447,9 +508,12 @@ def delivery_log(
     limit: int = 50,
     before_id: int | None = None,
     with_attempts: bool = True,
+    delivery_id: str | None = None,
 ) -> list[dict[str, Any]]:
     """Deliveries newest first, with their attempts and last error (for the admin API)."""
     stmt = select(WebhookDelivery).order_by(WebhookDelivery.id.desc()).limit(limit)
+    if delivery_id:
+        stmt = stmt.where(WebhookDelivery.delivery_id == delivery_id)
     if client_id:
         stmt = stmt.where(WebhookDelivery.client_id == client_id)
     if status:
@@ -477,6 +541,8 @@ def delivery_log(
         "next_attempt_at": r.next_attempt_at.isoformat() if r.status == "pending" else None,
         "created_at": r.created_at.isoformat(),
         "delivered_at": r.delivered_at.isoformat() if r.delivered_at else None,
+        "redelivered_at": r.redelivered_at.isoformat() if r.redelivered_at else None,
+        "redelivered_by": r.redelivered_by,
         **({"attempt_log": attempts.get(r.id, [])} if with_attempts else {}),
     } for r in rows]
 

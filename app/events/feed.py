@@ -15,6 +15,11 @@ only hands out a prefix that cannot change any more:
 The answer always stops at the first event it may not serve yet, so the cursor
 never jumps over anything: nothing is missed and nothing repeats. On SQLite writers
 are serialised and ids are never left behind, so there are no holes.
+
+Retention deletes an id prefix and records its end (`retention_marks`): a cursor
+below it answers `410 /problems/cursor-expired` with that end as `oldest_cursor`, and
+the purged ids are never taken for a hole (which would hold every page back to
+settled events for good).
 """
 
 from __future__ import annotations
@@ -27,8 +32,10 @@ from sqlalchemy import ColumnElement, and_, exists, false, func, or_, select, tr
 from sqlalchemy.orm import Session as DbSession
 from sqlalchemy.orm import aliased
 
+from app.errors import CursorExpired
 from app.events.models import Event
 from app.events.outbox import Audience
+from app.retention.models import EVENTS_MARK, RetentionMark
 from app.sessions.models import Session
 from app.transfers.models import Transfer
 
@@ -102,17 +109,27 @@ def read_feed(
     now: datetime,
     settle_seconds: float = SETTLE_SECONDS,
 ) -> EventPage:
-    """The next events after `after` that `client_id` may see, never skipping one."""
+    """The next events after `after` that `client_id` may see, never skipping one.
+
+    Raises CursorExpired for a cursor below the retention purge's mark (`after` 0, no
+    cursor yet, starts at the oldest event kept)."""
     candidates = db.execute(
         select(Event)
         .where(Event.id > after, visible_events(client_id, role))
         .order_by(Event.id)
         .limit(limit)
     ).scalars().all()
+    # Read after the events: a purge that committed in between is seen here.
+    purged = purged_through(db)
+    if 0 < after < purged:
+        raise CursorExpired(
+            f"events up to {purged} were purged (EVENTS_RETENTION); resume from "
+            "oldest_cursor, past the events that are no longer kept", oldest_cursor=purged)
     if not candidates:
         return EventPage(items=[], next=after)
     last = candidates[-1].id
-    hole = first_hole(db, after, last)
+    # Purged ids are not holes: nothing below the mark can still commit.
+    hole = first_hole(db, max(after, purged), last)
     settled = now - timedelta(seconds=settle_seconds)
     served = []
     for event in candidates:
@@ -127,6 +144,13 @@ def read_feed(
         for e in served
     ]
     return EventPage(items=items, next=served[-1].id if served else after)
+
+
+def purged_through(db: DbSession) -> int:
+    """Every event id up to this one was purged by retention (0: none yet)."""
+    return db.execute(
+        select(RetentionMark.purged_through).where(RetentionMark.name == EVENTS_MARK)
+    ).scalar_one_or_none() or 0
 
 
 def first_hole(db: DbSession, after: int, upto: int) -> int | None:

@@ -900,16 +900,11 @@ class Writer:
         db = self.db
         public_to_pk: dict[str, int] = {}
         if self._sessions:
-            core_insert(db, Session, [values for values, _ in self._sessions], batch=self.batch)
-            ids = [values["session_id"] for values, _ in self._sessions]
-            for i in range(0, len(ids), ID_BATCH):
-                public_to_pk.update(dict(db.execute(
-                    select(Session.session_id, Session.id)
-                    .where(Session.session_id.in_(ids[i:i + ID_BATCH]))
-                ).all()))
+            # Each session's one audit row is made first, so that its hash, the chain
+            # head, is inserted with the session; primary keys are filled in after.
             audits, transfers = [], []
             for values, plan in self._sessions:
-                pk = public_to_pk[values["session_id"]]
+                pk = 0
                 details: dict[str, Any] = {
                     "job_id": self.job_id, "messages": len(plan.messages),
                     "first_message_at": plan.start.isoformat(),
@@ -927,6 +922,16 @@ class Writer:
                     from_status=None, to_status=S.COMPLETED, actor=self.actor, at=self.now,
                     prev_hash=None, reason="history import", details=details,
                 ))
+                values["audit_head"] = audits[-1]["row_hash"]
+            core_insert(db, Session, [values for values, _ in self._sessions], batch=self.batch)
+            ids = [values["session_id"] for values, _ in self._sessions]
+            for i in range(0, len(ids), ID_BATCH):
+                public_to_pk.update(dict(db.execute(
+                    select(Session.session_id, Session.id)
+                    .where(Session.session_id.in_(ids[i:i + ID_BATCH]))
+                ).all()))
+            for row in (*audits, *transfers):
+                row["session_pk"] = public_to_pk[row["session_id"]]
             core_insert(db, Operation, audits, batch=self.batch)
             if transfers:
                 core_insert(db, Transfer, transfers, batch=self.batch)
@@ -959,6 +964,7 @@ class Writer:
                     at=self.now, prev_hash=prev_hashes.get(pk), reason="history import",
                     details=details,
                 ))
+                session.audit_head = audits[-1]["row_hash"]  # rides on the session's UPDATE
                 self.counts.sessions_updated += 1
             core_insert(db, Operation, audits, batch=self.batch)
             if transfers:

@@ -1278,9 +1278,7 @@ class ImportService:
 
     @staticmethod
     def _delete_staged(db: DbSession, job_pk: int) -> None:
-        db.execute(delete(ImportChunkPart).where(ImportChunkPart.job_pk == job_pk))
-        db.execute(delete(ImportSplitPart).where(ImportSplitPart.job_pk == job_pk))
-        db.execute(delete(ImportUploadPart).where(ImportUploadPart.job_pk == job_pk))
+        delete_staged(db, job_pk)
 
     # ---- reads ----------------------------------------------------------------------------
     def get(self, job_id: str) -> ImportJobView:
@@ -1363,6 +1361,16 @@ class ImportService:
                                          ImportChunk.status == "pending")
             .order_by(ImportChunk.id)
         ).scalars())
+
+
+def delete_staged(db: DbSession, job_pk: int) -> None:
+    """An ended job's staged data: its upload, its staged rows and runs and its split
+    parts; the job keeps its counts and first errors. The retention purge runs it too,
+    for whatever a crash between a job's end and this left behind, and then also
+    deletes the job's slot marks (`app.retention.service`)."""
+    db.execute(delete(ImportChunkPart).where(ImportChunkPart.job_pk == job_pk))
+    db.execute(delete(ImportSplitPart).where(ImportSplitPart.job_pk == job_pk))
+    db.execute(delete(ImportUploadPart).where(ImportUploadPart.job_pk == job_pk))
 
 
 class _ErrorsSeen:

@@ -99,6 +99,9 @@ class Session(Base):
     # review; SPEC §4 step 4) and the source's conversation key, if it had one.
     started_by: Mapped[str | None] = mapped_column(String(8), nullable=True)
     thread_id: Mapped[str | None] = mapped_column(IdStr(128), nullable=True)
+    # The hash of the last audit row, anchored outside the chain (SPEC §7): written in
+    # the same transaction as every audit row, so verification sees a deleted last row.
+    audit_head: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
     @property
     def slot(self) -> tuple[str, str]:

@@ -168,8 +168,9 @@ class SlotTx:
         # The slot row names the occupant as of the last change; a first attempt trusts
         # "nobody" from it (saving a read), a retry reads the sessions themselves.
         self._trust_slot_row = trust_slot_row
-        self._chain: dict[int, str | None] = {}  # last audit hash per session, as written here
-        self._audit_rows: list[dict[str, Any]] = []
+        # The last audit hash per session (by public id), as written here.
+        self._chain: dict[str, str | None] = {}
+        self._audit_rows: list[tuple[Session, dict[str, Any]]] = []
         self._event_rows: list[dict[str, Any]] = []
 
     # ---- reads -------------------------------------------------------------------
@@ -243,7 +244,7 @@ class SlotTx:
         session.id = _INSERT_SESSION.insert(self.conn, row)
         make_transient_to_detached(session)
         self.db.add(session)
-        self._chain[session.id] = None  # a new session has no audit rows yet
+        self._chain.setdefault(session.session_id, None)  # no audit rows before this one
 
     def waiting(self) -> list[int]:
         """Primary keys of the sessions waiting for the slot, highest precedence first
@@ -299,15 +300,23 @@ class SlotTx:
     ) -> None:
         """Append an audit row (to the session's current status unless `to_status` says
         otherwise). Within a slot transaction, audit a session only through here, so the
-        remembered chain head stays right."""
-        if session.id is None:
-            self.db.flush()
-        prev_hash = (
-            self._chain[session.id] if session.id in self._chain
-            else last_hash(self.db, session.id)
-        )
+        remembered chain head stays right.
+
+        The row chains to the session's anchored head (`sessions.audit_head`, read with
+        the row), and the new head is set on the session: it is written by the INSERT
+        or UPDATE of the session this transaction makes anyway when the audit comes
+        before it (a new session is audited before it is inserted; `set_status` audits
+        before it flushes), else by one UPDATE at commit. A session not inserted yet
+        gets its primary key in the row when the rows are written."""
+        key = session.session_id
+        if key in self._chain:
+            prev_hash = self._chain[key]
+        elif session.id is None:
+            prev_hash = None  # a new session, inserted later in this transaction
+        else:
+            prev_hash = session.audit_head or last_hash(self.db, session.id)
         row = operation_values(
-            session_pk=session.id,
+            session_pk=session.id or 0,
             session_id=session.session_id,
             operation=operation,
             from_status=from_status,
@@ -318,8 +327,8 @@ class SlotTx:
             reason=reason,
             details=details,
         )
-        self._audit_rows.append(row)
-        self._chain[session.id] = row["row_hash"]
+        self._audit_rows.append((session, row))
+        self._chain[key] = session.audit_head = row["row_hash"]
 
     def event(
         self,
@@ -335,7 +344,11 @@ class SlotTx:
     def write_records(self) -> None:
         """Insert the audit rows and events collected so far (one statement per table)."""
         if self._audit_rows:
-            _INSERT_OPERATIONS.execute_many(self.conn, self._audit_rows)
+            if any(session.id is None for session, _ in self._audit_rows):
+                self.db.flush()  # a session added to the unit of work, not inserted yet
+            for session, row in self._audit_rows:
+                row["session_pk"] = session.id
+            _INSERT_OPERATIONS.execute_many(self.conn, [row for _, row in self._audit_rows])
             self._audit_rows = []
         if self._event_rows:
             _INSERT_EVENTS.execute_many(self.conn, self._event_rows)
@@ -354,10 +367,11 @@ class SlotTx:
     ) -> None:
         """Move `session` to `target` (checked against the state machine), audit it, announce it."""
         before = self.apply_status(session, target, reason=reason)
+        # Audited first, so the new chain head rides on the session's UPDATE.
+        self.audit(session, operation, from_status=before, reason=reason, details=details)
         # Flush the release before anyone claims the slot in this transaction:
         # the unique occupant key must never see two holders, even mid-flush.
         self.db.flush()
-        self.audit(session, operation, from_status=before, reason=reason, details=details)
         if event:
             data = {"previous_status": str(before), "reason": reason}
             data.update(event_data or {})
@@ -716,18 +730,18 @@ class SessionService:
                 # The common case, in one INSERT: the row is written ACTIVE at once, with
                 # the same audit trail and event as a PENDING row activated afterwards.
                 tx.apply_status(session, S.ACTIVE)
-                tx.insert_session(session)
                 tx.audit(session, "create", from_status=None, to_status=S.PENDING,
                          reason=request.reason, details=create_details)
                 tx.audit(session, "activate", from_status=S.PENDING)
+                tx.insert_session(session)  # with its audit head
                 tx.event("session.activated", session,
                          {"previous_status": str(S.PENDING), "reason": None})
                 displaced: list[Session] = []
             else:
                 session.deadline_at = self.deadline_for(session, tx.now)
-                tx.insert_session(session)
                 tx.audit(session, "create", from_status=None, reason=request.reason,
                          details=create_details)
+                tx.insert_session(session)  # with its audit head
                 displaced = tx.claim_or_wait(session, on_conflict=request.on_conflict)
             if session.status == S.PENDING:
                 self.busy_slots.mark((request.account_id, request.shop_id))

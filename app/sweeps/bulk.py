@@ -13,8 +13,9 @@ that keeps the same rules. Per batch, with the batch's slot locks held:
 3. for the rest: one conditional `UPDATE` per former status (refused unless every
    row is still in that status and past its deadline), one fence bump per slot
    conditioned on the fence value read, the audit rows (hash-chained exactly as a
-   slot transaction does, to the last hash read with the row) and the
-   `session.timeout` events — all in one transaction that commits or not as a whole.
+   slot transaction does, to the chain head read with the row; the new head is set by
+   the status `UPDATE` itself) and the `session.timeout` events — all in one
+   transaction that commits or not as a whole.
 
 At 2,000 sessions a batch, Python costs as much as the database: every value read
 or sent goes through pymysql's pure-Python parsing and escaping. So the batch runs
@@ -222,6 +223,7 @@ def _expire_held(
         if not simple:
             return
 
+        audit = _audit_rows(simple, now)  # made first: their hashes are the new chain heads
         for status in sorted({h.status for h in simple}):
             group = [h for h in simple if h.status == status]
             pks = [h.due.pk for h in group]
@@ -231,7 +233,7 @@ def _expire_held(
                        SESSIONS.c.status == status,
                        SESSIONS.c.deadline_at <= now)
                 .values(status=S.TIMEOUT, holds_slot=None, ended_at=now, end_reason=REASON,
-                        deadline_at=None),
+                        deadline_at=None, audit_head=_heads(conn, audit, pks)),
                 execution_options=_UNCACHED,
             ).rowcount
             if changed != len(pks):
@@ -239,7 +241,7 @@ def _expire_held(
             _insert_events(conn, pks, status, now)
 
         _advance_fences(conn, simple, now)
-        _write_audit(conn, simple, now)
+        _insert_audit(conn, audit)
         uow.commit()
         outcome.expired = [h.due.session_id for h in simple]
 
@@ -277,14 +279,14 @@ def _read_under_lock(conn: Connection, found: Sequence[DueSession]) -> list[_Hel
         .exists()
     )
     ops = OPERATIONS.c
-    last_hash = (
+    last_hash = func.coalesce(s.audit_head, (  # the anchored head; else the last row
         select(ops.row_hash)
         .where(ops.session_pk == s.id)
         .order_by(ops.id.desc())
         .limit(1)
         .correlate(SESSIONS)
         .scalar_subquery()
-    )
+    ))
     by_pk = {d.pk: d for d in found}
     rows = conn.execute(
         select(s.id, s.status, s.deadline_at, SLOTS.c.fence,
@@ -391,11 +393,12 @@ _AUDIT_COLUMNS = ("session_pk", "session_id", "operation", "from_status", "to_st
                   "actor", "reason", "details", "created_at", "prev_hash", "row_hash")
 
 
-def _write_audit(conn: Connection, sessions: Sequence[_Held], now: datetime) -> None:
-    """Append one `timeout` row per session, chained to its last row (read with the
-    session as `last_hash`) exactly as a slot transaction chains."""
+def _audit_rows(sessions: Sequence[_Held], now: datetime) -> dict[int, tuple[Any, ...]]:
+    """One `timeout` row per session (by primary key, in `_AUDIT_COLUMNS` order), chained
+    to its head (read with the session as `last_hash`) exactly as a slot transaction
+    chains."""
     timeout = str(S.TIMEOUT)
-    rows = []
+    rows = {}
     for h in sessions:
         before = str(h.status)
         assert h.deadline_at is not None  # only due sessions get here
@@ -405,9 +408,27 @@ def _write_audit(conn: Connection, sessions: Sequence[_Held], now: datetime) -> 
             from_status=before, to_status=timeout, actor=ACTOR, reason=REASON,
             details=details, created_at=now,
         )
-        rows.append((h.due.pk, h.due.session_id, "timeout", before, timeout, ACTOR, REASON,
-                     json.dumps(details, separators=(",", ":")), now, h.last_hash, row_hash))
-    _insert_rows(conn, OPERATIONS, _AUDIT_COLUMNS, rows, json_columns={"details"})
+        rows[h.due.pk] = (h.due.pk, h.due.session_id, "timeout", before, timeout, ACTOR,
+                          REASON, json.dumps(details, separators=(",", ":")), now,
+                          h.last_hash, row_hash)
+    return rows
+
+
+def _insert_audit(conn: Connection, audit: dict[int, tuple[Any, ...]]) -> None:
+    _insert_rows(conn, OPERATIONS, _AUDIT_COLUMNS, list(audit.values()),
+                 json_columns={"details"})
+
+
+def _heads(conn: Connection, audit: dict[int, tuple[Any, ...]], pks: Sequence[int]) -> Any:
+    """`CASE id WHEN <pk> THEN '<hash>' … END`: each session's new chain head, set by the
+    status UPDATE itself (no statement of its own). Primary keys and hex hashes are
+    plain text in every dialect, so they are inline."""
+    column = conn.dialect.identifier_preparer.quote(SESSIONS.c.id.name)
+    heads = [audit[pk][-1] for pk in pks]
+    assert _plain("".join(heads))
+    whens = " ".join(f"WHEN {int(pk)} THEN '{head}'" for pk, head in zip(pks, heads,
+                                                                        strict=True))
+    return literal_column(f"CASE {column} {whens} END")
 
 
 def _insert_rows(conn: Connection, table: Table, columns: Sequence[str],

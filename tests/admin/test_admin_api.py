@@ -44,6 +44,7 @@ ADMIN_ENDPOINTS: list[tuple[str, str]] = [
     ("POST", "/admin/api/clients/cli_x/revoke"),
     ("POST", "/admin/api/clients/cli_x/rotate"),
     ("GET", "/admin/api/deliveries"),
+    ("POST", "/admin/api/deliveries/dlv_x/redeliver"),
     ("GET", "/admin/api/stats"),
 ]
 
@@ -232,7 +233,7 @@ def test_a_tampered_audit_row_is_detected_by_the_verify_endpoints(
 
     clean = admin.get(f"/admin/api/sessions/{victim.session_id}/audit/verify").get_json()
     assert clean == {"session_id": victim.session_id, "intact": True,
-                     "first_bad_row_id": None, "rows_checked": 4}
+                     "first_bad_row_id": None, "rows_checked": 4, "head_matches": True}
     assert admin.get("/admin/api/audit/verify").get_json()["intact"] is True
 
     target = audit_rows(runtime, victim.session_id)[2]  # the pause
@@ -249,7 +250,8 @@ def test_a_tampered_audit_row_is_detected_by_the_verify_endpoints(
     since = (utcnow() - timedelta(hours=1)).isoformat()
     sweep = admin.get("/admin/api/audit/verify", **{"from": since}).get_json()
     assert sweep["intact"] is False and sweep["sessions_checked"] == 2
-    assert sweep["broken"] == [{"session_id": victim.session_id, "first_bad_row_id": target.id}]
+    assert sweep["broken"] == [{"session_id": victim.session_id, "first_bad_row_id": target.id,
+                                "head_matches": False}]
     sample = admin.get("/admin/api/audit/verify", sample=5).get_json()
     assert sample["sampled"] is True and sample["sessions_checked"] == 2
     assert sample["intact"] is False

@@ -133,7 +133,8 @@ def console_urls(app: Flask, admin: Caller, open_session) -> list[tuple[str, str
         data=b"message_id,account_id,shop_id,sender_role,content,sent_at\n"
              b"m1,acc-1,shop-1,robot,hi,2024-01-01T00:00:00Z\n")
     values = {"session_id": session.session_id, "job_id": upload.get_json()["job_id"],
-              "filename": "console.js", "code": "zh", "client_id": admin.client_id}
+              "filename": "console.js", "code": "zh", "client_id": admin.client_id,
+              "delivery_id": "dlv_x"}
     urls = []
     for rule in app.url_map.iter_rules():
         if not rule.rule.startswith("/admin"):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 
 from flask import Flask
 
@@ -51,11 +53,40 @@ def test_openapi_document_covers_every_api_route(http, app: Flask):
     assert create["security"] == [{"bearer": []}]
 
 
-def test_docs_page_is_self_contained(http):
+def test_docs_page_is_swagger_ui_served_by_the_app(http):
+    """Swagger UI from the swagger-ui-bundle package, every asset from this server (no
+    CDN), reading a 3.0 rendition of the document (Swagger UI 4 reads no 3.1)."""
     page = http.get("/docs")
     assert page.status_code == 200 and page.mimetype == "text/html"
     html = page.get_data(as_text=True)
-    assert "/openapi.json" in html and "https://" not in html and "<script src" not in html
+    assert "https://" not in html and "http://" not in html
+    local = re.findall(r'(?:src|href)="([^"]+)"', html)
+    assert {"/docs/assets/swagger-ui-bundle.js", "/docs/assets/swagger-ui.css",
+            "/docs/init.js"} <= set(local)
+    for url in local:
+        asset = http.get(url)
+        assert asset.status_code == 200, url
+        assert len(asset.get_data()) > 100, url
+    assert http.get("/docs/assets/swagger-ui-bundle.js").mimetype in {
+        "text/javascript", "application/javascript"}
+    assert http.get("/docs/assets/swagger-ui.css").mimetype == "text/css"
+    script = http.get("/docs/init.js").get_data(as_text=True)
+    assert "persistAuthorization: true" in script and "validatorUrl: null" in script
+    assert "/docs/openapi-3.0.json" in html
+    assert http.get("/docs/assets/index.html").status_code == 404  # only the listed files
+    assert http.get("/docs/assets/..%2F__init__.py").status_code == 404
+
+
+def test_docs_document_is_the_contract_in_openapi_30(http):
+    full = http.get("/openapi.json").get_json()
+    legacy = http.get("/docs/openapi-3.0.json").get_json()
+    assert full["openapi"].startswith("3.1") and legacy["openapi"] == "3.0.3"
+    assert set(legacy["paths"]) == set(full["paths"])
+    assert legacy["components"]["securitySchemes"] == {
+        "bearer": {"type": "http", "scheme": "bearer"}}
+    assert '{"type": "null"}' not in json.dumps(legacy)
+    view = legacy["components"]["schemas"]["SessionView"]["properties"]
+    assert view["ended_at"]["nullable"] is True and view["ended_at"]["type"] == "string"
 
 
 def test_unknown_url_and_wrong_method_are_problems(http, bot):

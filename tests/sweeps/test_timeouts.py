@@ -276,7 +276,7 @@ def test_ids_with_quotes_backslashes_and_percent_signs_time_out_in_bulk(runtime,
 
 def test_audit_text_that_needs_escaping_is_stored_exactly(runtime, service):
     """The bulk insert inlines plain text and binds the rest; both store the same."""
-    from app.sweeps.bulk import _write_audit
+    from app.sweeps.bulk import _audit_rows, _heads, _insert_audit
 
     with freeze_time(T0):
         robot = ask(service, "AUTO_BARGAIN").session
@@ -289,7 +289,9 @@ def test_audit_text_that_needs_escaping_is_stored_exactly(runtime, service):
         conn.execute(Session.__table__.update().values(session_id=odd_id))
         last = conn.execute(select(Operation.row_hash).where(Operation.session_pk == pk)
                             .order_by(Operation.id.desc()).limit(1)).scalar_one()
-        _write_audit(conn, [_held(pk, odd_id, robot.deadline_at, last)], at)
+        audit = _audit_rows([_held(pk, odd_id, robot.deadline_at, last)], at)
+        conn.execute(Session.__table__.update().values(audit_head=_heads(conn, audit, [pk])))
+        _insert_audit(conn, audit)
         row = conn.execute(select(Operation).where(Operation.session_pk == pk)
                            .order_by(Operation.id.desc()).limit(1)).one()._mapping
         assert (row["session_id"], row["prev_hash"], row["created_at"]) == (odd_id, last, at)
