@@ -14,18 +14,20 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import delete, select
+from sqlalchemy import select
 
 from app.clients.service import ClientService
 from app.db import utcnow
 from app.events.models import EVENTS, Event
 from app.events.outbox import event_values
 from app.events.stream import EventHub, EventSubscription, Viewer
+from app.retention.service import purge_events
 from tests.api.sse import SseReader
 from tests.api.test_server_e2e import free_port
 
@@ -266,21 +268,28 @@ def test_refusals_come_before_the_stream_starts(live: Live, runtime) -> None:  #
     assert elsewhere.status_code == 404 and live.stream.rsplit(":", 1)[1] in (
         elsewhere.json()["detail"])
 
-    # a cursor the feed refuses (events purged by retention) is refused the same way
+    # a cursor older than what retention kept: 410 with the oldest cursor, before streaming
     for i in range(3):
         live.create(bot, f"acc-{i}")
-    with runtime.database.transaction() as conn:
-        oldest = conn.execute(select(Event.id).order_by(Event.id).limit(1)).scalar_one()
-        conn.execute(delete(EVENTS).where(EVENTS.c.id <= oldest + 1))
-    feed = httpx.get(f"{live.web}/api/v1/events", params={"after": oldest - 1}, headers=bot,
+    with runtime.database.read() as db:
+        ids = list(db.execute(select(Event.id).order_by(Event.id)).scalars())
+    purge_events(runtime.database, older_than=timedelta(0), batch=1000, pause_ratio=0)
+    live.create(bot, "acc-after-purge")
+    feed = httpx.get(f"{live.web}/api/v1/events", params={"after": ids[0]}, headers=bot,
                      timeout=5)
-    reader = live.reader(bot, after=oldest - 1)
+    assert feed.status_code == 410, feed.text
+    assert feed.json()["oldest_cursor"] >= ids[-1]
+    reader = live.reader(bot, after=ids[0])
     reader.close()
-    assert reader.status == feed.status_code
-    if feed.status_code == 410:
-        assert json.loads(reader.body) == feed.json()
-    else:
-        assert [f.data for f in reader.events()] == feed.json()["items"][:len(reader.events())]
+    assert reader.status == 410
+    streamed = json.loads(reader.body)
+    assert streamed.pop("trace_id") and feed.json().pop("trace_id")  # one per request
+    assert streamed == {k: v for k, v in feed.json().items() if k != "trace_id"}
+    resumed = live.reader(bot, after=feed.json()["oldest_cursor"])
+    try:
+        assert resumed.status == 200
+    finally:
+        resumed.close()
 
 
 @pytest.mark.services
