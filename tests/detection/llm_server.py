@@ -6,40 +6,46 @@ import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, ClassVar, Self
 
 
 class ChatCompletionsServer:
     """`mode`: good (a need_human verdict), calm (need_human false), slow (answers after
-    `delay` seconds), garbage (prose instead of JSON), error (HTTP 500)."""
+    `delay` seconds), garbage (prose instead of JSON), error (HTTP 500). A subclass
+    answers other verdicts by giving its own `REPLIES` (mode → the assistant's content)."""
+
+    REPLIES: ClassVar[dict[str, str]] = {
+        "good": json.dumps({"need_human": True, "reason": "客户对质量不满，需要人工",
+                            "urgency": 1, "suggestion": "先道歉，再核实订单"},
+                           ensure_ascii=False),
+        "calm": '```json\n{"need_human": false, "reason": "bargaining", '
+                '"urgency": 4, "suggestion": null}\n```',
+        "slow": json.dumps({"need_human": True, "reason": "late", "urgency": 2,
+                            "suggestion": "x"}),
+        "garbage": "I think a human should probably look at this one.",
+    }
+    DEFAULT_MODE = "good"
 
     def __init__(self) -> None:
-        self.mode = "good"
+        self.mode = self.DEFAULT_MODE
         self.delay = 3.0
         self.requests: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 (http.server's name)
                 length = int(self.headers.get("Content-Length", 0))
                 body = json.loads(self.rfile.read(length))
-                outer.requests.append({"path": self.path, "body": body,
-                                       "auth": self.headers.get("Authorization")})
+                with outer._lock:
+                    outer.requests.append({"path": self.path, "body": body,
+                                           "auth": self.headers.get("Authorization")})
                 if outer.mode == "error":
                     self._send(500, {"error": {"message": "overloaded"}})
                     return
                 if outer.mode == "slow":
                     time.sleep(outer.delay)
-                content = {
-                    "good": json.dumps({"need_human": True, "reason": "客户对质量不满，需要人工",
-                                        "urgency": 1, "suggestion": "先道歉，再核实订单"},
-                                       ensure_ascii=False),
-                    "calm": '```json\n{"need_human": false, "reason": "bargaining", '
-                            '"urgency": 4, "suggestion": null}\n```',
-                    "slow": json.dumps({"need_human": True, "reason": "late", "urgency": 2,
-                                        "suggestion": "x"}),
-                    "garbage": "I think a human should probably look at this one.",
-                }[outer.mode]
+                content = outer.REPLIES[outer.mode]
                 self._send(200, {
                     "id": "chatcmpl-test", "object": "chat.completion", "created": 0,
                     "model": body.get("model"),
@@ -69,7 +75,7 @@ class ChatCompletionsServer:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
 
-    def __enter__(self) -> ChatCompletionsServer:
+    def __enter__(self) -> Self:
         self.thread.start()
         return self
 
