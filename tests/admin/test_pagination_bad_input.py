@@ -53,6 +53,7 @@ NOT_PAGINATED = {
     "/admin/api/sessions/<session_id>", "/admin/api/sessions/<session_id>/audit/verify",
     "/admin/api/slots", "/admin/api/transfers", "/admin/api/imports/<job_id>",
     "/admin/api/clients", "/admin/api/stats",
+    "/admin/api/events/stream",  # a stream, not pages; its cursor: tests/api/test_event_stream.py
 }
 CONSOLE_SEARCH = {"after": SESSION_CURSOR, "limit": NOT_A_LIMIT, "from": TIMES}
 
