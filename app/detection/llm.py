@@ -62,6 +62,34 @@ def _json_object(content: str) -> Any:
     return json.loads(text)
 
 
+def chat_verdict[V: BaseModel](
+    http: httpx.Client, *, base_url: str, model: str, api_key: str | None, timeout: float,
+    system: str, user: str, verdict: type[V],
+) -> V:
+    """One OpenAI-compatible chat-completions call whose answer must be one JSON object of
+    `verdict`'s shape (a ```json fence is tolerated); LlmUnavailable on any failure —
+    timeout, HTTP error, or a malformed answer — so the caller keeps its rule's result."""
+    body = {
+        "model": model,
+        "temperature": 0,
+        "response_format": {"type": "json_object"},
+        "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
+    }
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    url = base_url.rstrip("/") + "/chat/completions"
+    try:
+        response = http.post(url, json=body, headers=headers, timeout=timeout)
+        response.raise_for_status()
+        content = response.json()["choices"][0]["message"]["content"]
+        return verdict.model_validate(_json_object(content))
+    except httpx.TimeoutException as exc:
+        raise LlmUnavailable(f"no answer within {timeout}s from {url}") from exc
+    except httpx.HTTPError as exc:
+        raise LlmUnavailable(f"request to {url} failed: {exc}") from exc
+    except (KeyError, IndexError, TypeError, ValueError, ValidationError) as exc:
+        raise LlmUnavailable(f"malformed answer from {url}: {str(exc)[:200]}") from exc
+
+
 def analyse(
     lines: Sequence[ChatLine],
     *,
@@ -72,30 +100,11 @@ def analyse(
     client: httpx.Client | None = None,
 ) -> LlmVerdict:
     """Ask the endpoint about the conversation; raise LlmUnavailable on any failure."""
-    body = {
-        "model": model,
-        "temperature": 0,
-        "response_format": {"type": "json_object"},
-        "messages": [
-            {"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": conversation_text(lines)},
-        ],
-    }
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    url = base_url.rstrip("/") + "/chat/completions"
-    owned = client is None
     http = client or httpx.Client(timeout=httpx.Timeout(timeout))
     try:
-        response = http.post(url, json=body, headers=headers, timeout=timeout)
-        response.raise_for_status()
-        content = response.json()["choices"][0]["message"]["content"]
-        return LlmVerdict.model_validate(_json_object(content))
-    except httpx.TimeoutException as exc:
-        raise LlmUnavailable(f"no answer within {timeout}s from {url}") from exc
-    except httpx.HTTPError as exc:
-        raise LlmUnavailable(f"request to {url} failed: {exc}") from exc
-    except (KeyError, IndexError, TypeError, ValueError, ValidationError) as exc:
-        raise LlmUnavailable(f"malformed answer from {url}: {exc}") from exc
+        return chat_verdict(http, base_url=base_url, model=model, api_key=api_key,
+                            timeout=timeout, system=SYSTEM_PROMPT,
+                            user=conversation_text(lines), verdict=LlmVerdict)
     finally:
-        if owned:
+        if client is None:
             http.close()

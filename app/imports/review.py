@@ -18,7 +18,6 @@ nothing is read, when the upload's `review` option is off.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -28,9 +27,9 @@ from datetime import timedelta
 from typing import TYPE_CHECKING
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
-from app.detection.llm import ROLE_LABEL, _json_object
+from app.detection.llm import ROLE_LABEL, LlmUnavailable, chat_verdict
 from app.detection.rules import excerpt
 from app.imports.segmenting import Boundary
 
@@ -88,29 +87,13 @@ def boundary_prompt(boundary: Boundary) -> str:
 
 def ask(boundary: Boundary, endpoint: ReviewEndpoint, client: httpx.Client) -> ReviewVerdict:
     """One chat-completions call about one boundary; ReviewUnavailable on any failure."""
-    body = {
-        "model": endpoint.model,
-        "temperature": 0,
-        "response_format": {"type": "json_object"},
-        "messages": [
-            {"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": boundary_prompt(boundary)},
-        ],
-    }
-    headers = {"Authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key else {}
-    url = endpoint.base_url.rstrip("/") + "/chat/completions"
     try:
-        response = client.post(url, json=body, headers=headers, timeout=endpoint.timeout)
-        response.raise_for_status()
-        content = response.json()["choices"][0]["message"]["content"]
-        return ReviewVerdict.model_validate(_json_object(content))
-    except httpx.TimeoutException as exc:
-        raise ReviewUnavailable(f"no answer within {endpoint.timeout}s from {url}") from exc
-    except httpx.HTTPError as exc:
-        raise ReviewUnavailable(f"request to {url} failed: {exc}") from exc
-    except (KeyError, IndexError, TypeError, ValueError, ValidationError,
-            json.JSONDecodeError) as exc:
-        raise ReviewUnavailable(f"malformed answer from {url}: {str(exc)[:200]}") from exc
+        return chat_verdict(client, base_url=endpoint.base_url, model=endpoint.model,
+                            api_key=endpoint.api_key, timeout=endpoint.timeout,
+                            system=SYSTEM_PROMPT, user=boundary_prompt(boundary),
+                            verdict=ReviewVerdict)
+    except LlmUnavailable as exc:
+        raise ReviewUnavailable(str(exc)) from exc
 
 
 @dataclass
