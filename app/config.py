@@ -9,6 +9,7 @@ Redis + real workers without any code change.
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 from urllib.parse import quote_plus
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -290,6 +291,19 @@ class Settings(BaseSettings):
         return ZoneInfo(self.timezone)
 
 
+_SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD")
+_URL_PASSWORD = re.compile(r"(?<=://)([^/@:]*):[^/@]*@")
+
+
+def _shown(name: str, value: object) -> str:
+    """A refused value as start-up may print it: never a secret, never a URL's password."""
+    if _SECRET_NAME.search(name):
+        return "value not shown"
+    if isinstance(value, str):
+        value = _URL_PASSWORD.sub(r"\1:***@", value)
+    return f"got {value!r}"
+
+
 def load_settings(**overrides: object) -> Settings:
     """Read the settings, turning a validation failure into a message naming the variable."""
     try:
@@ -298,7 +312,8 @@ def load_settings(**overrides: object) -> Settings:
         problems = []
         for error in exc.errors():
             name = "_".join(str(part) for part in error["loc"]).upper() or "SETTINGS"
-            problems.append(f"{name}: {error['msg']} (got {error.get('input')!r})")
+            problem = f"{name}: {error['msg']} ({_shown(name, error.get('input'))})"
+            problems.append(_URL_PASSWORD.sub(r"\1:***@", problem))
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
 
 

@@ -45,6 +45,17 @@ def test_bad_value_names_the_variable(monkeypatch, name, value, needle):
     assert needle in str(caught.value)
 
 
+@pytest.mark.parametrize(("name", "value", "secret"), [
+    ("METRICS_TOKEN", "hunter2-short", "hunter2"),  # too short: refused, never echoed
+    ("STREAM_PUBLIC_URL", "ftp://ops:hunter2@stream.example", "hunter2"),
+])
+def test_a_refused_secret_is_named_but_never_shown(monkeypatch, name, value, secret):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(_env_file=None)
+    assert name in str(caught.value) and secret not in str(caught.value)
+
+
 def test_bad_value_stops_the_command_with_the_name(tmp_path):
     env = {**os.environ, "SESSION_GAP": "half an hour", "DATA_DIR": str(tmp_path)}
     done = subprocess.run([sys.executable, "-m", "app.cli", "db", "current"], cwd=ROOT,
