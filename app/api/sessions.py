@@ -6,10 +6,11 @@ and who-may-do-what in `app.api.access`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from flask import Blueprint, Response, request
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from app.api.access import (
     check_may_create,
@@ -32,7 +33,7 @@ from app.clients.idempotency import (
 )
 from app.clients.service import ClientIdentity
 from app.db import utcnow
-from app.errors import SlotOccupied, ValidationFailed
+from app.errors import InvalidTransition, SlotOccupied, ValidationFailed
 from app.sessions.activity import LiveMessage
 from app.sessions.enums import SenderRole, TransferTrigger
 from app.sessions.queries import SessionFilters, list_sessions
@@ -57,7 +58,8 @@ AGENT_HEADER = (
 )
 IDEMPOTENCY_HEADER = (
     "Idempotency-Key",
-    "retry-safe create: the same key and body return the first answer; another body is a 409",
+    "retry-safe create or hand-back: the same key and body return the first answer; "
+    "another body is a 409",
     False,
 )
 
@@ -91,28 +93,47 @@ def create_session() -> Response:
 
 
 def _create(client: ClientIdentity, session_request: SessionRequest, key: str | None) -> Response:
-    service = runtime().sessions
-    if key is None:
-        outcome = service.create(session_request, actor=client.actor, client_id=client.client_id)
-        return respond(_created_body(outcome), status=201)
+    def run(keep: Keep | None) -> SessionCreated:
+        outcome = runtime().sessions.create(
+            session_request, actor=client.actor, client_id=client.client_id,
+            in_transaction=None if keep is None else (
+                lambda db, done: keep(db, _created_body(done))))
+        return _created_body(outcome)
 
+    return idempotent(client, key, "POST /api/v1/sessions",
+                      session_request.model_dump(mode="json"), run)
+
+
+Keep = Callable[[Any, BaseModel], None]
+
+
+def idempotent(client: ClientIdentity, key: str | None, what: str, payload: Any,
+               run: Callable[[Keep | None], BaseModel],
+               replay_after: tuple[type[Exception], ...] = ()) -> Response:
+    """Answer 201 with `run(keep)`; with an Idempotency-Key, `keep(db, answer)` stores the
+    answer in the operation's own transaction, and a retry (same key, same `what` and
+    `payload`) gets the stored answer with `Idempotent-Replayed: true`. A retry that
+    raced its first attempt and lost with one of `replay_after` (the first one changed
+    the state it needed) looks once more and replays the answer stored meanwhile."""
+    if key is None:
+        return respond(run(None), status=201)
     key = check_key(key)
     store = IdempotencyStore(runtime().database)
-    fingerprint = request_fingerprint("POST /api/v1/sessions",
-                                      session_request.model_dump(mode="json"))
+    fingerprint = request_fingerprint(what, payload)
     stored = store.lookup(client.client_id, key, fingerprint)
     if stored is None:
 
-        def keep_answer(db: Any, outcome: CreateOutcome) -> None:
-            store.record(db, client.client_id, key, fingerprint,
-                         _created_body(outcome).model_dump(mode="json"))
+        def keep(db: Any, answer: BaseModel) -> None:
+            store.record(db, client.client_id, key, fingerprint, answer.model_dump(mode="json"))
 
         try:
-            outcome = service.create(session_request, actor=client.actor,
-                                     client_id=client.client_id, in_transaction=keep_answer)
-            return respond(_created_body(outcome), status=201)
+            return respond(run(keep), status=201)
         except IdempotentReplay as replay:
             stored = replay.answer
+        except replay_after:
+            stored = store.lookup(client.client_id, key, fingerprint)
+            if stored is None:
+                raise
     return respond(stored.body, status=stored.status_code,
                    headers={"Idempotent-Replayed": "true"})
 
@@ -210,7 +231,7 @@ def transfer(session_id: str) -> Response:
     "once; the bot gets `session.handed_back` with the packet. 409 unless TRANSFERRED; "
     "409 /problems/not-assignee when `agent_id` names another agent than the assignee.",
     tags=TAGS, body=HandBackRequest, responses={201: HandBackOutcome},
-    errors=(404, 409, 503), headers=(AGENT_HEADER,),
+    errors=(404, 409, 503), headers=(AGENT_HEADER, IDEMPOTENCY_HEADER),
 )
 @require_roles("desk", "admin")
 def hand_back(session_id: str) -> Response:
@@ -219,9 +240,16 @@ def hand_back(session_id: str) -> Response:
     agent_id = agent_of(client, hand_back_request.agent_id)
     if agent_id != hand_back_request.agent_id:
         hand_back_request = hand_back_request.model_copy(update={"agent_id": agent_id})
-    outcome = runtime().sessions.hand_back(session_id, hand_back_request, actor=client.actor,
-                                           guard=control_guard(client, "hand back"))
-    return respond(outcome, status=201)
+
+    def run(keep: Keep | None) -> HandBackOutcome:
+        return runtime().sessions.hand_back(session_id, hand_back_request, actor=client.actor,
+                                            guard=control_guard(client, "hand back"),
+                                            in_transaction=keep)
+
+    return idempotent(client, request.headers.get("Idempotency-Key"),
+                      f"POST /api/v1/sessions/{session_id}/hand-back",
+                      hand_back_request.model_dump(mode="json"), run,
+                      replay_after=(InvalidTransition,))
 
 
 @bp.post("/<session_id>/messages")

@@ -1029,13 +1029,15 @@ class SessionService:
     def hand_back(
         self, session_id: str, request: HandBackRequest, *, actor: str,
         guard: Guard | None = None,
+        in_transaction: Callable[[DbSession, HandBackOutcome], None] | None = None,
     ) -> HandBackOutcome:
         """SPEC §12 in one slot transaction: the transfer and the TRANSFERRED session
         complete; with `needs_robot` a new robot session for the bot that transferred it
         (same types and priority, `handed_back_from`, the packet as its context) takes the
         slot at once — unless a session waiting in line outranks it under §3.5, which then
         preempts it as it would any robot. Otherwise the slot goes to the next in line.
-        The bot gets `session.handed_back` with the packet."""
+        The bot gets `session.handed_back` with the packet. `in_transaction(db, outcome)`
+        runs in the same transaction at the end (the Idempotency-Key's answer)."""
         packet = request.packet()
 
         def work(tx: SlotTx, session: Session) -> HandBackOutcome:
@@ -1097,9 +1099,12 @@ class SessionService:
                 tx.promote_next_waiting()
             else:
                 self._resume_after_hand_back(tx, resumed)
-            return HandBackOutcome(
+            outcome = HandBackOutcome(
                 completed=SessionView.model_validate(session),
                 resumed=SessionView.model_validate(resumed) if resumed is not None else None)
+            if in_transaction is not None:
+                in_transaction(tx.db, outcome)
+            return outcome
 
         return self.run_on_session(session_id, actor, work, guard)
 

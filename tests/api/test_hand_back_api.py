@@ -205,3 +205,70 @@ def test_python_api_hands_back_and_reassigns(runtime):
 
     with pytest.raises(ValidationFailed):
         manager.hand_back(outcome.resumed.session_id, "x", "perhaps")
+
+
+# ---- Idempotency-Key: a hand-back retried after a lost answer ---------------------------
+def resumed_sessions(runtime, sid: str) -> list[str]:  # type: ignore[no-untyped-def]
+    from app.sessions.models import Session
+    with runtime.database.read() as db:
+        return list(db.execute(select(Session.session_id)
+                               .where(Session.handed_back_from == sid)).scalars())
+
+
+def test_a_retried_hand_back_with_its_key_replays_the_first_answer(bot, desk, runtime):
+    sid, _ = transferred(bot, desk)
+    key = {"X-Agent-Id": "a1", "Idempotency-Key": "hb-1"}
+    first = desk.post(f"/api/v1/sessions/{sid}/hand-back", PACKET, headers=key)
+    assert first.status_code == 201 and "Idempotent-Replayed" not in first.headers
+    again = desk.post(f"/api/v1/sessions/{sid}/hand-back", PACKET, headers=key)
+    assert again.status_code == 201, again.get_json()
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.get_json() == first.get_json()
+    assert resumed_sessions(runtime, sid) == [first.get_json()["resumed"]["session_id"]]
+    events, _ = drain(bot, limit=50)
+    assert [e["type"] for e in events].count("session.handed_back") == 1
+    # another packet under the same key is a client bug, not a replay
+    other = desk.post(f"/api/v1/sessions/{sid}/hand-back", {**PACKET, "summary": "other"},
+                      headers=key)
+    assert other.status_code == 409
+    assert other.get_json()["type"] == "/problems/idempotency-key-reuse"
+    # without a key a retry is refused as before: the session is COMPLETED
+    bare = desk.post(f"/api/v1/sessions/{sid}/hand-back", PACKET, headers={"X-Agent-Id": "a1"})
+    assert bare.status_code == 409 and bare.get_json()["current_status"] == "COMPLETED"
+
+
+def test_a_failed_hand_back_leaves_its_key_free(bot, desk, runtime):
+    sid, _ = transferred(bot, desk)
+    key = {"Idempotency-Key": "hb-2"}
+    refused = desk.post(f"/api/v1/sessions/{sid}/hand-back", PACKET,
+                        headers={**key, "X-Agent-Id": "someone-else"})
+    assert refused.status_code == 409
+    done = desk.post(f"/api/v1/sessions/{sid}/hand-back", PACKET,
+                     headers={**key, "X-Agent-Id": "a1"})
+    assert done.status_code == 201 and "Idempotent-Replayed" not in done.headers
+
+
+def test_racing_retries_of_one_hand_back_hand_it_back_once(app, bot, desk, runtime):
+    """Six copies of one request at once: one hands back, the others replay its answer
+    (those that reached the session after it was COMPLETED look for the answer again)."""
+    import threading
+    sid, _ = transferred(bot, desk)
+    answers: list[tuple[int, Any]] = []
+    barrier = threading.Barrier(6)
+
+    def call() -> None:
+        client = app.test_client()
+        barrier.wait()
+        response = client.post(f"/api/v1/sessions/{sid}/hand-back", json=PACKET,
+                               headers=desk.headers({"Idempotency-Key": "race",
+                                                     "X-Agent-Id": "a1"}))
+        answers.append((response.status_code, response.get_json()))
+
+    threads = [threading.Thread(target=call) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [code for code, _ in answers] == [201] * 6, answers
+    assert len({body["resumed"]["session_id"] for _, body in answers}) == 1
+    assert len(resumed_sessions(runtime, sid)) == 1
