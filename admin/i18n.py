@@ -136,6 +136,7 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "off": ("off", "关"),
     "boundaries_reviewed": ("boundaries reviewed", "已复核边界"),
     "boundaries_merged": ("merged", "已合并"),
+    "review_calls": ("model calls", "模型调用次数"),
     "started_by": ("Starts by", "分段依据"),
     "started_by_thread": ("thread", "线程"),
     "started_by_reply": ("reply chain", "回复链"),

@@ -148,6 +148,7 @@ class ImportJobView(BaseModel):
     review: bool
     boundaries_reviewed: int = 0
     boundaries_merged: int = 0
+    review_calls: int = 0  # calls spent of GROUPING_REVIEW_MAX_CALLS
     errors: list[RowError]
     chunks: int
     chunks_done: int
@@ -1341,7 +1342,7 @@ class ImportService:
             started_at=job.started_at, finished_at=job.finished_at, detail=job.detail,
             session_gap=job.session_gap or self.settings.session_gap,
             grouping=job.grouping or str(Grouping.AUTO), review=bool(job.review),
-            **counts,
+            review_calls=job.review_calls or 0, **counts,
         )
 
     @staticmethod

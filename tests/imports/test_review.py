@@ -107,7 +107,7 @@ def test_the_jobs_call_budget_is_never_exceeded(runtime, server):
     rows = [r for shop in ("s1", "s2", "s3", "s4") for r in slot_rows(shop)]
     job = imported(runtime, rows, review=True)
     assert len(server.requests) == 2
-    assert (job.boundaries_reviewed, job.boundaries_merged) == (2, 2)
+    assert (job.boundaries_reviewed, job.boundaries_merged, job.review_calls) == (2, 2, 2)
     assert job.sessions_created == 4 * 3 - 2
     with runtime.database.read() as db:
         assert db.execute(select(ImportJob.review_calls)
