@@ -407,3 +407,99 @@ def test_the_embedded_default_serves_the_stream_on_the_web_port(tmp_path: Path) 
         for reader in readers:
             reader.close()
         _stop(server)  # type: ignore[arg-type]
+
+
+# ---- the whole desk story on the stream alone (issue 17's "done when") ------------------
+def desk_story(web: str, stream: str, bot: dict[str, str], desk: dict[str, str],
+               shop: str) -> list[str]:
+    """Robot → human → robot over HTTP writes and the two parties' streams alone — no
+    feed poll, no read of a session to learn what happened. Answers the bot's event
+    types in the order its stream delivered them."""
+    bot_stream = SseReader(stream + STREAM, headers=bot).start()
+    desk_stream = SseReader(stream + STREAM, headers=desk).start()
+    try:
+        start_cursor(bot_stream)
+        start_cursor(desk_stream)
+        http = httpx.Client(base_url=web, timeout=10)
+        with http:
+            created = http.post("/api/v1/sessions", headers=bot, json={
+                "account_id": "acc-story", "shop_id": shop, "session_type": "AUTO_BARGAIN",
+                "task_type": "negotiation"})
+            assert created.status_code == 201, created.text
+            sid = created.json()["session_id"]
+            assert http.post(f"/api/v1/sessions/{sid}/transfer", headers=bot, json={
+                "reason": "asks for a refund"}).status_code == 201
+            # the desk learns of the offer from its stream, and takes it
+            offer = desk_stream.wait_for(
+                lambda f: f.event == "transfer.offered" and f.data["session_id"] == sid)
+            transfer_id = offer.data["data"]["transfer_id"]
+            assert http.post(f"/api/v1/transfers/{transfer_id}/accept", headers=desk,
+                             json={"agent_id": "li"}).status_code == 200
+            desk_stream.wait_for(
+                lambda f: f.event == "transfer.accepted" and f.data["session_id"] == sid)
+            assert http.post(f"/api/v1/sessions/{sid}/messages",
+                             headers={**desk, "X-Agent-Id": "li"},
+                             json={"messages": [{"content": "退款 12 元已同意"}]}
+                             ).status_code == 200
+            handed = http.post(f"/api/v1/sessions/{sid}/hand-back",
+                               headers={**desk, "X-Agent-Id": "li", "Idempotency-Key": sid},
+                               json={"summary": "refund of 12 agreed", "outcome": "needs_robot",
+                                     "next_action": "confirm the refund",
+                                     "context": {"refund": 12}})
+            assert handed.status_code == 201, handed.text
+            # the bot learns of the hand-back, and where to carry on, from its stream
+            back = bot_stream.wait_for(
+                lambda f: f.event == "session.handed_back" and f.data["session_id"] == sid)
+            assert back.data["data"]["context"] == {"refund": 12}
+            assert back.data["data"]["next_action"] == "confirm the refund"
+            resumed = back.data["data"]["resumed_session_id"]
+            bot_stream.wait_for(
+                lambda f: f.event == "session.activated" and f.data["session_id"] == resumed)
+            posted = http.post(f"/api/v1/sessions/{resumed}/messages", headers=bot,
+                               json={"messages": [{"content": "refund confirmed"}]})
+            assert posted.status_code == 200 and posted.json()["accepted"] == 1
+            assert http.post(f"/api/v1/sessions/{resumed}/complete", headers=bot
+                             ).json()["status"] == "COMPLETED"
+            bot_stream.wait_for(
+                lambda f: f.event == "session.completed" and f.data["session_id"] == resumed)
+        return [f.event for f in bot_stream.events() if f.event is not None]
+    finally:
+        bot_stream.close()
+        desk_stream.close()
+
+
+STORY = ["session.activated", "session.transferred", "session.completed",
+         "session.handed_back", "session.activated", "session.completed"]
+
+
+@pytest.mark.services
+def test_a_whole_desk_story_runs_on_the_procfiles_stream(live: Live) -> None:
+    bot, desk = live.token("bot", "story-bot"), live.token("desk", "story-desk")
+    seen = desk_story(live.web, live.stream, bot, desk, "story-1")
+    assert [e for e in seen if e in STORY] == STORY, seen
+
+
+@pytest.mark.sqlite_only
+def test_a_whole_desk_story_runs_on_make_runs_one_process(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("DATABASE_", "REDIS_", "TEST_", "STREAM_"))}
+    env.update(DATA_DIR=str(tmp_path / "data"))
+    port = free_port()
+    server = subprocess.Popen(
+        [str(BIN / "auto-session"), "serve", "--port", str(port)], cwd=tmp_path, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(base, server)  # type: ignore[arg-type]
+
+        def token(role: str) -> dict[str, str]:
+            made = subprocess.run(
+                [str(BIN / "auto-session"), "clients", "create", "--name", f"story-{role}",
+                 "--role", role, "--json"], cwd=tmp_path, env=env, capture_output=True,
+                text=True, timeout=60, check=True)
+            return {"Authorization": f"Bearer {json.loads(made.stdout)['token']}"}
+
+        seen = desk_story(base, base, token("bot"), token("desk"), "story-2")
+        assert [e for e in seen if e in STORY] == STORY, seen
+    finally:
+        _stop(server)  # type: ignore[arg-type]
