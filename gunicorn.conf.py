@@ -131,3 +131,11 @@ def _settings():  # type: ignore[no-untyped-def]
         return load_settings()
     except Exception:  # a bad setting: the workers report it with its message
         return None
+
+
+def post_worker_init(worker) -> None:  # type: ignore[no-untyped-def]
+    """A worker told to stop (SIGTERM) ends its event streams at once instead of waiting
+    `graceful_timeout` for them (the embedded default serves streams from this process)."""
+    from app.events.stream import end_streams_on_sigterm
+
+    end_streams_on_sigterm()

@@ -32,3 +32,11 @@ worker_connections = _settings.stream_max_connections + 100
 bind = [f"0.0.0.0:{_settings.stream_port}"]
 graceful_timeout = 5
 keepalive = 75
+
+
+def post_worker_init(worker) -> None:  # type: ignore[no-untyped-def]
+    """SIGTERM ends the streams at once (their clients resume elsewhere with their
+    Last-Event-ID) instead of after `graceful_timeout`."""
+    from app.events.stream import end_streams_on_sigterm
+
+    end_streams_on_sigterm()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+from pathlib import Path
 
 import click
 
@@ -57,14 +58,20 @@ def serve(host: str | None, port: int | None, workers: int, threads: int) -> Non
         args = [gunicorn, "--workers", str(workers), "--threads", str(threads),
                 "--bind", f"{host}:{port}", "--access-logfile", "-", "--no-control-socket",
                 "app.wsgi:app"]
+        # The project's gunicorn settings (log format, metrics, streams ended at once on
+        # SIGTERM) wherever this runs from: gunicorn reads only ./gunicorn.conf.py itself.
+        # The flags above win over the file's sizing.
+        if GUNICORN_CONF.exists():
+            args[1:1] = ["--config", str(GUNICORN_CONF)]
         os.execv(gunicorn, args)
     from app.wsgi import app
 
     app.run(host=host, port=port, threaded=True)
 
 
-def _venv_gunicorn() -> str | None:
-    from pathlib import Path
+GUNICORN_CONF = Path(__file__).resolve().parents[2] / "gunicorn.conf.py"
 
+
+def _venv_gunicorn() -> str | None:
     candidate = Path(sys.executable).with_name("gunicorn")
     return str(candidate) if candidate.exists() else None

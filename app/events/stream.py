@@ -25,6 +25,7 @@ them before the app is imported).
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 import time
 import weakref
@@ -32,6 +33,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import func, select
 
@@ -157,12 +159,21 @@ class EventHub:
                                             name="event-hub", daemon=True)
             self._thread.start()
             self._started = True
+            _running_hubs.add(self)
 
-    def stop(self) -> None:
+    def stop(self, *, wait: bool = True) -> None:
+        """Stop the poller and end every stream waiting on this hub (their generators
+        return, so a server shutting down is not held by them until its timeout)."""
         self._stop.set()
         self._wake.set()
-        if self._thread is not None:
+        with self._changed:
+            self._changed.notify_all()
+        if wait and self._thread is not None:
             self._thread.join(5)
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
 
     def wake(self) -> None:
         """Events were committed in this process: read them now, not at the next poll."""
@@ -262,6 +273,33 @@ class EventHub:
             self.streams -= 1
 
 
+_running_hubs: weakref.WeakSet[EventHub] = weakref.WeakSet()
+
+
+def stop_all_hubs() -> None:
+    """End every event stream of this process now: the server is shutting down. Its
+    clients reconnect (to another process) and resume from their Last-Event-ID. Called
+    from the web and stream processes' SIGTERM handling (`gunicorn.conf.py`)."""
+    for hub in list(_running_hubs):
+        hub.stop(wait=False)
+
+
+def end_streams_on_sigterm() -> None:
+    """In a gunicorn worker (its `post_worker_init` hook): on SIGTERM, end this process's
+    streams at once, then let gunicorn's own handler stop the worker. Without it a
+    graceful stop waits for every open stream until `graceful_timeout` (30 s for the
+    web process). The hubs are stopped from a short thread: the handler itself takes
+    no lock."""
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handle_term(signum: int, frame: Any) -> None:
+        threading.Thread(target=stop_all_hubs, name="end-streams", daemon=True).start()
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, handle_term)
+
+
 def _poll(ref: weakref.ref[EventHub]) -> None:
     """The poller's loop. It holds the hub weakly, so a hub nobody uses any more (a
     test's app) is collected and its poller ends."""
@@ -318,9 +356,10 @@ class EventSubscription:
             self.behind = False
 
     def frames(self) -> Iterator[bytes]:
-        """The stream's bytes: a cursor line, then events and keep-alives, forever."""
+        """The stream's bytes: a cursor line, then events and keep-alives, until the
+        hub stops (the process is shutting down)."""
         yield cursor_frame(self.cursor)
-        while True:
+        while not self.hub.stopped:
             if self.pending:
                 chunk, self.pending = b"".join(self.pending), []
                 yield chunk
@@ -342,5 +381,5 @@ class EventSubscription:
                     # past events this client does not see: a reconnect need not re-read them
                     self.pending.append(cursor_frame(self.cursor))
                 continue
-            if not self.hub.wait_past(self.cursor, self.keepalive):
+            if not self.hub.wait_past(self.cursor, self.keepalive) and not self.hub.stopped:
                 yield KEEPALIVE_FRAME

@@ -503,3 +503,71 @@ def test_a_whole_desk_story_runs_on_make_runs_one_process(tmp_path: Path) -> Non
         assert [e for e in seen if e in STORY] == STORY, seen
     finally:
         _stop(server)  # type: ignore[arg-type]
+
+
+# ---- a stopping server ends its streams at once ------------------------------------------
+def _stops_with_streams_open(server: subprocess.Popen[bytes], base: str,
+                             auth: dict[str, str]) -> float:
+    """Open two streams, SIGTERM the server's master; answer how long it took to exit,
+    after checking that both streams ended (their clients reconnect elsewhere with their
+    Last-Event-ID; gunicorn may close a stopping worker's connections either way)."""
+    readers = [SseReader(base + STREAM, headers=auth).start() for _ in range(2)]
+    for reader in readers:
+        start_cursor(reader)
+    began = time.monotonic()
+    server.terminate()
+    server.wait(60)
+    took = time.monotonic() - began
+    for reader in readers:
+        assert reader._thread is not None
+        reader._thread.join(5)
+        assert not reader._thread.is_alive(), "the stream was not ended by the server"
+        assert reader.status == 200
+    return took
+
+
+@pytest.mark.services
+def test_make_runs_server_stops_at_once_with_streams_open(tmp_path: Path) -> None:
+    """SIGTERM (a service manager's stop) with streams open: without ending them the
+    worker waited its whole graceful timeout (30 s) for answers that never end."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("DATABASE_", "REDIS_", "TEST_", "STREAM_"))}
+    env.update(DATA_DIR=str(tmp_path / "data"))
+    port = free_port()
+    server = subprocess.Popen(
+        [str(BIN / "auto-session"), "serve", "--port", str(port)], cwd=tmp_path, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(base, server)  # type: ignore[arg-type]
+        made = subprocess.run(
+            [str(BIN / "auto-session"), "clients", "create", "--name", "bot", "--role", "bot",
+             "--json"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+            check=True)
+        auth = {"Authorization": f"Bearer {json.loads(made.stdout)['token']}"}
+        took = _stops_with_streams_open(server, base, auth)  # type: ignore[arg-type]
+        assert took < 15, f"stopping took {took:.1f} s (graceful timeout 30 s)"
+    finally:
+        if server.poll() is None:
+            _stop(server)  # type: ignore[arg-type]
+
+
+@pytest.mark.services
+def test_the_procfiles_stream_process_stops_at_once_with_streams_open(  # type: ignore[no-untyped-def]
+        runtime, backend) -> None:
+    seed_event(runtime)
+    port = free_port()
+    env = {**backend.env(), "STREAM_PORT": str(port), "STREAM_KEEPALIVE_INTERVAL": "30"}
+    server = subprocess.Popen(
+        [str(BIN / "gunicorn"), "--config", "gunicorn_stream.conf.py", "--graceful-timeout",
+         "60", "--bind", f"127.0.0.1:{port}", "--no-control-socket", "app.stream_wsgi:app"],
+        env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        _wait_ready(f"http://127.0.0.1:{port}", server)
+        auth = {"Authorization":
+                f"Bearer {ClientService(runtime.database).create(name='s', role='bot').token}"}
+        took = _stops_with_streams_open(server, f"http://127.0.0.1:{port}", auth)
+        assert took < 30, f"stopping took {took:.1f} s (graceful timeout 60 s here)"
+    finally:
+        if server.poll() is None:
+            _stop(server)
