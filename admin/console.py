@@ -9,7 +9,6 @@ token. English and Chinese, switched at `/admin/lang/<code>`.
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Callable
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -58,7 +57,7 @@ def _template_context() -> dict[str, Any]:
         "languages": LANGUAGES,
         "csrf_token": csrf_token,
         "operator": console_identity(),
-        "js_messages": json.dumps(js_messages(lang), ensure_ascii=False),
+        "js_messages": js_messages(lang),
     }
 
 
@@ -148,7 +147,7 @@ def switch_language(code: str) -> WerkzeugResponse:
 def dashboard() -> str:
     with runtime().database.read() as db:
         stats = admin_service.statistics(db)
-    return render_template("dashboard.html", stats=stats, stats_json=json.dumps(stats["hourly"]))
+    return render_template("dashboard.html", stats=stats, stats_json=stats["hourly"])
 
 
 @bp.get("/sessions")
