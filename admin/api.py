@@ -1,9 +1,10 @@
 """`/admin/api/...`: the admin API (SPEC §7, §8), admin clients only.
 
-Views translate HTTP into one call of `admin.service` (or of the feature services it
-reuses: clients, agents, imports, deliveries) and render JSON; errors are the same
-RFC 9457 problems as the rest of the API. Every route admits a bearer admin token or
-the console's cookie (+ CSRF header on writes), see `admin.auth`.
+Views translate HTTP into one call of the admin modules (`admin.sessions`, `admin.audit`,
+`admin.transfers`, `admin.stats`) or of the feature services they reuse (clients, agents,
+imports, deliveries) and render JSON; errors are the same RFC 9457 problems as the rest
+of the API. Every route admits a bearer admin token or the console's cookie (+ CSRF
+header on writes), see `admin.auth`.
 """
 
 from __future__ import annotations
@@ -13,14 +14,32 @@ from typing import IO, Any
 from flask import Blueprint, Response, request
 from pydantic import ConfigDict, Field, ValidationError
 
-from admin import service as admin_service
+from admin import audit as admin_audit
+from admin import sessions as admin_sessions
+from admin import stats as admin_stats
+from admin import transfers as admin_transfers
 from admin.auth import admin_client, admin_only
+from admin.queries import (
+    AuditSearch,
+    ClientCreate,
+    DeliveryQuery,
+    ImportListQuery,
+    OffsetQuery,
+    OperatorAction,
+    Redelivery,
+    SessionSearch,
+    SlotQuery,
+    SlotRelease,
+    VerifyRange,
+)
+from admin.serializers import client_json
 from app.agents.service import AgentFilters, AgentService
 from app.api.auth import client_service
 from app.api.http import parse_body, parse_query, respond, runtime
 from app.api.problems import validation_problem
 from app.delivery.service import delivery_log, delivery_summary, redeliver
 from app.errors import NotFound, ValidationFailed
+from app.imports import jobs as import_jobs
 from app.imports import views as import_views
 from app.imports.service import ImportService
 from app.imports.views import bounded_upload
@@ -37,9 +56,9 @@ def _page(items: list[Any], following: Any) -> Response:
 @bp.get("/sessions")
 @admin_only
 def search_sessions() -> Response:
-    search = parse_query(admin_service.SessionSearch)
+    search = parse_query(SessionSearch)
     with runtime().database.read() as db:
-        items, following = admin_service.search_sessions(db, search)
+        items, following = admin_sessions.search_sessions(db, search)
     return _page(items, following)
 
 
@@ -47,15 +66,15 @@ def search_sessions() -> Response:
 @admin_only
 def session_detail(session_id: str) -> Response:
     with runtime().database.read() as db:
-        return respond(admin_service.session_detail(db, session_id))
+        return respond(admin_sessions.session_detail(db, session_id))
 
 
 @bp.post("/sessions/<session_id>/force-close")
 @admin_only
 def force_close(session_id: str) -> Response:
-    action = parse_body(admin_service.OperatorAction)
+    action = parse_body(OperatorAction)
     operator = admin_client()
-    outcome = admin_service.force_close(
+    outcome = admin_sessions.force_close(
         runtime().sessions, session_id, actor=operator.actor, reason=action.reason,
         operator=operator.name,
     )
@@ -66,42 +85,42 @@ def force_close(session_id: str) -> Response:
 @admin_only
 def verify_session_chain(session_id: str) -> Response:
     with runtime().database.read() as db:
-        return respond(admin_service.verify_session_chain(db, session_id))
+        return respond(admin_audit.verify_session_chain(db, session_id))
 
 
 # ---- audit -------------------------------------------------------------------------------
 @bp.get("/audit")
 @admin_only
 def search_audit() -> Response:
-    search = parse_query(admin_service.AuditSearch)
+    search = parse_query(AuditSearch)
     with runtime().database.read() as db:
-        items, following = admin_service.search_audit(db, search)
+        items, following = admin_audit.search_audit(db, search)
     return _page(items, following)
 
 
 @bp.get("/audit/verify")
 @admin_only
 def verify_chains() -> Response:
-    request_range = parse_query(admin_service.VerifyRange)
+    request_range = parse_query(VerifyRange)
     with runtime().database.read() as db:
-        return respond(admin_service.verify_chains(db, request_range))
+        return respond(admin_audit.verify_chains(db, request_range))
 
 
 # ---- slots -------------------------------------------------------------------------------
 @bp.get("/slots")
 @admin_only
 def slot_view() -> Response:
-    query = parse_query(admin_service.SlotQuery)
+    query = parse_query(SlotQuery)
     with runtime().database.read() as db:
-        return respond(admin_service.slot_view(db, query.account_id, query.shop_id))
+        return respond(admin_sessions.slot_view(db, query.account_id, query.shop_id))
 
 
 @bp.post("/slots/release")
 @admin_only
 def release_slot() -> Response:
-    body = parse_body(admin_service.SlotRelease)
+    body = parse_body(SlotRelease)
     operator = admin_client()
-    outcome = admin_service.release_slot(
+    outcome = admin_sessions.release_slot(
         runtime().sessions, body.account_id, body.shop_id, actor=operator.actor,
         reason=body.reason, operator=operator.name,
     )
@@ -114,9 +133,9 @@ def release_slot() -> Response:
 def transfer_queue() -> Response:
     with runtime().database.read() as db:
         return respond({
-            "items": admin_service.transfer_queue(db), "next": None,
+            "items": admin_transfers.transfer_queue(db), "next": None,
             # being handled: each with its first-response flag and wait (SPEC §12)
-            "accepted": admin_service.transfer_queue(db, status=TransferStatus.ACCEPTED),
+            "accepted": admin_transfers.transfer_queue(db, status=TransferStatus.ACCEPTED),
         })
 
 
@@ -139,7 +158,7 @@ class UploadQuery(import_views.GroupingQuery):
 @bp.get("/imports")
 @admin_only
 def list_imports() -> Response:
-    query = parse_query(admin_service.ImportListQuery)
+    query = parse_query(ImportListQuery)
     try:
         items = ImportService(runtime()).list(limit=query.limit + 1, before=query.after,
                                               status=query.status)
@@ -148,7 +167,7 @@ def list_imports() -> Response:
             {"field": "after", "message": "not a cursor from `next`"}]) from None
     more = len(items) > query.limit
     items = items[: query.limit]
-    return _page([admin_service.import_progress(j) for j in items],
+    return _page([import_jobs.import_progress(j) for j in items],
                  items[-1].job_id if more else None)
 
 
@@ -185,33 +204,33 @@ def upload_import() -> Response:
     from tasks.imports import enqueue_import
 
     enqueue_import(job.job_id)
-    return respond(admin_service.import_progress(job), status=202)
+    return respond(import_jobs.import_progress(job), status=202)
 
 
 @bp.get("/imports/<job_id>")
 @admin_only
 def import_job(job_id: str) -> Response:
-    return respond(admin_service.import_progress(ImportService(runtime()).get(job_id)))
+    return respond(import_jobs.import_progress(ImportService(runtime()).get(job_id)))
 
 
 @bp.get("/imports/<job_id>/errors")
 @admin_only
 def import_job_errors(job_id: str) -> Response:
-    query = parse_query(admin_service.OffsetQuery)
+    query = parse_query(OffsetQuery)
     with runtime().database.read() as db:
-        return respond(admin_service.import_job_errors(db, job_id, offset=query.offset,
-                                                       limit=query.limit))
+        return respond(import_jobs.import_job_errors(db, job_id, offset=query.offset,
+                                                     limit=query.limit))
 
 
 @bp.post("/imports/<job_id>/retry")
 @admin_only
 def retry_import(job_id: str) -> Response:
-    retry = parse_body(admin_service.ImportRetry)
-    admin_service.retry_import_job(runtime().database, job_id, retry)
+    retry = parse_body(import_jobs.ImportRetry)
+    import_jobs.retry_import_job(runtime().database, job_id, retry)
     from tasks.imports import enqueue_import
 
     enqueue_import(job_id)
-    return respond(admin_service.import_progress(ImportService(runtime()).get(job_id)),
+    return respond(import_jobs.import_progress(ImportService(runtime()).get(job_id)),
                    status=202)
 
 
@@ -220,13 +239,13 @@ def retry_import(job_id: str) -> Response:
 @admin_only
 def list_clients() -> Response:
     rows = client_service().list()
-    return respond({"items": [admin_service.client_json(r) for r in rows], "next": None})
+    return respond({"items": [client_json(r) for r in rows], "next": None})
 
 
 @bp.post("/clients")
 @admin_only
 def create_client() -> Response:
-    body = parse_body(admin_service.ClientCreate)
+    body = parse_body(ClientCreate)
     settings = runtime().settings
     issued = client_service().create(name=body.name, role=body.role,
                                      webhook_url=body.webhook_url,
@@ -255,7 +274,7 @@ def _client(client_id: str) -> dict[str, Any]:
     with runtime().database.read() as db:
         row = db.get(ApiClient, client_id)
         assert row is not None
-        return admin_service.client_json(row)
+        return client_json(row)
 
 
 def _issued(client_id: str, token: str) -> dict[str, Any]:
@@ -267,7 +286,7 @@ def _issued(client_id: str, token: str) -> dict[str, Any]:
 @bp.get("/deliveries")
 @admin_only
 def list_deliveries() -> Response:
-    query = parse_query(admin_service.DeliveryQuery)
+    query = parse_query(DeliveryQuery)
     with runtime().database.read() as db:
         rows = delivery_log(db, client_id=query.client_id, status=query.status,
                             session_id=query.session_id, limit=query.limit + 1,
@@ -283,7 +302,7 @@ def list_deliveries() -> Response:
 @admin_only
 def redeliver_delivery(delivery_id: str) -> Response:
     """Send a given-up delivery again (SPEC §13), audited with the operator as actor."""
-    body = parse_body(admin_service.Redelivery)
+    body = parse_body(Redelivery)
     operator = admin_client()
     return respond(redeliver(runtime(), delivery_id, actor=operator.actor,
                              reason=body.reason))
@@ -294,4 +313,4 @@ def redeliver_delivery(delivery_id: str) -> Response:
 @admin_only
 def stats() -> Response:
     with runtime().database.read() as db:
-        return respond(admin_service.statistics(db))
+        return respond(admin_stats.statistics(db))

@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 from flask import Flask, g, request, session
 from flask.sessions import SecureCookieSessionInterface
 
-from admin.service import console_login_client, end_console_login, start_console_login
+from admin.logins import console_login_client, end_console_login, start_console_login
 from app.api.auth import authenticate
 from app.api.http import RUNTIME_KEY, runtime
 from app.api.ratelimit import charge_client, count_failed_authentication

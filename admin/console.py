@@ -1,6 +1,6 @@
 """The admin console: server-rendered pages under `/admin/` for operations staff.
 
-Pages read through `admin.service` (the same functions as the admin API); the little
+Pages read through the admin modules (the same functions as the admin API); the little
 JavaScript there is (charts, the upload's progress bar, the chain check) calls the
 admin API with the console cookie and the CSRF header. Forms post with the CSRF
 token. English and Chinese, switched at `/admin/lang/<code>`.
@@ -24,7 +24,9 @@ from flask import (
 from pydantic import ValidationError
 from werkzeug.wrappers import Response as WerkzeugResponse
 
-from admin import service as admin_service
+from admin import sessions as admin_sessions
+from admin import stats as admin_stats
+from admin import transfers as admin_transfers
 from admin.auth import (
     check_csrf,
     console_identity,
@@ -33,6 +35,7 @@ from admin.auth import (
     log_out,
 )
 from admin.i18n import LANGUAGES, current_language, js_messages, translate
+from admin.queries import OperatorAction, Redelivery, SessionSearch, SlotQuery, SlotRelease
 from app.agents.service import AgentFilters, AgentService
 from app.api.auth import client_service
 from app.api.http import runtime
@@ -42,6 +45,7 @@ from app.api.stream import stream_url_for_console
 from app.clients.service import ClientRole
 from app.delivery.service import delivery_log, redeliver
 from app.errors import AutoSessionError, Unauthorized
+from app.imports import jobs as import_jobs
 from app.imports.service import ImportService
 from app.sessions.enums import Origin, SessionStatus, SessionType, TransferStatus
 
@@ -146,16 +150,16 @@ def switch_language(code: str) -> WerkzeugResponse:
 @login_required
 def dashboard() -> str:
     with runtime().database.read() as db:
-        stats = admin_service.statistics(db)
+        stats = admin_stats.statistics(db)
     return render_template("dashboard.html", stats=stats, stats_json=stats["hourly"])
 
 
 @bp.get("/sessions")
 @login_required
 def sessions() -> str:
-    search = admin_service.SessionSearch.model_validate(request.args.to_dict())
+    search = SessionSearch.model_validate(request.args.to_dict())
     with runtime().database.read() as db:
-        items, following = admin_service.search_sessions(db, search)
+        items, following = admin_sessions.search_sessions(db, search)
     args = {k: v for k, v in request.args.items() if k != "after" and v}
     return render_template(
         "sessions.html", items=items, following=following, args=args,
@@ -168,7 +172,7 @@ def sessions() -> str:
 @login_required
 def session_page(session_id: str) -> str:
     with runtime().database.read() as db:
-        detail = admin_service.session_detail(db, session_id)
+        detail = admin_sessions.session_detail(db, session_id)
     return render_template("session.html", d=detail, s=detail["session"])
 
 
@@ -177,19 +181,19 @@ def session_page(session_id: str) -> str:
 def force_close(session_id: str) -> WerkzeugResponse:
     operator = console_identity()
     assert operator is not None
-    action = admin_service.OperatorAction.model_validate(
+    action = OperatorAction.model_validate(
         {"reason": request.form.get("reason") or "closed by operator"})
-    admin_service.force_close(runtime().sessions, session_id, actor=operator.actor,
-                              reason=action.reason, operator=operator.name)
+    admin_sessions.force_close(runtime().sessions, session_id, actor=operator.actor,
+                               reason=action.reason, operator=operator.name)
     return redirect(url_for("admin.console.session_page", session_id=session_id))
 
 
 @bp.get("/slots")
 @login_required
 def slot_page() -> str:
-    query = admin_service.SlotQuery.model_validate(request.args.to_dict())
+    query = SlotQuery.model_validate(request.args.to_dict())
     with runtime().database.read() as db:
-        slot = admin_service.slot_view(db, query.account_id, query.shop_id)
+        slot = admin_sessions.slot_view(db, query.account_id, query.shop_id)
     return render_template("slot.html", slot=slot, live=live_marker(
         "slot-state", account_id=query.account_id, shop_id=query.shop_id))
 
@@ -199,13 +203,13 @@ def slot_page() -> str:
 def release_slot() -> WerkzeugResponse:
     operator = console_identity()
     assert operator is not None
-    body = admin_service.SlotRelease.model_validate({
+    body = SlotRelease.model_validate({
         "account_id": request.form.get("account_id"), "shop_id": request.form.get("shop_id"),
         "reason": request.form.get("reason") or "slot released by operator",
     })
-    admin_service.release_slot(runtime().sessions, body.account_id, body.shop_id,
-                               actor=operator.actor, reason=body.reason,
-                               operator=operator.name)
+    admin_sessions.release_slot(runtime().sessions, body.account_id, body.shop_id,
+                                actor=operator.actor, reason=body.reason,
+                                operator=operator.name)
     return redirect(url_for("admin.console.slot_page", account_id=body.account_id,
                             shop_id=body.shop_id))
 
@@ -214,8 +218,8 @@ def release_slot() -> WerkzeugResponse:
 @login_required
 def transfers() -> str:
     with runtime().database.read() as db:
-        queue = admin_service.transfer_queue(db)
-        accepted = admin_service.transfer_queue(db, status=TransferStatus.ACCEPTED)
+        queue = admin_transfers.transfer_queue(db)
+        accepted = admin_transfers.transfer_queue(db, status=TransferStatus.ACCEPTED)
     return render_template("transfers.html", queue=queue, accepted=accepted,
                            live=live_marker("transfer-queue transfer-accepted"))
 
@@ -240,7 +244,7 @@ def agents() -> str:
 def imports() -> str:
     jobs = ImportService(runtime()).list(limit=20)
     settings = runtime().settings
-    return render_template("imports.html", jobs=[admin_service.import_progress(j)
+    return render_template("imports.html", jobs=[import_jobs.import_progress(j)
                                                  for j in jobs],
                            session_gap=settings.session_gap,
                            review_default=settings.grouping_review,
@@ -250,9 +254,9 @@ def imports() -> str:
 @bp.get("/imports/<job_id>")
 @login_required
 def import_page(job_id: str) -> str:
-    job = admin_service.import_progress(ImportService(runtime()).get(job_id))
+    job = import_jobs.import_progress(ImportService(runtime()).get(job_id))
     with runtime().database.read() as db:
-        errors = admin_service.import_job_errors(db, job_id, limit=500)
+        errors = import_jobs.import_job_errors(db, job_id, limit=500)
     return render_template("import_job.html", job=job, errors=errors)
 
 
@@ -270,7 +274,7 @@ def deliveries() -> str:
 def redeliver_delivery(delivery_id: str) -> WerkzeugResponse:
     operator = console_identity()
     assert operator is not None
-    body = admin_service.Redelivery.model_validate(
+    body = Redelivery.model_validate(
         {"reason": request.form.get("reason") or "redelivered by operator"})
     redeliver(runtime(), delivery_id, actor=operator.actor, reason=body.reason)
     return redirect(url_for("admin.console.deliveries", redelivered=delivery_id))

@@ -10,8 +10,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import select
 
-from admin.service import import_job_errors
 from app.db import utcnow
+from app.imports.jobs import import_job_errors
 from app.imports.models import ImportChunk
 from app.imports.service import MAX_ERRORS, ImportService
 from tests.imports.helpers import as_ndjson, conversation, message_count, row

@@ -10,7 +10,8 @@ from freezegun import freeze_time
 from prometheus_client import REGISTRY
 from sqlalchemy import select
 
-from admin import service as admin_service
+from admin import stats as admin_stats
+from admin import transfers as admin_transfers
 from app.clients.service import ClientService
 from app.db import utcnow
 from app.events.models import Event
@@ -76,7 +77,7 @@ def test_unanswered_accept_is_flagged_once_after_the_timeout(runtime, service):
         items, _ = list_transfers(db, TransferFilters(status="accepted"))
         assert [(t.transfer_id, t.first_response_overdue) for t in items] == [
             (transfer_id, True)]
-        handled = admin_service.transfer_queue(db, status="ACCEPTED")  # type: ignore[arg-type]
+        handled = admin_transfers.transfer_queue(db, status="ACCEPTED")  # type: ignore[arg-type]
     assert handled[0]["first_response_overdue"] is True
     assert handled[0]["first_response_wait_seconds"] > 120
 
@@ -143,7 +144,7 @@ def test_statistics_report_first_response_median_and_p90_over_24_hours(runtime, 
         clock.tick(200)
         sweep_first_responses(runtime)
         with runtime.database.read() as db:
-            figures = admin_service.statistics(db)["first_response"]
+            figures = admin_stats.statistics(db)["first_response"]
     assert figures["answered_24h"] == 10
     assert figures["median_s"] == 50  # nearest rank: the 5th of 10
     assert figures["p90_s"] == 90  # the 9th of 10
