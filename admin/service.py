@@ -29,8 +29,8 @@ from app.clients.service import hash_token
 from app.db import Database, utcnow
 from app.errors import Conflict, NotFound
 from app.events.models import Event
+from app.imports.lifecycle import ImportJobView
 from app.imports.models import ImportChunk, ImportJob, ImportUploadPart
-from app.imports.service import ImportJobView
 from app.messages.models import Message
 from app.sessions import rules
 from app.sessions.enums import (
