@@ -16,15 +16,26 @@ Core's `_handle_dbapi_exception` does), so the 503 mapping and the retry rules s
 same exceptions either way. On a dialect other than MySQL (SQLite, the embedded
 default, where a request's cost is not the product's cost) it is plain `conn.execute`.
 `tests/core/test_fastsql.py` holds the two ways to the same rows, counts and errors.
+
+`core_insert` is the history import's bulk INSERT: many same-keyed rows with each
+column's bind processor applied in one tight loop (SQLAlchemy's private, cached
+`_cached_bind_processor`, pinned by `tests/core/test_fastsql.py`), and on PyMySQL the
+multi-row statement written out here.
 """
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, Executable
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session as DbSession
+
+from app.db import UTCDateTime
 
 Processor = Callable[[Any], Any] | None
 
@@ -189,3 +200,136 @@ class Prepared:
             conn.execute(self.statement, [dict(r) for r in rows])
             return
         self._run(conn, rows[0], many=rows)
+
+
+# ---- bulk INSERTs (the history import) ------------------------------------------------
+# A multi-row INSERT written out here (`_mysql_insert`) holds at most this many
+# characters — at most 4 bytes each in UTF-8: about PyMySQL's own 1 MB statements, far
+# inside max_allowed_packet — and at most `batch` rows.
+STATEMENT_CHARS = 256 * 1024
+# PyMySQL's string escapes (`pymysql.converters.escape_string`), as a translate table:
+# a list indexed by code point (a dict is several times slower to translate by).
+_MYSQL_ESCAPES = [chr(code) for code in range(128)]
+for _char, _escaped in {"\0": "\\0", "\\": "\\\\", "\n": "\\n", "\r": "\\r",
+                        "\032": "\\Z", '"': '\\"', "'": "\\'"}.items():
+    _MYSQL_ESCAPES[ord(_char)] = _escaped
+
+
+def core_insert(db: DbSession, model: Any, rows: list[dict[str, Any]], *,
+                batch: int | None = None) -> None:
+    """Same-keyed rows inserted on the transaction's connection, in database batches
+    of at most `batch` rows (the import passes BATCH_SIZE, the seed's 批处理大小: one
+    database batch — on MySQL one multi-row INSERT — holds at most that many rows), or
+    all of them in one batch without `batch`.
+
+    The ORM's bulk path (`db.execute(insert(Model), rows)`) and even Core's spend
+    more time arranging each row's parameters than the driver spends sending them.
+    Here every column's bind processor (UTC times, JSON, …) is applied in one tight
+    loop; on MySQL times go as the text of their literal (`mysql_utc_text`), and with
+    PyMySQL the multi-row INSERT is written out here (`_mysql_insert`) — what PyMySQL's
+    executemany sends, without its generic escaping of each value — elsewhere the rows
+    go to the driver's executemany as they are."""
+    if not rows:
+        return
+    conn = db.connection()
+    dialect = conn.dialect
+    table = model.__table__
+    keys = list(rows[0])
+    compiled = table.insert().compile(dialect=dialect, column_keys=keys)
+    names = list(compiled.positiontup or []) if compiled.positional else keys
+    procs = [(i, proc) for i, name in enumerate(names)
+             if (proc := _bind_processor(table.c[name].type, dialect)) is not None]
+    pick = operator.itemgetter(*names)
+    step = batch if batch and batch > 0 else len(rows)
+    statement = str(compiled)
+    if dialect.name == "mysql" and dialect.driver == "pymysql":
+        quote = dialect.identifier_preparer
+        prefix = (f"INSERT INTO {quote.format_table(table)} "
+                  f"({', '.join(quote.quote(name) for name in names)}) VALUES ")
+        _mysql_insert(conn, prefix, rows, pick, len(names), procs, step)
+        return
+    params: list[Any] = []
+    for row in rows:
+        values = list(pick(row)) if len(names) > 1 else [pick(row)]
+        for i, proc in procs:
+            values[i] = proc(values[i])
+        params.append(tuple(values) if compiled.positional else dict(zip(names, values,
+                                                                         strict=True)))
+    for start in range(0, len(params), step):
+        conn.exec_driver_sql(statement, params[start:start + step])
+
+
+def _mysql_insert(conn: Any, prefix: str, rows: list[dict[str, Any]],
+                  pick: Callable[[dict[str, Any]], Any], width: int,
+                  procs: list[tuple[int, Callable[[Any], Any]]], step: int) -> None:
+    """`prefix` (`INSERT INTO t (a, b) VALUES `) then `(…),(…)`: statements of at most
+    `step` rows and STATEMENT_CHARS characters each, the values written as PyMySQL
+    writes them (`_literals`). Sent without parameters (no `%` formatting), through
+    SQLAlchemy, so its errors (a duplicate key) are the usual ones."""
+    raw = conn.connection.dbapi_connection
+    from pymysql.constants import SERVER_STATUS
+
+    table: list[str] | None = _MYSQL_ESCAPES
+    if raw.server_status & SERVER_STATUS.SERVER_STATUS_NO_BACKSLASH_ESCAPES:
+        table = None  # every value from the connection's `escape`, which knows the mode
+    picked = [pick(row) for row in rows] if width > 1 else [(pick(row),) for row in rows]
+    columns: list[Any] = list(zip(*picked, strict=True))
+    for i, proc in procs:
+        columns[i] = list(map(proc, columns[i]))
+    texts = ["(" + ",".join(values) + ")" for values in zip(
+        *(_literals(column, raw.escape, table) for column in columns), strict=True)]
+    options = {"no_parameters": True}
+    first = chars = 0
+    for index, text in enumerate(texts):
+        if index > first and (index - first >= step or chars + len(text) > STATEMENT_CHARS):
+            conn.exec_driver_sql(prefix + ",".join(texts[first:index]),
+                                 execution_options=options)
+            first, chars = index, 0
+        chars += len(text) + 1
+    conn.exec_driver_sql(prefix + ",".join(texts[first:]), execution_options=options)
+
+
+def _literals(values: Sequence[Any], escape: Callable[[Any], str],
+              table: list[str] | None) -> list[str]:
+    """One column's values as SQL literals, as PyMySQL writes them: a str escaped by
+    PyMySQL's table, in quotes; an int in digits; None as NULL; anything else (bytes,
+    bools, floats, …) by the connection's `escape` (and everything by it when `table` is
+    None). A column that repeats its values (a slot, a role, the job) has each distinct
+    value written once: equal values have the same literal."""
+    if table is None:
+        return [escape(v) for v in values]
+    try:  # judged by its first values: hashing a column of long texts costs
+        repeats = len(values) >= 8 and len(set(values[:64])) * 4 <= min(64, len(values))
+    except TypeError:  # an unhashable value: written one by one
+        repeats = False
+    if repeats:
+        distinct = list(set(values))
+        known = dict(zip(distinct, _literals(distinct, escape, table), strict=True))
+        return list(map(known.__getitem__, values))
+    return ["'" + v.translate(table) + "'" if v.__class__ is str
+            else "NULL" if v is None
+            else str(v) if v.__class__ is int
+            else escape(v)
+            for v in values]
+
+
+def _bind_processor(type_: Any, dialect: Any) -> Callable[[Any], Any] | None:
+    """The column type's own bind processor, except for UTC times on MySQL."""
+    if dialect.name == "mysql" and isinstance(type_, UTCDateTime):
+        return mysql_utc_text
+    return type_._cached_bind_processor(dialect)  # type: ignore[no-any-return]
+
+
+@functools.lru_cache(maxsize=8192)
+def mysql_utc_text(value: datetime | None) -> str | None:
+    """A time as the DATETIME(6) literal that PyMySQL would send for it, made by
+    `isoformat` (C): PyMySQL's own formatting plus the UTC conversion cost several
+    times more, and a chunk binds about four times per message. Remembered, because
+    most binds repeat a time (a session's first and last message, the chunk's now)."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        raise ValueError(f"naive datetime {value!r} given where UTC is required")
+    if value.tzinfo is not UTC:
+        value = value.astimezone(UTC)
+    return value.replace(tzinfo=None).isoformat(" ", "microseconds")

@@ -294,7 +294,7 @@ class AutoSessionManager:
         return result
 
     def _group_history(self, rows: list[tuple[int, ChatRow]], result: ProcessResult) -> None:
-        from app.imports.grouping import import_rows
+        from app.imports.batch import import_rows
 
         counts = import_rows(self.runtime, rows, actor="system:import")
         result.inserted += counts.inserted

@@ -9,7 +9,7 @@ buffers that are written out as compressed pieces when they are full (`ChunkSpoo
 Rows per task and BATCH_SIZE are two things (SPEC §10 as amended). BATCH_SIZE, the
 seed's 批处理大小, bounds one database batch: a chunk writes its messages, sessions,
 audit rows and transfers by executemany in batches of at most BATCH_SIZE rows
-(`grouping.core_insert`). How many rows one task takes is the project's choice,
+(`app.fastsql.core_insert`). How many rows one task takes is the project's choice,
 `TASK_ROWS`, chosen by measurement (`tests/benchmarks/bench_import.py`, README
 "Benchmarks"): a task costs a fixed part — the queue round trip, claiming the chunk,
 reading its pieces, the probe and session look-ups, the commit with its done mark, the

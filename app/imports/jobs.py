@@ -14,8 +14,8 @@ from sqlalchemy.orm import Session as DbSession
 
 from app.db import Database
 from app.errors import Conflict, NotFound
+from app.imports.lifecycle import ImportJobView
 from app.imports.models import ImportChunk, ImportJob, ImportUploadPart
-from app.imports.service import ImportJobView
 from app.validation import BoundaryModel
 
 FINISHED_IMPORT_STATUSES = ("succeeded", "partially_succeeded", "failed")

@@ -32,9 +32,11 @@ from typing import Any
 from sqlalchemy import and_, delete, select
 
 from app.db import Database
+from app.fastsql import core_insert
 from app.imports import formats
-from app.imports.grouping import ImportCounts, Msg, core_insert
+from app.imports.counts import ImportCounts
 from app.imports.models import ImportChunkPart
+from app.imports.rows import Msg
 from app.sessions.enums import SenderRole, TaskType
 
 # Runs live at sequence numbers RUN_SEQ_BASE + (attempt << 26) + (run << 16) + piece:

@@ -34,7 +34,7 @@ from app.detection.rules import excerpt
 from app.imports.segmenting import Boundary
 
 if TYPE_CHECKING:
-    from app.imports.grouping import Msg
+    from app.imports.rows import Msg
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ is exactly the gap rule. Every segment records why it starts where it starts
 (`started_by`), which a new session keeps.
 
 This module knows nothing of the database: what is stored reaches it as `StoredLinks`
-(looked up by the caller), the sessions there as opaque values (`grouping.Known`).
+(looked up by the caller), the sessions there as opaque values (`planning.Known`).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from app.imports.grouping import Msg
+    from app.imports.rows import Msg
 
 
 class StartedBy(StrEnum):

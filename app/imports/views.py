@@ -29,7 +29,9 @@ from app.api.auth import current_client, require_roles
 from app.api.http import parse_query, respond, runtime
 from app.api.openapi import documented
 from app.errors import NotFound, ValidationFailed
-from app.imports.service import MAX_SESSION_GAP, ImportJobView, ImportService, UploadTooLarge
+from app.imports.lifecycle import ImportJobView
+from app.imports.service import ImportService
+from app.imports.upload import MAX_SESSION_GAP, UploadTooLarge
 from app.validation import BoundaryModel
 
 bp = Blueprint("imports", __name__)

@@ -33,6 +33,7 @@ from app.db import Database, affected_rows, utcnow
 from app.delivery.models import WebhookAttempt, WebhookDelivery
 from app.events.feed import purged_through
 from app.events.models import EVENTS
+from app.imports.lifecycle import TERMINAL, delete_staged
 from app.imports.models import (
     ImportChunk,
     ImportChunkPart,
@@ -41,7 +42,6 @@ from app.imports.models import (
     ImportSplitPart,
     ImportUploadPart,
 )
-from app.imports.service import TERMINAL, delete_staged
 from app.retention.models import EVENTS_MARK, RetentionMark
 
 log = logging.getLogger(__name__)

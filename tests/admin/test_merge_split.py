@@ -455,7 +455,7 @@ def test_a_later_import_never_attaches_to_a_merged_session_and_a_reupload_change
         admin: Caller, runtime: Runtime):
     from freezegun import freeze_time
 
-    from app.imports.grouping import known_sessions
+    from app.imports.dedup import known_sessions
     from tests.imports.helpers import as_ndjson, conversation, run_job
 
     t0 = datetime(2024, 5, 1, 9, 0, tzinfo=UTC)

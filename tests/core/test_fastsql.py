@@ -67,3 +67,37 @@ def test_errors_are_core_errors_and_a_lost_connection_is_invalidated(runtime, se
         assert lost.value.connection_invalidated and conn.invalidated
     with runtime.database.connect() as conn:  # the pool hands out a working connection
         assert read.one_or_none(conn, {"session_id": sid})["session_id"] == sid
+
+
+def test_the_bulk_insert_leans_on_sqlalchemys_cached_bind_processors():
+    """`core_insert` reads each column's bind processor through SQLAlchemy's private
+    `TypeEngine._cached_bind_processor` (the per-dialect cache; the public way builds a
+    new processor each call). Pinned here: for every column the import inserts, on both
+    dialects, it exists and answers what the public `bind_processor` answers, so an
+    upgrade that drops or changes it fails this test instead of the import."""
+    from sqlalchemy.dialects import mysql, sqlite
+
+    from app.audit.models import Operation
+    from app.imports.models import ImportChunkPart
+    from app.messages.models import Message
+    from app.sessions.models import Session
+    from app.transfers.models import Transfer
+
+    samples = {datetime: datetime(2024, 5, 1, 9, 30, 15, 123456, tzinfo=UTC),
+               dict: {"a": [1, "ü", None]}, bool: True, int: 7, str: "it's"}
+    checked = 0
+    for dialect in (sqlite.dialect(), mysql.dialect()):
+        for model in (Message, Session, Operation, Transfer, ImportChunkPart):
+            for column in model.__table__.columns:
+                cached = column.type._cached_bind_processor(dialect)
+                public = column.type.dialect_impl(dialect).bind_processor(dialect)
+                assert (cached is None) == (public is None), (dialect.name, column)
+                assert column.type._cached_bind_processor(dialect) is cached
+                try:
+                    sample = samples.get(column.type.python_type)
+                except NotImplementedError:
+                    sample = None
+                if cached is not None and public is not None and sample is not None:
+                    assert cached(sample) == public(sample), (dialect.name, column)
+                    checked += 1
+    assert checked  # times, JSON and flags were converted both ways

@@ -19,7 +19,8 @@ from typing import Any
 
 from sqlalchemy import select
 
-from app.imports.service import ImportJobView, ImportService
+from app.imports.lifecycle import ImportJobView
+from app.imports.service import ImportService
 from app.messages.models import Message
 from app.runtime import Runtime
 from app.sessions.models import Session

@@ -12,8 +12,9 @@ from sqlalchemy import select
 
 from app.db import utcnow
 from app.imports.jobs import import_job_errors
+from app.imports.lifecycle import MAX_ERRORS
 from app.imports.models import ImportChunk
-from app.imports.service import MAX_ERRORS, ImportService
+from app.imports.service import ImportService
 from tests.imports.helpers import as_ndjson, conversation, message_count, row
 
 T0 = datetime(2024, 5, 1, 9, 0, tzinfo=UTC)

@@ -20,20 +20,11 @@ import pytest
 from pydantic import ValidationError
 
 from app.db import UTCDateTime
+from app.fastsql import _MYSQL_ESCAPES, STATEMENT_CHARS, core_insert, mysql_utc_text
 from app.imports import formats
 from app.imports.chunking import ChunkSpool, bucket_of
 from app.imports.formats import ImportFormat
-from app.imports.grouping import (
-    _MYSQL_ESCAPES,
-    STATEMENT_CHARS,
-    Msg,
-    check_msg,
-    core_insert,
-    mysql_utc_text,
-    plain_msg,
-    validate_row,
-)
-from app.imports.rows import ChatRow
+from app.imports.rows import ChatRow, Msg, check_msg, plain_msg, validate_row
 from tests.imports.helpers import gz
 
 TZ = ZoneInfo("Asia/Shanghai")

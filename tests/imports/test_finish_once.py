@@ -13,8 +13,9 @@ from typing import Any
 from sqlalchemy import func, select
 
 from app.events.models import Event
+from app.imports.lifecycle import ImportJobView, JobLifecycle
 from app.imports.models import ImportChunk, ImportJob
-from app.imports.service import ImportJobView, ImportService
+from app.imports.service import ImportService
 from tasks import imports as tasks
 from tests.imports.helpers import as_ndjson, conversation, message_count
 
@@ -64,14 +65,14 @@ def test_two_finishers_racing_close_the_job_once(runtime, monkeypatch):
     for pk in pks:
         service.process_chunk(pk)
     closes = {"n": 0}
-    first_errors = ImportService._first_errors
+    first_errors = JobLifecycle._first_errors
 
-    def slow_first_errors(self: ImportService, db: Any, job_row: Any) -> Any:
+    def slow_first_errors(self: JobLifecycle, db: Any, job_row: Any) -> Any:
         closes["n"] += 1  # runs only after the claim: once per close that does the work
         time.sleep(0.5)  # the other finisher arrives while this close is under way
         return first_errors(self, db, job_row)
 
-    monkeypatch.setattr(ImportService, "_first_errors", slow_first_errors)
+    monkeypatch.setattr(JobLifecycle, "_first_errors", slow_first_errors)
     results = run_together(lambda: ImportService(runtime).close(job.job_id),
                            lambda: ImportService(runtime).close(job.job_id))
     closed = [r for r in results if r is not None]

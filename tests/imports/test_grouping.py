@@ -9,7 +9,8 @@ from freezegun import freeze_time
 from sqlalchemy import select
 
 from app.audit.trail import verify_chain
-from app.imports.grouping import Msg, split_at_gaps
+from app.imports.rows import Msg
+from app.imports.segmenting import split_at_gaps
 from app.manager import AutoSessionManager
 from app.sessions.enums import SenderRole
 from app.transfers.models import Transfer
@@ -158,7 +159,7 @@ def test_stored_rows_behind_a_new_first_row_are_still_found_duplicates(runtime, 
     rest are stored, so the unique key refuses the insert and the retry looks them up."""
     rows = conversation("s", T0, "crc")
     imported(runtime, rows)
-    caplog.set_level(logging.INFO, logger="app.imports.grouping")
+    caplog.set_level(logging.INFO, logger="app.imports.batch")
     earlier = row("s", "counterpart", T0 - minutes(5), "an earlier question")
     again = imported(runtime, [earlier, *rows])
     assert "retried after IntegrityError" in caplog.text

@@ -24,8 +24,10 @@ from werkzeug.datastructures import FileStorage, MultiDict
 from werkzeug.test import encode_multipart
 
 from app.imports import formats
+from app.imports.lifecycle import MAX_CHUNK_ATTEMPTS
 from app.imports.models import ImportChunk, ImportJob, ImportUploadPart
-from app.imports.service import MAX_CHUNK_ATTEMPTS, ImportService, UploadTooLarge
+from app.imports.service import ImportService
+from app.imports.upload import UploadTooLarge
 from app.manager import AutoSessionManager
 from app.sessions.models import Session
 from tests.imports.helpers import (
@@ -395,7 +397,7 @@ def test_a_chunk_attempted_too_often_fails_and_the_job_ends(runtime):
 
 def test_a_chunk_that_always_raises_fails_and_the_job_ends_through_the_tasks(
         runtime, monkeypatch):
-    from app.imports import service as service_module
+    from app.imports import chunks as chunks_module
     from tasks import imports as tasks
     from tasks.celery_app import celery
 
@@ -405,7 +407,7 @@ def test_a_chunk_that_always_raises_fails_and_the_job_ends_through_the_tasks(
     def explode(*_args: Any, **_kwargs: Any) -> Any:
         raise KeyError("something nobody expected")
 
-    monkeypatch.setattr(service_module, "import_messages", explode)
+    monkeypatch.setattr(chunks_module, "import_messages", explode)
     service = ImportService(runtime)
     job = service.create_job(io.BytesIO(as_ndjson(GOOD)), filename="x.ndjson")
     tasks.enqueue_import(job.job_id)

@@ -14,9 +14,10 @@ import pytest
 from sqlalchemy import func, select
 
 from app.db import utcnow
+from app.imports.lifecycle import ImportJobView
 from app.imports.models import ImportChunkPart, ImportSlotMark
 from app.imports.pages import RUN_SEQ_BASE, PageLimits, RowErrors
-from app.imports.service import ImportJobView, ImportService
+from app.imports.service import ImportService
 from app.transfers.models import Transfer
 from tests.imports.helpers import as_ndjson, message_count, row, sessions_of, staged_left
 

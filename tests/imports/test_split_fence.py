@@ -16,13 +16,9 @@ from sqlalchemy import func, select
 
 from app.db import utcnow
 from app.imports.models import ImportChunkPart, ImportJob
-from app.imports.service import (
-    SPLIT_LEASE,
-    ImportService,
-    PrepareOutcome,
-    SplitTakenOver,
-    StagingWriter,
-)
+from app.imports.service import ImportService
+from app.imports.splitting import SPLIT_LEASE, PrepareOutcome
+from app.imports.staging import SplitTakenOver, StagingWriter
 from tests.imports.helpers import as_ndjson, message_count, row
 
 START = datetime(2026, 3, 2, 9, 0)

@@ -22,13 +22,9 @@ from app.db import utcnow
 from app.imports import formats
 from app.imports.chunking import bucket_of, slot_of
 from app.imports.models import ImportChunk, ImportChunkPart, ImportJob, ImportSplitPart
-from app.imports.service import (
-    PART_MIN_BYTES,
-    PART_SEQ_SHIFT,
-    ImportService,
-    PartFence,
-    SplitTakenOver,
-)
+from app.imports.service import ImportService
+from app.imports.splitting import PART_MIN_BYTES, PART_SEQ_SHIFT
+from app.imports.staging import PartFence, SplitTakenOver
 from tests.imports.helpers import (
     BIN,
     ROOT,

@@ -10,8 +10,8 @@ import pytest
 from freezegun import freeze_time
 
 from app.errors import ValidationFailed
-from app.imports.grouping import Msg
 from app.imports.pages import PageLimits
+from app.imports.rows import Msg
 from app.imports.segmenting import GroupingOptions, segment_slot, split_at_gaps
 from app.imports.service import ImportService
 from app.sessions.enums import SenderRole
