@@ -24,7 +24,7 @@ from app.errors import NotFound, ValidationFailed
 from app.imports import views as import_views
 from app.imports.service import ImportService
 from app.imports.views import bounded_upload
-from app.sessions.enums import TransferStatus
+from app.transfers.enums import TransferStatus
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 

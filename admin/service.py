@@ -33,19 +33,15 @@ from app.imports.models import ImportChunk, ImportJob, ImportUploadPart
 from app.imports.service import ImportJobView
 from app.messages.models import Message
 from app.sessions import rules
-from app.sessions.enums import (
-    Origin,
-    PauseCause,
-    SessionStatus,
-    SessionType,
-    TransferStatus,
-    TransferTrigger,
-)
+from app.sessions.enums import Origin, PauseCause, SessionStatus, SessionType
 from app.sessions.models import Session, Slot
 from app.sessions.queries import decode_cursor, encode_cursor
-from app.sessions.schemas import SessionView, TransferView
-from app.sessions.service import SessionService, SlotTx, precedence_of
+from app.sessions.schemas import SessionView
+from app.sessions.service import SessionService
+from app.sessions.slot_tx import SlotTx, precedence_of
+from app.transfers.enums import TransferStatus, TransferTrigger
 from app.transfers.models import Transfer
+from app.transfers.schemas import TransferView
 from app.validation import BoundaryModel
 
 MAX_PAGE = 200

@@ -65,19 +65,11 @@ from app.imports.segmenting import (
 )
 from app.messages.models import Message
 from app.sessions import rules
-from app.sessions.enums import (
-    Origin,
-    Priority,
-    SenderRole,
-    SessionStatus,
-    SessionType,
-    TaskType,
-    TransferStatus,
-    TransferTrigger,
-)
+from app.sessions.enums import Origin, Priority, SenderRole, SessionStatus, SessionType, TaskType
 from app.sessions.models import Session
-from app.sessions.schemas import TransferRequest
+from app.transfers.enums import TransferStatus, TransferTrigger
 from app.transfers.models import Transfer
+from app.transfers.schemas import TransferRequest
 from app.validation import EARLIEST_TIME, LATEST_AHEAD
 
 log = logging.getLogger(__name__)
@@ -1102,7 +1094,7 @@ def _live_session(tx: Any, writer: Writer, plan: NewSession, counts: ImportCount
                                               "occupant_session_id": occupant.session_id
                                               if occupant else None})
     if plan.handoff_at is not None and session.status == S.ACTIVE:
-        tx.service._open_transfer(tx, session, TransferRequest(
+        tx.service.open_transfer(tx, session, TransferRequest(
             reason="hand-off found in imported history", urgency=Priority.HIGH,
             trigger=TransferTrigger.HISTORY,
             agent_id=plan.messages[plan.handoff_at].sender_id,
