@@ -43,7 +43,7 @@ from app.imports import jobs as import_jobs
 from app.imports import views as import_views
 from app.imports.service import ImportService
 from app.imports.views import bounded_upload
-from app.sessions.enums import TransferStatus
+from app.transfers.enums import TransferStatus
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 

@@ -47,7 +47,8 @@ from app.delivery.service import delivery_log, redeliver
 from app.errors import AutoSessionError, Unauthorized
 from app.imports import jobs as import_jobs
 from app.imports.service import ImportService
-from app.sessions.enums import Origin, SessionStatus, SessionType, TransferStatus
+from app.sessions.enums import Origin, SessionStatus, SessionType
+from app.transfers.enums import TransferStatus
 
 bp = Blueprint("console", __name__, template_folder="templates")
 

@@ -8,8 +8,9 @@ from app.audit.models import Operation
 from app.clients.models import ApiClient
 from app.messages.models import Message
 from app.sessions.models import Session
-from app.sessions.schemas import SessionView, TransferView
+from app.sessions.schemas import SessionView
 from app.transfers.models import Transfer
+from app.transfers.schemas import TransferView
 
 
 def session_json(row: Session) -> dict[str, Any]:

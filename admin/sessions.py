@@ -24,7 +24,8 @@ from app.sessions import rules
 from app.sessions.enums import PauseCause, SessionStatus
 from app.sessions.models import Session, Slot
 from app.sessions.queries import decode_cursor, encode_cursor
-from app.sessions.service import SessionService, SlotTx, precedence_of
+from app.sessions.service import SessionService
+from app.sessions.slot_tx import SlotTx, precedence_of
 from app.transfers.models import Transfer
 
 MAX_MESSAGES = 500

@@ -15,8 +15,9 @@ from app.audit.models import Operation
 from app.db import utcnow
 from app.events.models import Event
 from app.imports.models import ImportJob
-from app.sessions.enums import SessionStatus, SessionType, TransferStatus, TransferTrigger
+from app.sessions.enums import SessionStatus, SessionType
 from app.sessions.models import Session
+from app.transfers.enums import TransferStatus, TransferTrigger
 from app.transfers.models import Transfer
 
 HOURS = 24

@@ -9,8 +9,8 @@ from sqlalchemy.orm import Session as DbSession
 
 from admin.serializers import transfer_json
 from app.db import utcnow
-from app.sessions.enums import TransferStatus
 from app.sessions.models import Session
+from app.transfers.enums import TransferStatus
 from app.transfers.models import Transfer
 
 

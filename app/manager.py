@@ -21,26 +21,19 @@ from app.errors import NotFound, ValidationFailed
 from app.events.feed import MAX_PAGE, EventQuery, EventView, read_feed
 from app.events.stream import EventHub
 from app.imports.rows import ChatRow, row_error_text
+from app.messages.service import LiveMessage
 from app.runtime import Runtime, get_runtime
-from app.sessions.enums import (
-    Priority,
-    SenderRole,
-    SessionStatus,
-    SessionType,
-    TaskType,
-    TransferTrigger,
-)
+from app.sessions.enums import Priority, SenderRole, SessionStatus, SessionType, TaskType
 from app.sessions.rules import DEFAULT_HUMAN_TYPE_BY_TASK, DEFAULT_ROBOT_TYPE_BY_TASK
-from app.sessions.schemas import (
+from app.sessions.schemas import SessionRequest, SessionView
+from app.transfers.enums import TransferTrigger
+from app.transfers.schemas import (
     HandBackOutcome,
     HandBackRequest,
     ReassignRequest,
-    SessionRequest,
-    SessionView,
     TransferRequest,
     TransferView,
 )
-from app.sessions.service import LiveMessage
 from app.validation import field_errors, validated
 
 __all__ = [

@@ -30,7 +30,7 @@ from app.sessions.enums import ROBOT_TYPES, SessionStatus, SessionType
 from app.sessions.models import READ_SESSION, SESSIONS, Session
 from app.sessions.queries import Viewer, visible_to
 from app.sessions.schemas import SessionView
-from app.sessions.service import Guard
+from app.sessions.slot_tx import Guard
 from app.transfers.models import Transfer
 
 

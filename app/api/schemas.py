@@ -5,7 +5,8 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.imports.rows import ChatRow
-from app.sessions.schemas import SessionView, check_agent_id
+from app.sessions.schemas import SessionView
+from app.transfers.schemas import check_agent_id
 from app.validation import BoundaryModel, JsonValue
 
 

@@ -34,18 +34,12 @@ from app.clients.idempotency import (
 from app.clients.service import ClientIdentity
 from app.db import utcnow
 from app.errors import InvalidTransition, SlotOccupied, ValidationFailed
-from app.sessions.activity import LiveMessage
-from app.sessions.enums import SenderRole, TransferTrigger
+from app.messages.service import LiveMessage
+from app.sessions.enums import SenderRole
 from app.sessions.queries import SessionFilters, list_sessions
-from app.sessions.schemas import (
-    CreateOutcome,
-    HandBackOutcome,
-    HandBackRequest,
-    SessionRequest,
-    SessionView,
-    TransferRequest,
-    TransferView,
-)
+from app.sessions.schemas import CreateOutcome, SessionRequest, SessionView
+from app.transfers.enums import TransferTrigger
+from app.transfers.schemas import HandBackOutcome, HandBackRequest, TransferRequest, TransferView
 from app.validation import field_errors
 
 bp = Blueprint("sessions", __name__, url_prefix="/api/v1/sessions")

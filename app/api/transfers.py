@@ -10,8 +10,8 @@ from app.api.http import parse_body, parse_query, respond, runtime
 from app.api.openapi import documented
 from app.api.schemas import AcceptBody, Page
 from app.errors import NotFound
-from app.sessions.schemas import ReassignRequest, TransferView
 from app.transfers.queries import TransferFilters, get_transfer, list_transfers
+from app.transfers.schemas import ReassignRequest, TransferView
 
 bp = Blueprint("transfers", __name__, url_prefix="/api/v1/transfers")
 TAGS = ("transfers",)

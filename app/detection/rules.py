@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.sessions.enums import SenderRole, TransferTrigger
+from app.sessions.enums import SenderRole
+from app.transfers.enums import TransferTrigger
 
 RULES_FILE = Path(__file__).with_name("rules.toml")
 

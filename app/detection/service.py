@@ -26,15 +26,10 @@ from app.detection.rules import ChatLine, RuleVerdict, judge_conversation
 from app.errors import Conflict, NotFound
 from app.messages.models import Message
 from app.runtime import Runtime
-from app.sessions.enums import (
-    Priority,
-    SenderRole,
-    SessionStatus,
-    SessionType,
-    TransferTrigger,
-)
+from app.sessions.enums import Priority, SenderRole, SessionStatus, SessionType
 from app.sessions.models import Session
-from app.sessions.schemas import TransferRequest, TransferView
+from app.transfers.enums import TransferTrigger
+from app.transfers.schemas import TransferRequest, TransferView
 
 log = logging.getLogger(__name__)
 

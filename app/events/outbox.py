@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy.orm import Session as DbSession
 
 from app.events.models import Event
+from app.sessions.enums import is_human_type
 from app.sessions.models import Session
 
 
@@ -44,7 +45,7 @@ def event_values(
     payload: dict[str, Any] = session_snapshot(session) if session is not None else {}
     payload.update(data or {})
     if audience is None:
-        human = session is not None and str(session.session_type).startswith("MANUAL_")
+        human = session is not None and is_human_type(session.session_type)
         audience = Audience.DESK if human or type.startswith("transfer.") else Audience.OWNER
     return {
         "type": type,

@@ -15,16 +15,10 @@ from app.imports.rows import Msg
 from app.imports.writing import Writer, add_to_session, message_values
 from app.messages.models import Message
 from app.sessions import rules
-from app.sessions.enums import (
-    Origin,
-    Priority,
-    SenderRole,
-    SessionStatus,
-    SessionType,
-    TransferTrigger,
-)
+from app.sessions.enums import Origin, Priority, SenderRole, SessionStatus, SessionType
 from app.sessions.models import Session
-from app.sessions.schemas import TransferRequest
+from app.transfers.enums import TransferTrigger
+from app.transfers.schemas import TransferRequest
 
 S = SessionStatus
 
@@ -114,7 +108,7 @@ def _live_session(tx: Any, writer: Writer, plan: NewSession, counts: ImportCount
                                               "occupant_session_id": occupant.session_id
                                               if occupant else None})
     if plan.handoff_at is not None and session.status == S.ACTIVE:
-        tx.service._open_transfer(tx, session, TransferRequest(
+        tx.service.open_transfer(tx, session, TransferRequest(
             reason="hand-off found in imported history", urgency=Priority.HIGH,
             trigger=TransferTrigger.HISTORY,
             agent_id=plan.messages[plan.handoff_at].sender_id,

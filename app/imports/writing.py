@@ -22,17 +22,10 @@ from app.imports.planning import Known, NewSession
 from app.imports.rows import Msg
 from app.messages.models import Message
 from app.sessions import rules
-from app.sessions.enums import (
-    Origin,
-    Priority,
-    SenderRole,
-    SessionStatus,
-    SessionType,
-    TransferStatus,
-    TransferTrigger,
-)
+from app.sessions.enums import Origin, Priority, SenderRole, SessionStatus, SessionType
 from app.sessions.models import Session
-from app.transfers.models import Transfer
+from app.transfers.enums import TransferStatus, TransferTrigger
+from app.transfers.models import Transfer, transfer_values
 
 S = SessionStatus
 
@@ -227,16 +220,12 @@ def handoff_transfer(session: dict[str, Any] | Session, session_pk: int,
     staff = messages[handoff_at]
     public = session["session_id"] if isinstance(session, dict) else session.session_id
     recent = messages[max(0, handoff_at - 10):handoff_at]
-    return {
-        "transfer_id": new_id("trf"), "session_pk": session_pk, "session_id": public,
-        "status": str(TransferStatus.COMPLETED if closed else TransferStatus.ACCEPTED),
-        "urgency": int(Priority.HIGH), "reason": "hand-off found in imported history",
-        "trigger": str(TransferTrigger.HISTORY), "requested_agent_id": None,
-        "offered_agent_id": staff.sender_id, "agent_id": staff.sender_id,
-        "history": {"session_id": public,
-                    "recent_message_ids": [m.message_id for m in recent]},
-        "task_state": None, "customer_info": None, "suggestion": None, "escalations": 0,
-        "previous_transfer_id": None, "created_at": staff.sent_at, "offered_at": staff.sent_at,
-        "expires_at": None, "accepted_at": staff.sent_at,
-        "ended_at": ended_at if closed else None,
-    }
+    return transfer_values(
+        session_pk=session_pk, session_id=public,
+        status=str(TransferStatus.COMPLETED if closed else TransferStatus.ACCEPTED),
+        urgency=int(Priority.HIGH), reason="hand-off found in imported history",
+        trigger=str(TransferTrigger.HISTORY), offered_agent_id=staff.sender_id,
+        agent_id=staff.sender_id,
+        history={"session_id": public, "recent_message_ids": [m.message_id for m in recent]},
+        at=staff.sent_at, expires_at=None, accepted_at=staff.sent_at,
+        ended_at=ended_at if closed else None)

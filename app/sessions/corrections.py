@@ -10,12 +10,12 @@ and a slot change (a promotion, a completion) are ordered the same way.
 
 Neither touches a session that occupies the slot (ACTIVE or TRANSFERRED): live
 messages and heartbeats change only such sessions, under their own row lock
-(`app.sessions.activity`), and a correction refuses them after reading their rows
-`FOR UPDATE` — a session that left the slot a moment ago is read ended, with every
-message it accepted committed. Message rows move by one UPDATE of `session_pk` per
-correction (nothing is copied or deleted, so nothing can be lost or doubled), and the
-counters and first/last times of every session touched are recomputed from the
-messages it holds afterwards, in the same transaction.
+(`app.sessions.activity`, `app.messages.service`), and a correction refuses them after
+reading their rows `FOR UPDATE` — a session that left the slot a moment ago is read
+ended, with every message it accepted committed. Message rows move by one UPDATE of
+`session_pk` per correction (nothing is copied or deleted, so nothing can be lost or
+doubled), and the counters and first/last times of every session touched are
+recomputed from the messages it holds afterwards, in the same transaction.
 
 The operator is the actor of every audit row; each session touched gets one audit row
 and one event (`session.merged`, `session.split`) saying what moved where.
@@ -38,7 +38,8 @@ from app.messages.models import Message
 from app.sessions.enums import Origin, SenderRole, SessionStatus
 from app.sessions.models import Session
 from app.sessions.schemas import SessionView
-from app.sessions.service import SessionService, SlotTx
+from app.sessions.service import SessionService
+from app.sessions.slot_tx import SlotTx
 from app.transfers.models import Transfer
 from app.validation import BoundaryModel
 
@@ -108,7 +109,7 @@ class SplitOutcome(BaseModel):
 
 @dataclass
 class _Tally:
-    """What a session's messages add up to (`SessionActivity` keeps the same counters)."""
+    """What a session's messages add up to (`MessageService` keeps the same counters)."""
 
     count: int = 0
     robot: int = 0

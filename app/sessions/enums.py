@@ -14,15 +14,21 @@ class SessionType(StrEnum):
 
     @property
     def is_human(self) -> bool:
-        return self.name.startswith("MANUAL_")
+        return self in HUMAN_TYPES
 
     @property
     def is_robot(self) -> bool:
-        return not self.is_human
+        return self not in HUMAN_TYPES
 
 
-ROBOT_TYPES = frozenset(t for t in SessionType if t.is_robot)
-HUMAN_TYPES = frozenset(t for t in SessionType if t.is_human)
+HUMAN_TYPES = frozenset(t for t in SessionType if t.name.startswith("MANUAL_"))
+ROBOT_TYPES = frozenset(t for t in SessionType if t not in HUMAN_TYPES)
+
+
+def is_human_type(session_type: str) -> bool:
+    """Whether a session of this type (a `SessionType` or its stored text) is a human
+    one: the one test, in Python (`SessionType.is_human`) as in SQL (`HUMAN_TYPES`)."""
+    return session_type in HUMAN_TYPES
 
 
 class TaskType(StrEnum):
@@ -81,20 +87,3 @@ class SenderRole(StrEnum):
     HUMAN = "human"
     COUNTERPART = "counterpart"
     SYSTEM = "system"
-
-
-class TransferStatus(StrEnum):
-    PENDING = "PENDING"
-    ACCEPTED = "ACCEPTED"
-    COMPLETED = "COMPLETED"
-    EXPIRED = "EXPIRED"
-    CANCELLED = "CANCELLED"
-
-
-class TransferTrigger(StrEnum):
-    ROBOT_REQUEST = "robot_request"
-    KEYWORD = "keyword"
-    LLM = "llm"
-    ROBOT_FAILURE = "robot_failure"
-    OPERATOR = "operator"
-    HISTORY = "history"

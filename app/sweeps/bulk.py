@@ -58,11 +58,12 @@ from app.audit.trail import _digest
 from app.db import UTCDateTime, is_retryable_db_error
 from app.events.models import EVENTS
 from app.events.outbox import Audience
-from app.sessions.enums import HUMAN_TYPES, SessionStatus, TransferStatus
+from app.sessions.enums import HUMAN_TYPES, SessionStatus
 from app.sessions.models import SESSIONS, SLOTS
 from app.sessions.service import SessionService
 from app.sessions.slot import SlotKey
 from app.sweeps.locks import hold_slots
+from app.transfers.enums import TransferStatus
 from app.transfers.models import Transfer
 
 log = logging.getLogger(__name__)

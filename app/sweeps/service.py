@@ -25,10 +25,11 @@ from app.db import utcnow
 from app.errors import AutoSessionError
 from app.observability.metrics import record_sweep
 from app.runtime import Runtime
-from app.sessions.enums import SessionStatus, TransferStatus
+from app.sessions.enums import SessionStatus
 from app.sessions.models import SESSIONS
 from app.sweeps.bulk import DueSession, expire_batch
 from app.sweeps.locks import sweep_run_lock
+from app.transfers.enums import TransferStatus
 from app.transfers.expiry import expire_transfer
 from app.transfers.first_response import flag_overdue_first_responses
 from app.transfers.models import Transfer

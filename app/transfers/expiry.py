@@ -14,13 +14,14 @@ from sqlalchemy import select
 
 from app.errors import NotFound
 from app.events.outbox import Audience
-from app.ids import new_id
-from app.sessions.enums import SessionStatus, TransferStatus
+from app.sessions.enums import SessionStatus
 from app.sessions.models import Session
-from app.sessions.schemas import TransferView
-from app.sessions.service import SessionService, SlotTx
-from app.transfers.models import Transfer
+from app.sessions.service import SessionService
+from app.sessions.slot_tx import SlotTx
+from app.transfers.enums import TransferStatus
+from app.transfers.models import Transfer, transfer_values
 from app.transfers.routing import choose_agent
+from app.transfers.schemas import TransferView
 
 SWEEP_ACTOR = "system:sweep"
 
@@ -73,11 +74,9 @@ def _offer_again(
         tx.db, requested_agent_id=None, skill=str(session.task_type),
         default_capacity=service.settings.max_concurrent_sessions,
     )
-    new = Transfer(
-        transfer_id=new_id("trf"),
+    new = Transfer(**transfer_values(
         session_pk=session.id,
         session_id=session.session_id,
-        status=TransferStatus.PENDING,
         urgency=urgency,
         reason=old.reason,
         trigger=old.trigger,
@@ -89,10 +88,9 @@ def _offer_again(
         suggestion=old.suggestion,
         escalations=old.escalations + 1,
         previous_transfer_id=old.transfer_id,
-        created_at=tx.now,
-        offered_at=tx.now,
+        at=tx.now,
         expires_at=tx.now + timedelta(seconds=service.settings.transfer_timeout),
-    )
+    ))
     tx.db.add(new)
     tx.db.flush()
     tx.audit(session, "transfer-escalate", from_status=session.status, details={

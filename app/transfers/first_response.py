@@ -2,7 +2,7 @@
 within FIRST_RESPONSE_TIMEOUT is flagged once, with `transfer.first_response_overdue`.
 
 The accept sets `first_response_due_at`; the first human message clears it (and stamps
-`first_response_at`, `app.sessions.activity`), and so does the end of the transfer. The
+`first_response_at`, `app.messages.service`), and so does the end of the transfer. The
 sweep reads the due ones along their index and claims each with one conditional UPDATE
 (still ACCEPTED, still unanswered, still due), writing the event in the same
 transaction: a message and the sweep racing on one transfer are ordered by its row
@@ -19,8 +19,8 @@ from sqlalchemy import select, update
 
 from app.db import Database, affected_rows
 from app.events.outbox import Audience, record_event
-from app.sessions.enums import TransferStatus
 from app.sessions.models import Session
+from app.transfers.enums import TransferStatus
 from app.transfers.models import Transfer
 
 OVERDUE_EVENT = "transfer.first_response_overdue"

@@ -9,8 +9,9 @@ from sqlalchemy import ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db import Base, BigId, IdStr, JsonDoc, UTCDateTime
-from app.sessions.enums import TransferStatus, TransferTrigger
+from app.ids import new_id
 from app.sessions.models import ID_LEN
+from app.transfers.enums import TransferStatus, TransferTrigger
 
 
 class Transfer(Base):
@@ -56,3 +57,39 @@ class Transfer(Base):
     first_response_due_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     first_response_overdue_at: Mapped[datetime | None] = mapped_column(
         UTCDateTime, nullable=True)
+
+
+def transfer_values(
+    *,
+    session_pk: int,
+    session_id: str,
+    urgency: int,
+    reason: str,
+    trigger: str,
+    at: datetime,
+    expires_at: datetime | None,
+    status: str = TransferStatus.PENDING,
+    requested_agent_id: str | None = None,
+    offered_agent_id: str | None = None,
+    agent_id: str | None = None,
+    history: Any | None = None,
+    task_state: Any | None = None,
+    customer_info: Any | None = None,
+    suggestion: str | None = None,
+    escalations: int = 0,
+    previous_transfer_id: str | None = None,
+    accepted_at: datetime | None = None,
+    ended_at: datetime | None = None,
+) -> dict[str, Any]:
+    """The columns of a new transfer record, created and offered `at`, with a new
+    public id: every transfer (an offer, an escalation, a hand-off found in imported
+    history) is built here, as `Transfer(**values)` or as a row for a bulk insert."""
+    return {
+        "transfer_id": new_id("trf"), "session_pk": session_pk, "session_id": session_id,
+        "status": status, "urgency": urgency, "reason": reason, "trigger": trigger,
+        "requested_agent_id": requested_agent_id, "offered_agent_id": offered_agent_id,
+        "agent_id": agent_id, "history": history, "task_state": task_state,
+        "customer_info": customer_info, "suggestion": suggestion, "escalations": escalations,
+        "previous_transfer_id": previous_transfer_id, "created_at": at, "offered_at": at,
+        "expires_at": expires_at, "accepted_at": accepted_at, "ended_at": ended_at,
+    }

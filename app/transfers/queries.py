@@ -12,9 +12,9 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session as DbSession
 
 from app.errors import ValidationFailed
-from app.sessions.enums import TransferStatus
-from app.sessions.schemas import TransferView
+from app.transfers.enums import TransferStatus
 from app.transfers.models import Transfer
+from app.transfers.schemas import TransferView
 from app.validation import INT64_MAX, BoundaryModel
 
 MAX_PAGE = 200

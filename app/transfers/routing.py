@@ -7,8 +7,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session as DbSession
 
 from app.agents.models import Agent
-from app.sessions.enums import SessionStatus, TransferStatus
+from app.sessions.enums import SessionStatus
 from app.sessions.models import Session
+from app.transfers.enums import TransferStatus
 from app.transfers.models import Transfer
 
 

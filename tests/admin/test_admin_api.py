@@ -16,11 +16,12 @@ from app.db import utcnow
 from app.delivery.models import WebhookDelivery
 from app.events.models import Event
 from app.imports.models import ImportJob, ImportUploadPart
+from app.messages.service import LiveMessage
 from app.runtime import Runtime
-from app.sessions.enums import SenderRole, SessionStatus, TransferTrigger
-from app.sessions.schemas import TransferRequest
-from app.sessions.service import LiveMessage
+from app.sessions.enums import SenderRole, SessionStatus
 from app.sessions.slot import SlotFence
+from app.transfers.enums import TransferTrigger
+from app.transfers.schemas import TransferRequest
 from tests.admin.conftest import Caller
 
 ADMIN_ENDPOINTS: list[tuple[str, str]] = [

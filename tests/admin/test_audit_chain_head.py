@@ -19,8 +19,8 @@ from app.db import utcnow
 from app.imports.service import ImportService
 from app.runtime import Runtime
 from app.sessions.models import Session
-from app.sessions.schemas import TransferRequest
 from app.sweeps.service import sweep_sessions
+from app.transfers.schemas import TransferRequest
 from tests.admin.conftest import Caller
 from tests.imports.helpers import as_ndjson, row
 

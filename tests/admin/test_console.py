@@ -131,8 +131,8 @@ def test_the_live_desk_shows_first_response_and_hand_back_in_both_languages(
     from datetime import timedelta
 
     from app.db import utcnow
-    from app.sessions.schemas import HandBackRequest, TransferRequest
     from app.sweeps.service import sweep_first_responses
+    from app.transfers.schemas import HandBackRequest, TransferRequest
 
     service = runtime.sessions
     robot = open_session("AUTO_BARGAIN", shop="s-silent")

@@ -26,10 +26,11 @@ from app.clients.service import ClientService
 from app.config import Settings
 from app.db import utcnow
 from app.factory import create_app
+from app.messages.service import LiveMessage
 from app.runtime import Runtime
 from app.sessions.enums import SenderRole, SessionType
-from app.sessions.schemas import SessionRequest, TransferRequest
-from app.sessions.service import LiveMessage
+from app.sessions.schemas import SessionRequest
+from app.transfers.schemas import TransferRequest
 from tests.admin.conftest import GENEROUS_RATE_LIMITS
 from tests.shared_data import TWCS_CSV
 

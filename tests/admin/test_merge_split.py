@@ -18,12 +18,13 @@ from app.audit.models import Operation
 from app.db import utcnow
 from app.events.models import Event
 from app.messages.models import Message
+from app.messages.service import LiveMessage
 from app.runtime import Runtime
-from app.sessions.activity import LiveMessage
 from app.sessions.enums import SenderRole, SessionType
 from app.sessions.models import Session
-from app.sessions.schemas import SessionRequest, TransferRequest
+from app.sessions.schemas import SessionRequest
 from app.transfers.models import Transfer
+from app.transfers.schemas import TransferRequest
 from tests.admin.conftest import Caller
 from tests.admin.test_console import log_in
 

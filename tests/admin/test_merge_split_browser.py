@@ -12,8 +12,8 @@ from sqlalchemy import select
 
 from app.audit.models import Operation
 from app.db import utcnow
+from app.messages.service import LiveMessage
 from app.runtime import Runtime
-from app.sessions.activity import LiveMessage
 from app.sessions.enums import SenderRole, SessionType
 from app.sessions.schemas import SessionRequest
 from tests.admin import test_console_browser as console_browser

@@ -31,8 +31,8 @@ from app.db import utcnow
 from app.errors import AutoSessionError
 from app.imports.service import ImportService
 from app.messages.models import Message
+from app.messages.service import LiveMessage
 from app.runtime import Runtime
-from app.sessions.activity import LiveMessage
 from app.sessions.corrections import merge_sessions, split_session
 from app.sessions.enums import SenderRole, SessionType
 from app.sessions.models import Session

@@ -18,7 +18,8 @@ from sqlalchemy import select
 from app.errors import AutoSessionError
 from app.runtime import Runtime, get_runtime
 from app.sessions.models import Session
-from app.sessions.schemas import SessionRequest, TransferRequest
+from app.sessions.schemas import SessionRequest
+from app.transfers.schemas import TransferRequest
 
 TYPES = [
     "AUTO_BARGAIN",

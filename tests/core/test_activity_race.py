@@ -22,10 +22,11 @@ from app.clients.service import ClientIdentity, ClientRole
 from app.db import utcnow
 from app.errors import AutoSessionError
 from app.messages.models import Message
+from app.messages.service import LiveMessage
 from app.runtime import Runtime
-from app.sessions.activity import LiveMessage
 from app.sessions.enums import SenderRole
-from app.sessions.schemas import SessionRequest, TransferRequest
+from app.sessions.schemas import SessionRequest
+from app.transfers.schemas import TransferRequest
 from tests.core.helpers import ask
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]

@@ -7,7 +7,7 @@ from sqlalchemy import select
 
 from app.errors import InvalidTransition, NotFound, SlotOccupied
 from app.sessions.models import Session, Slot
-from app.sessions.schemas import TransferRequest
+from app.transfers.schemas import TransferRequest
 from tests.core.helpers import ask, audit_rows, events_for, status_of
 
 

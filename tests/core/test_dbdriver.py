@@ -13,7 +13,7 @@ from sqlalchemy.engine import make_url
 
 from app import dbdriver
 from app.dbdriver import CachingConnection
-from app.sessions.schemas import TransferRequest
+from app.transfers.schemas import TransferRequest
 from tests.core.helpers import ask
 
 pytestmark = pytest.mark.services

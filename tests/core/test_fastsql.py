@@ -12,7 +12,8 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from app.fastsql import Prepared
 from app.sessions.models import SESSION_BY_ID, SESSIONS
-from app.sessions.schemas import SessionView, TransferRequest
+from app.sessions.schemas import SessionView
+from app.transfers.schemas import TransferRequest
 from tests.core.helpers import ask
 
 

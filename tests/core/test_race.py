@@ -179,7 +179,7 @@ def test_hand_back_racing_an_urgent_takeover_has_exactly_one_winner(runtime):
     import random
 
     from app.errors import InvalidTransition
-    from app.sessions.schemas import HandBackRequest, TransferRequest
+    from app.transfers.schemas import HandBackRequest, TransferRequest
     from tests.core.helpers import ask
 
     service = runtime.sessions
@@ -251,9 +251,9 @@ def test_the_reply_lock_racing_a_reassign(runtime):
     from app.db import utcnow
     from app.errors import AutoSessionError, NotAssignee
     from app.messages.models import Message
-    from app.sessions.activity import LiveMessage
+    from app.messages.service import LiveMessage
     from app.sessions.enums import SenderRole
-    from app.sessions.schemas import TransferRequest
+    from app.transfers.schemas import TransferRequest
     from tests.core.helpers import ask
 
     select = sa.select

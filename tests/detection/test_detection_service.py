@@ -11,8 +11,8 @@ import pytest
 from sqlalchemy import select
 
 from app.detection.service import analyse_with_llm, detect_session
+from app.messages.service import LiveMessage
 from app.runtime import build_runtime, set_runtime
-from app.sessions.service import LiveMessage
 from app.transfers.models import Transfer
 from tests.core.helpers import ask, audit_rows, status_of
 from tests.detection.helpers import settled

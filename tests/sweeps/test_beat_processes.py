@@ -14,8 +14,8 @@ import pytest
 from sqlalchemy import select
 
 from app.runtime import build_runtime, set_runtime
-from app.sessions.schemas import TransferRequest
 from app.transfers.models import Transfer
+from app.transfers.schemas import TransferRequest
 from tests.core.helpers import ask
 
 pytestmark = pytest.mark.services

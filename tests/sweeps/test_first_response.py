@@ -16,11 +16,11 @@ from app.clients.service import ClientService
 from app.db import utcnow
 from app.events.models import Event
 from app.factory import create_app
-from app.sessions.activity import LiveMessage
+from app.messages.service import LiveMessage
 from app.sessions.enums import SenderRole
-from app.sessions.schemas import TransferRequest
 from app.sweeps.service import sweep_first_responses
 from app.transfers.queries import TransferFilters, list_transfers
+from app.transfers.schemas import TransferRequest
 from tasks.sweeps import sweep_transfers_task
 from tests.core.helpers import ask
 

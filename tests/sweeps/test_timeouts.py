@@ -204,7 +204,7 @@ def test_session_refreshed_after_the_sweep_looked_is_not_expired(runtime, servic
 @pytest.mark.parametrize("status_case", ["transferred_with_open_transfer"])
 def test_transferred_session_times_out_and_its_transfer_is_cancelled(runtime, service,
                                                                      status_case):
-    from app.sessions.schemas import TransferRequest
+    from app.transfers.schemas import TransferRequest
 
     with freeze_time(T0) as clock:
         robot = ask(service, "AUTO_BARGAIN").session

@@ -8,9 +8,9 @@ from freezegun import freeze_time
 from sqlalchemy import select
 
 from app.events.models import Event
-from app.sessions.schemas import TransferRequest
 from app.sweeps.service import sweep_transfers
 from app.transfers.models import Transfer
+from app.transfers.schemas import TransferRequest
 from tests.core.helpers import ask, audit_rows, status_of
 
 T0 = datetime(2024, 5, 1, 9, 0, tzinfo=UTC)
