@@ -394,7 +394,7 @@ class ImportService:
     ) -> ImportJobView:
         """Stage an upload in the database and queue it, with its grouping options (SPEC
         §4; unset: SESSION_GAP, `auto`, GROUPING_REVIEW), checked here whatever the door.
-        The caller starts the pipeline (`tasks.imports.enqueue_import`) once this has
+        The caller starts the pipeline (`runtime.dispatcher.start_import`) once this has
         returned (i.e. committed). An upload past `max_bytes` (default MAX_UPLOAD_BYTES),
         counted as it streams in, is refused with UploadTooLarge and nothing of it is kept."""
         limit = max_bytes or self.settings.max_upload_bytes
@@ -1198,9 +1198,9 @@ class ImportService:
             self._announce(db, job)
             # The staged upload has served its purpose; counts and errors stay on the job.
             self._delete_staged(db, job.id)
+            uow.after_commit(self.runtime.hooks.events_written)
             uow.commit()
             view = self._view(db, job)
-        self._events_written()
         return view
 
     def _first_errors(self, db: DbSession, job: ImportJob) -> list[dict[str, Any]]:
@@ -1229,12 +1229,6 @@ class ImportService:
                          "sessions_created": job.sessions_created,
                          "sessions_updated": job.sessions_updated, "conflicts": job.conflicts,
                      })
-
-    def _events_written(self) -> None:
-        try:
-            self.runtime.hooks.events_written()
-        except Exception:  # the event is committed; delivery catches up
-            log.exception("events_written hook failed")
 
     def fail_job(self, job_id: str, detail: str) -> None:
         """Close a job that cannot go on as failed (the task layer's last resort: a split
@@ -1274,8 +1268,8 @@ class ImportService:
                 .values(status="failed", token=None))
             self._announce(uow.session, job)
             self._delete_staged(uow.session, job.id)
+            uow.after_commit(self.runtime.hooks.events_written)
             uow.commit()
-        self._events_written()
 
     @staticmethod
     def _delete_staged(db: DbSession, job_pk: int) -> None:

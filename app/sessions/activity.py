@@ -47,7 +47,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from app.config import Settings
-from app.db import Database, is_retryable_db_error, one_of, utcnow
+from app.db import Database, is_retryable_db_error, one_of, run_after_commit, utcnow
 from app.errors import (
     Conflict,
     NotAssignee,
@@ -285,10 +285,9 @@ class SessionActivity:
         outcome = self._on_locked_row(session_id, work)
         if outcome.accepted and any(
                 m.sender_role == SenderRole.COUNTERPART for m in unique.values()):
-            try:
-                self.counterpart_messages([session_id])
-            except Exception:  # committed; the next message is judged again
-                log.exception("after-commit detection kick failed")
+            # committed (a Core transaction, no unit of work); a failed kick: the next
+            # message is judged again
+            run_after_commit(lambda: self.counterpart_messages([session_id]))
         return outcome
 
 
