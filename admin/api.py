@@ -201,9 +201,7 @@ def upload_import() -> Response:
         stream, filename=filename, format=query.format, encoding=query.encoding,
         actor=admin_client().actor, **query.options(),
     )
-    from tasks.imports import enqueue_import
-
-    enqueue_import(job.job_id)
+    runtime().dispatcher.start_import(job.job_id)
     return respond(import_jobs.import_progress(job), status=202)
 
 
@@ -227,9 +225,7 @@ def import_job_errors(job_id: str) -> Response:
 def retry_import(job_id: str) -> Response:
     retry = parse_body(import_jobs.ImportRetry)
     import_jobs.retry_import_job(runtime().database, job_id, retry)
-    from tasks.imports import enqueue_import
-
-    enqueue_import(job_id)
+    runtime().dispatcher.start_import(job_id)
     return respond(import_jobs.import_progress(ImportService(runtime()).get(job_id)),
                    status=202)
 

@@ -1,8 +1,9 @@
 """Database plumbing: the engine, the declarative base, UTC times and the unit of work.
 
 The unit of work is the one owner of a transaction: it rolls back unless told
-to commit, and runs its after-commit callbacks (e.g. sending Celery tasks) only
-once the commit succeeded.
+to commit, and runs its after-commit callbacks (the kicks that start webhook
+delivery, transfer detection: `app.bootstrap` wires them to the task layer) only
+once the commit succeeded and the unit of work has ended.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
@@ -271,37 +272,73 @@ def is_retryable_db_error(exc: BaseException) -> bool:
     return isinstance(exc, DBAPIError) and exc.connection_invalidated
 
 
-class UnitOfWork:
-    """One transaction. Use as a context manager; nothing is kept unless `commit()` is called."""
+def run_after_commit(callback: Callable[[], None]) -> None:
+    """Run one after-commit callback. The change is durable already: a failing callback
+    is logged, not raised (a lost kick is recovered by the sweeps and the beat's runs)."""
+    try:
+        callback()
+    except Exception:
+        log.exception("after-commit callback failed")
 
-    def __init__(self, session_factory: sessionmaker[Session]) -> None:
+
+class UnitOfWork:
+    """One transaction. Use as a context manager; nothing is kept unless `commit()` is called.
+
+    `under` (e.g. the slot lock) is entered before the transaction starts and left after
+    it ends. The after-commit callbacks run last, once the unit of work has ended: after
+    the session is closed and `under` is released, so a kick never lengthens either."""
+
+    def __init__(self, session_factory: sessionmaker[Session],
+                 under: AbstractContextManager[object] | None = None) -> None:
         self._factory = session_factory
-        self._after_commit: list[Callable[[], None]] = []
+        self._under = under
+        self._pending: list[Callable[[], None]] = []
+        self._committed: list[Callable[[], None]] = []
         self.session: Session
 
     def __enter__(self) -> UnitOfWork:
-        self.session = self._factory()
-        self._after_commit = []
+        self._pending, self._committed = [], []
+        self.session = self._factory()  # no connection until the first statement
+        if self._under is not None:
+            try:
+                self._under.__enter__()
+            except BaseException:
+                self.session.close()
+                raise
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool | None:
+        try:
+            if self._under is None:
+                self._end()
+                return None
+            try:  # the session ends first, then `under` is left (as nested `with`s would)
+                self._end()
+            except BaseException as error:
+                if not self._under.__exit__(type(error), error, error.__traceback__):
+                    raise
+                return True
+            return self._under.__exit__(exc_type, exc, tb)
+        finally:
+            callbacks, self._committed, self._pending = self._committed, [], []
+            for callback in callbacks:
+                run_after_commit(callback)
+
+    def _end(self) -> None:
         try:
             self.session.rollback()
         finally:
             self.session.close()
 
     def after_commit(self, callback: Callable[[], None]) -> None:
-        """Run `callback` once this transaction has committed (never if it rolls back)."""
-        self._after_commit.append(callback)
+        """Run `callback` once this transaction has committed and the unit of work has
+        ended (never if it rolls back); a failure is logged, not raised."""
+        self._pending.append(callback)
 
     def commit(self) -> None:
         self.session.commit()
-        callbacks, self._after_commit = self._after_commit, []
-        for callback in callbacks:
-            try:
-                callback()
-            except Exception:  # the change is durable; a lost kick is recovered by sweeps
-                log.exception("after-commit callback failed")
+        self._committed.extend(self._pending)
+        self._pending = []
 
 
 class Database:
@@ -322,8 +359,10 @@ class Database:
     def dialect(self) -> str:
         return self.engine.dialect.name
 
-    def unit_of_work(self) -> UnitOfWork:
-        return UnitOfWork(self.session_factory)
+    def unit_of_work(self, *, under: AbstractContextManager[object] | None = None
+                     ) -> UnitOfWork:
+        """A unit of work; `under` (a lock) is held around its transaction."""
+        return UnitOfWork(self.session_factory, under)
 
     @contextmanager
     def read(self) -> Iterator[Session]:

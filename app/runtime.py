@@ -1,7 +1,8 @@
-"""The process-wide wiring: settings → database, slot locks, Redis, services.
+"""The process-wide runtime: settings → database, slot locks, Redis, services.
 
-Built once per process (`get_runtime()`), or explicitly in tests. Nothing here
-knows about Flask or Celery; those adapters ask the runtime for services.
+Built once per process (`get_runtime()`), or explicitly in tests; the composition
+root (`app.bootstrap`) wires it to the task layer. Nothing here knows about Flask or
+Celery; those adapters ask the runtime for services.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import redis
 from app import validation
 from app.config import Settings, get_settings
 from app.db import Database
+from app.dispatch import Dispatcher, NotWired
 from app.sessions.service import ServiceHooks, SessionService
 from app.sessions.slot import LocalSlotLocks, RedisSlotLocks, SlotLocks
 
@@ -26,6 +28,7 @@ class Runtime:
     locks: SlotLocks
     redis: redis.Redis | None
     hooks: ServiceHooks = field(default_factory=ServiceHooks)
+    dispatcher: Dispatcher = field(default_factory=NotWired)
 
     @functools.cached_property
     def sessions(self) -> SessionService:
@@ -75,28 +78,28 @@ _runtime_lock = threading.Lock()
 
 
 def get_runtime() -> Runtime:
-    """The process's runtime, built from the environment on first use."""
+    """The process's runtime, built from the environment on first use and wired by the
+    composition root."""
     global _runtime
     with _runtime_lock:
         if _runtime is None:
-            _runtime = build_runtime(get_settings())
-            _install_task_hooks(_runtime)
+            _runtime = _bootstrap(build_runtime(get_settings()))
         return _runtime
 
 
 def set_runtime(runtime: Runtime | None) -> None:
-    """Replace the process runtime (tests, CLI with explicit settings)."""
+    """Replace the process runtime (tests, CLI with explicit settings), wired by the
+    composition root."""
     global _runtime
     with _runtime_lock:
         _runtime = runtime
         if runtime is not None:
-            _install_task_hooks(runtime)
+            _bootstrap(runtime)
 
 
-def _install_task_hooks(runtime: Runtime) -> None:
-    """Let the task layer wire after-commit hooks, if it is importable."""
-    try:
-        from tasks.hooks import install_hooks
-    except ImportError:
-        return
-    install_hooks(runtime)
+def _bootstrap(runtime: Runtime) -> Runtime:
+    # Imported here: the composition root imports this module (and the task layer,
+    # whose modules import this one).
+    from app.bootstrap import bootstrap
+
+    return bootstrap(runtime)

@@ -55,6 +55,13 @@ def configure(app: Celery, settings: Settings) -> Celery:
     return app
 
 
+def runs_in_process() -> bool:
+    """The one answer to "eager or real workers?": without Redis (the embedded default)
+    tasks run in this process (`task_always_eager`, set above from the settings). The
+    dispatcher (`tasks.dispatch`) and the tasks' own retries ask here."""
+    return bool(celery.conf.task_always_eager)
+
+
 def schedule_every(entry: str, task: str, interval: float) -> None:
     """Add a beat entry running `task` every `interval` seconds. A run not started
     within one interval expires: after workers were down, a backlog of identical

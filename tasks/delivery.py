@@ -8,7 +8,7 @@ from typing import Any
 from app.config import get_settings
 from app.delivery.service import deliver_webhooks, kick_started
 from app.runtime import get_runtime
-from tasks.celery_app import celery, schedule_every
+from tasks.celery_app import celery, runs_in_process, schedule_every
 
 TIME_BUDGET = 60.0
 
@@ -19,7 +19,7 @@ def deliver_webhooks_task(client_id: str | None = None) -> dict[str, Any]:
     runtime = get_runtime()
     kick_started(runtime)  # before reading the outbox: later commits queue a new run
     report = deliver_webhooks(runtime, client_id=client_id, time_budget=TIME_BUDGET)
-    if report.next_due_in is not None and not celery.conf.task_always_eager:
+    if report.next_due_in is not None and not runs_in_process():
         _schedule_retry(runtime, report.next_due_in)
     return {"clients": report.clients, "fanned_out": report.fanned_out,
             "delivered": report.delivered, "failed_attempts": report.failed_attempts,

@@ -1,7 +1,7 @@
 """Transfer detection tasks (SPEC §5): rules on new counterpart messages, then the
 optional LLM analysis as its own task with its own time limit.
 
-With real workers the after-commit hook sends `detect_transfers_task`. On the
+With real workers the dispatcher (`tasks.dispatch`) sends `detect_transfers_task`. On the
 embedded default (tasks in-process) detection must not run inside the client's
 request either: `in_process_detection` hands the sessions to one background thread
 (and the LLM analyses to another, so a slow model never delays the rules).

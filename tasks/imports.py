@@ -32,7 +32,8 @@ or a close that keeps failing fails its job), and anything unexpected fails the 
 at once with its reason.
 
 On the embedded default (no Redis) Celery runs eagerly in-process; the upload
-then runs the pipeline on a background thread so that it still answers at once.
+then runs the pipeline on a background thread so that it still answers at once
+(`start_in_process`, the in-process dispatcher's `start_import`: `tasks.dispatch`).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from app.errors import ServiceUnavailable
 from app.imports.service import ImportService
 from app.observability.metrics import record_import_chunk
 from app.runtime import get_runtime
-from tasks.celery_app import celery
+from tasks.celery_app import celery, runs_in_process
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +85,12 @@ def prepare_import_task(self: Any, job_id: str) -> dict[str, Any]:
     try:
         outcome = svc.prepare(job_id)
     except RETRYABLE as exc:
-        if self.request.retries < self.max_retries and not celery.conf.task_always_eager:
+        if self.request.retries < self.max_retries and not runs_in_process():
             raise self.retry(exc=exc, countdown=min(60, 2 ** (self.request.retries + 1))
                              ) from exc
         svc.fail_job(job_id, f"the upload could not be split: {type(exc).__name__}: {exc}")
         return {"job_id": job_id, "chunks": 0, "failed": True}
-    if outcome.retry_in is not None and not celery.conf.task_always_eager:
+    if outcome.retry_in is not None and not runs_in_process():
         prepare_import_task.apply_async((job_id,), countdown=outcome.retry_in + 1)
     dispatch_parts(job_id, outcome.part_pks)
     dispatch_chunks(job_id, outcome.chunk_pks, ready_to_finish=outcome.ready_to_finish)
@@ -108,12 +109,12 @@ def split_part_task(self: Any, job_id: str, part_pk: int) -> dict[str, Any]:
     try:
         outcome = svc.split_part(job_id, part_pk)
         if outcome.retry_in is not None:
-            if not celery.conf.task_always_eager:
+            if not runs_in_process():
                 split_part_task.apply_async((job_id, part_pk), countdown=outcome.retry_in + 1)
             return {"part": part_pk, "split_elsewhere": True}
         merged = svc.merge_parts(job_id) if svc.parts_left(job_id) == 0 else None
     except RETRYABLE as exc:
-        if self.request.retries < self.max_retries and not celery.conf.task_always_eager:
+        if self.request.retries < self.max_retries and not runs_in_process():
             raise self.retry(exc=exc, countdown=min(60, 2 ** (self.request.retries + 1))
                              ) from exc
         svc.fail_job(job_id, f"the upload could not be split: {type(exc).__name__}: {exc}")
@@ -136,7 +137,7 @@ def import_chunk_task(self: Any, job_id: str, chunk_pk: int) -> dict[str, Any]:
         try:
             counts = svc.process_chunk(chunk_pk, after_write=_test_pause())
         except CHUNK_RETRYABLE as exc:
-            if self.request.retries < self.max_retries and not celery.conf.task_always_eager:
+            if self.request.retries < self.max_retries and not runs_in_process():
                 raise self.retry(exc=exc, countdown=min(60, 2 ** self.request.retries)
                                  ) from exc
             svc.fail_chunk(chunk_pk, f"{type(exc).__name__}: {exc}")
@@ -148,7 +149,7 @@ def import_chunk_task(self: Any, job_id: str, chunk_pk: int) -> dict[str, Any]:
         record_import_chunk(counts, time.perf_counter() - started)
         left = svc.chunks_left(job_id)
     except RETRYABLE as exc:  # could not even record the failure: try the whole task again
-        if self.request.retries < self.max_retries and not celery.conf.task_always_eager:
+        if self.request.retries < self.max_retries and not runs_in_process():
             raise self.retry(exc=exc, countdown=min(60, 2 ** self.request.retries)) from exc
         raise
     closed = None
@@ -213,17 +214,15 @@ def dispatch_chunks(job_id: str, chunk_pks: list[int], *, ready_to_finish: bool)
         finish_import_task.delay(job_id=job_id)
 
 
-def enqueue_import(job_id: str) -> None:
-    """Start a staged job (call after the job's transaction committed)."""
-    if celery.conf.task_always_eager:
-        # in the caller's context: its trace id goes on in the pipeline's log lines
-        thread = threading.Thread(target=contextvars.copy_context().run,
-                                  args=(_run_eagerly, job_id), daemon=True,
-                                  name=f"import-{job_id}")
-        thread.start()
-        _eager_threads[job_id] = thread
-        return
-    prepare_import_task.delay(job_id)
+def start_in_process(job_id: str) -> None:
+    """Embedded default: run a staged job's pipeline on a thread of this process (the
+    in-process dispatcher's `start_import`), so that the upload still answers at once."""
+    # in the caller's context: its trace id goes on in the pipeline's log lines
+    thread = threading.Thread(target=contextvars.copy_context().run,
+                              args=(_run_eagerly, job_id), daemon=True,
+                              name=f"import-{job_id}")
+    thread.start()
+    _eager_threads[job_id] = thread
 
 
 def wait_eager(job_id: str, timeout: float | None = None) -> None:

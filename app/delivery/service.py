@@ -479,6 +479,7 @@ def redeliver(runtime: Runtime, delivery_id: str, *, actor: str,
             tx.audit(session, "redeliver", from_status=session.status, actor=actor,
                      reason=reason, details={**details, "event_id": delivery.event_pk,
                                              "event_type": delivery.event_type})
+            tx.uow.after_commit(runtime.hooks.events_written)  # start a delivery run
             return delivery
 
         try:
@@ -488,12 +489,11 @@ def redeliver(runtime: Runtime, delivery_id: str, *, actor: str,
     if session_id is None:
         with runtime.database.unit_of_work() as uow:
             reset(uow.session)
+            # start a delivery run (as a new event would); if that fails, the delivery is
+            # pending: the beat's safety-net run sends it
+            uow.after_commit(runtime.hooks.events_written)
             uow.commit()
     log.info("webhook delivery %s redelivered by %s", delivery_id, actor)
-    try:
-        runtime.hooks.events_written()  # start a delivery run (as a new event would)
-    except Exception:  # the delivery is pending: beat's safety-net run sends it
-        log.exception("could not start a delivery run after a redelivery")
     with runtime.database.read() as db:
         return delivery_log(db, delivery_id=delivery_id, limit=1)[0]
 

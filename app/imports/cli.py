@@ -42,8 +42,6 @@ def import_file(path: Path, fmt: str, encoding: str, session_gap: int | None,
     from app.errors import AutoSessionError
     from app.imports.service import ImportService
     from app.runtime import get_runtime
-    from tasks.celery_app import celery
-    from tasks.imports import enqueue_import
 
     runtime = get_runtime()
     runtime.ensure_schema()
@@ -56,9 +54,8 @@ def import_file(path: Path, fmt: str, encoding: str, session_gap: int | None,
                                      review=review)
     except AutoSessionError as exc:
         raise click.ClickException(exc.detail) from None
-    enqueue_import(job.job_id)
-    eager = bool(celery.conf.task_always_eager)
-    if not (wait or eager):
+    runtime.dispatcher.start_import(job.job_id)
+    if not (wait or runtime.dispatcher.in_process):
         click.echo(f"import job {job.job_id} queued ({job.size_bytes} bytes); follow it with "
                    f"`auto-session import --wait` or GET /api/v1/imports/{job.job_id}")
         return

@@ -173,9 +173,9 @@ class JobLifecycle:
             self._announce(db, job)
             # The staged upload has served its purpose; counts and errors stay on the job.
             delete_staged(db, job.id)
+            uow.after_commit(self.runtime.hooks.events_written)
             uow.commit()
             view = self.view(db, job)
-        self._events_written()
         return view
 
     def _first_errors(self, db: DbSession, job: ImportJob) -> list[dict[str, Any]]:
@@ -204,12 +204,6 @@ class JobLifecycle:
                          "sessions_created": job.sessions_created,
                          "sessions_updated": job.sessions_updated, "conflicts": job.conflicts,
                      })
-
-    def _events_written(self) -> None:
-        try:
-            self.runtime.hooks.events_written()
-        except Exception:  # the event is committed; delivery catches up
-            log.exception("events_written hook failed")
 
     def fail(self, job_id: str, detail: str, *, encoding: str | None = None,
               split_token: str | None = None,
@@ -244,8 +238,8 @@ class JobLifecycle:
                 .values(status="failed", token=None))
             self._announce(uow.session, job)
             delete_staged(uow.session, job.id)
+            uow.after_commit(self.runtime.hooks.events_written)
             uow.commit()
-        self._events_written()
 
     # ---- reads ----------------------------------------------------------------------------
     def get(self, job_id: str) -> ImportJobView:

@@ -99,7 +99,7 @@ class Uploads:
     ) -> ImportJobView:
         """Stage an upload in the database and queue it, with its grouping options (SPEC
         §4; unset: SESSION_GAP, `auto`, GROUPING_REVIEW), checked here whatever the door.
-        The caller starts the pipeline (`tasks.imports.enqueue_import`) once this has
+        The caller starts the pipeline (`runtime.dispatcher.start_import`) once this has
         returned (i.e. committed). An upload past `max_bytes` (default MAX_UPLOAD_BYTES),
         counted as it streams in, is refused with UploadTooLarge and nothing of it is kept."""
         limit = max_bytes or self.settings.max_upload_bytes

@@ -126,9 +126,7 @@ def upload() -> Response:
     job = service.create_job(stream, filename=filename, format=query.format,
                              encoding=query.encoding,
                              actor=f"client:{current_client().client_id}", **query.options())
-    from tasks.imports import enqueue_import
-
-    enqueue_import(job.job_id)
+    runtime().dispatcher.start_import(job.job_id)
     location = url_for("imports.get_job", job_id=job.job_id)
     return respond(job, status=202, headers={"Location": location})
 

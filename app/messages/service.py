@@ -26,7 +26,7 @@ from typing import Any, cast
 from sqlalchemy import Connection, Table, bindparam, insert, null, select, update
 
 from app.config import Settings
-from app.db import Database, utcnow
+from app.db import Database, run_after_commit, utcnow
 from app.errors import Conflict, NotAssignee, NotInControl, ValidationFailed
 from app.fastsql import Prepared, Record
 from app.messages.models import Message
@@ -169,10 +169,9 @@ class MessageService:
         outcome = on_locked_row(self.database, session_id, work)
         if outcome.accepted and any(
                 m.sender_role == SenderRole.COUNTERPART for m in unique.values()):
-            try:
-                self.counterpart_messages([session_id])
-            except Exception:  # committed; the next message is judged again
-                log.exception("after-commit detection kick failed")
+            # committed (a Core transaction, no unit of work); a failed kick: the next
+            # message is judged again
+            run_after_commit(lambda: self.counterpart_messages([session_id]))
         return outcome
 
 

@@ -93,7 +93,8 @@ _COUNT_AHEAD = Prepared(_count_ahead())
 class ServiceHooks:
     """After-commit notifications for the task layer (delivery, detection).
 
-    Defaults do nothing; `tasks` wires them to Celery (or in-process calls)."""
+    Defaults do nothing; the composition root (`app.bootstrap`) wires them to the
+    dispatcher: Celery tasks, or in-process calls."""
 
     events_written: Callable[[], None] = lambda: None
     counterpart_messages: Callable[[list[str]], None] = lambda session_ids: None
@@ -139,6 +140,15 @@ class SlotTx:
         self._chain: dict[str, str | None] = {}
         self._audit_rows: list[tuple[Session, dict[str, Any]]] = []
         self._event_rows: list[dict[str, Any]] = []
+        uow.after_commit(self._after_commit)
+
+    def _after_commit(self) -> None:
+        """Once committed: events start webhook delivery, counterpart messages detection."""
+        hooks = self.service.hooks
+        if self.events_written:
+            hooks.events_written()
+        if self.counterpart_sessions:
+            hooks.counterpart_messages(self.counterpart_sessions)
 
     # ---- reads -------------------------------------------------------------------
     def occupant(self) -> Session | None:
@@ -526,17 +536,14 @@ class SlotTransactions:
         last_error: Exception | None = None
         for attempt_no in range(MAX_ATTEMPTS):
             try:
-                with (
-                    self.locks.hold(account_id, shop_id),
-                    self.database.unit_of_work() as uow,
-                ):
+                with self.database.unit_of_work(
+                        under=self.locks.hold(account_id, shop_id)) as uow:
                     tx = SlotTx(self, uow, account_id, shop_id, actor,
                                 trust_slot_row=attempt_no == 0)
                     result = work(tx)
                     tx.write_records()
                     tx.fence.advance(tx.occupant_id())
                     uow.commit()
-                self._after_commit(tx)
                 return result
             except (FenceRejected, IntegrityError, OperationalError) as exc:
                 if isinstance(exc, OperationalError) and not is_retryable_db_error(exc):
@@ -571,17 +578,7 @@ class SlotTransactions:
             log.info("slot (%s, %s): joining the line raced (%s); under the lock now",
                      account_id, shop_id, exc.__class__.__name__)
             return None
-        self._after_commit(tx)
         return (result,)
-
-    def _after_commit(self, tx: SlotTx) -> None:
-        try:
-            if tx.events_written:
-                self.hooks.events_written()
-            if tx.counterpart_sessions:
-                self.hooks.counterpart_messages(tx.counterpart_sessions)
-        except Exception:  # the change is committed; sweeps and feeds catch up
-            log.exception("after-commit hook failed")
 
     def run_on_session(
         self,

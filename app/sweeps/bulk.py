@@ -152,11 +152,6 @@ def expire_batch(
                 log.info("bulk timeout batch refused (%s); expiring one by one", exc)
                 outcome.expired, outcome.not_due = [], 0
                 outcome.one_by_one = [d.session_id for d in mine]
-    if outcome.expired:
-        try:
-            service.hooks.events_written()
-        except Exception:  # committed already; the delivery safety net catches up
-            log.exception("after-commit hook failed")
     return outcome
 
 
@@ -243,6 +238,7 @@ def _expire_held(
 
         _advance_fences(conn, simple, now)
         _insert_audit(conn, audit)
+        uow.after_commit(service.hooks.events_written)
         uow.commit()
         outcome.expired = [h.due.session_id for h in simple]
 

@@ -244,10 +244,8 @@ def sweep_first_responses(
         while True:
             flagged = flag_overdue_first_responses(
                 runtime.database, now=at, timeout=settings.first_response_timeout,
-                limit=batch)
+                limit=batch, events_written=runtime.hooks.events_written)
             report.first_response_overdue += flagged
-            if flagged:
-                runtime.sessions.hooks.events_written()
             if not flagged and not _first_responses_due(runtime, at):
                 break
     report.seconds = time.monotonic() - started

@@ -13,6 +13,7 @@ No slot lock: nothing here changes who holds a slot, and no audit row is written
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 
 from sqlalchemy import select, update
@@ -27,10 +28,12 @@ OVERDUE_EVENT = "transfer.first_response_overdue"
 
 
 def flag_overdue_first_responses(
-    database: Database, *, now: datetime, timeout: int, limit: int
+    database: Database, *, now: datetime, timeout: int, limit: int,
+    events_written: Callable[[], None] = lambda: None,
 ) -> list[str]:
     """Flag up to `limit` accepted transfers still unanswered at their due time; answers
-    their ids. Transfers that are due but answered or ended are only cleared."""
+    their ids. Transfers that are due but answered or ended are only cleared.
+    `events_written` runs after the commit when some were flagged."""
     with database.unit_of_work() as uow:
         db = uow.session
         due = db.execute(
@@ -71,5 +74,7 @@ def flag_overdue_first_responses(
                    Transfer.first_response_due_at <= now)
             .values(first_response_due_at=None)
             .execution_options(synchronize_session=False))
+        if flagged:
+            uow.after_commit(events_written)
         uow.commit()
     return flagged

@@ -236,7 +236,7 @@ def test_a_deep_document_through_the_tasks_ends_failed(runtime):
     service = ImportService(runtime)
     for document, name in ((nested_array(100_000), "a.json"), (nested_object(100_000), "b.ndjson")):
         job = service.create_job(io.BytesIO(document.encode()), filename=name)
-        tasks.enqueue_import(job.job_id)
+        runtime.dispatcher.start_import(job.job_id)
         tasks.wait_eager(job.job_id, timeout=60)
         assert service.get(job.job_id).status == "failed"
         assert_ended_and_cleaned(runtime, job.job_id)
@@ -410,7 +410,7 @@ def test_a_chunk_that_always_raises_fails_and_the_job_ends_through_the_tasks(
     monkeypatch.setattr(chunks_module, "import_messages", explode)
     service = ImportService(runtime)
     job = service.create_job(io.BytesIO(as_ndjson(GOOD)), filename="x.ndjson")
-    tasks.enqueue_import(job.job_id)
+    runtime.dispatcher.start_import(job.job_id)
     tasks.wait_eager(job.job_id, timeout=60)
     view = service.get(job.job_id)
     assert view.status == "failed" and "KeyError" in view.errors[0].error

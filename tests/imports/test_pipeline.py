@@ -191,7 +191,7 @@ def test_the_embedded_pipeline_runs_through_the_tasks_in_process(runtime):
         pytest.skip("Celery is configured for real workers in this environment")
     service = ImportService(runtime)
     job = service.create_job(io.BytesIO(as_ndjson(many_slots(3))), filename="x.ndjson")
-    tasks.enqueue_import(job.job_id)
+    runtime.dispatcher.start_import(job.job_id)
     tasks.wait_eager(job.job_id, timeout=60)
     view = service.get(job.job_id)
     assert (view.status, view.inserted) == ("succeeded", 15)
