@@ -15,10 +15,11 @@ import redis
 
 from app import validation
 from app.config import Settings, get_settings
+from app.coordination.markers import Markers
+from app.coordination.slot_locks import LocalSlotLocks, RedisSlotLocks, SlotLocks
 from app.db import Database
 from app.dispatch import Dispatcher, NotWired
 from app.sessions.service import ServiceHooks, SessionService
-from app.sessions.slot import LocalSlotLocks, RedisSlotLocks, SlotLocks
 
 
 @dataclass
@@ -35,6 +36,10 @@ class Runtime:
         return SessionService(
             database=self.database, locks=self.locks, settings=self.settings, hooks=self.hooks
         )
+
+    @functools.cached_property
+    def markers(self) -> Markers:
+        return Markers(self.redis)
 
     def ensure_schema(self) -> None:
         """On the embedded SQLite default, bring the schema to head (one process owns the

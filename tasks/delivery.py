@@ -30,9 +30,8 @@ def _schedule_retry(runtime: Any, seconds: float) -> None:
     """One scheduled retry run at a time (a marker key with the same lifetime)."""
     countdown = max(0.5, seconds)
     key = f"{runtime.settings.redis_key_prefix}:delivery:retry-scheduled"
-    if runtime.redis is not None and not runtime.redis.set(
-        key, "1", nx=True, px=int(countdown * 1000)
-    ):
+    # (without Redis a marker lasts until taken: there every run schedules its own)
+    if runtime.redis is not None and not runtime.markers.claim(key, ttl=countdown):
         return
     deliver_webhooks_task.apply_async(countdown=countdown)
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 from typing import Any
 
 from app.config import get_settings
+from app.coordination.run_locks import run_lock
 from app.retention.service import purge_expired
 from app.runtime import get_runtime
-from app.sweeps.locks import sweep_run_lock
 from tasks.celery_app import celery, schedule_every
 
 TIME_BUDGET = 300.0
@@ -22,7 +22,7 @@ def purge_retention_task() -> dict[str, Any]:
     runtime = get_runtime()
     settings = runtime.settings
     name = f"{settings.redis_key_prefix}:retention:run"
-    with sweep_run_lock(runtime.redis, name, ttl=TIME_BUDGET + 120) as mine:
+    with run_lock(runtime.redis, name, ttl=TIME_BUDGET + 120) as mine:
         if not mine:
             return {"ran": False}
         report = purge_expired(runtime.database, events_retention=settings.events_retention,

@@ -23,7 +23,7 @@ from app.audit.models import Operation
 from app.sessions.models import Session
 
 
-def _digest(
+def chain_hash(
     *,
     prev_hash: str | None,
     session_id: str,
@@ -35,6 +35,8 @@ def _digest(
     details: Any,
     created_at: datetime,
 ) -> str:
+    """The hash of one audit row: its content and the previous row's hash (`prev_hash`,
+    None for a session's first row). Every writer of audit rows chains through here."""
     payload = json.dumps(
         [
             prev_hash,
@@ -90,7 +92,7 @@ def check_chain(db: DbSession, session_pk: int) -> ChainCheck:
     count = 0
     for row in rows:
         count += 1
-        expected = _digest(
+        expected = chain_hash(
             prev_hash=prev,
             session_id=row.session_id,
             operation=row.operation,
@@ -143,7 +145,7 @@ def operation_values(
         "created_at": at,
         "prev_hash": prev_hash,
     }
-    values["row_hash"] = _digest(
+    values["row_hash"] = chain_hash(
         prev_hash=prev_hash, session_id=session_id, operation=operation,
         from_status=values["from_status"], to_status=values["to_status"], actor=actor,
         reason=reason, details=details, created_at=at,

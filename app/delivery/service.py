@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -37,6 +36,7 @@ from sqlalchemy.orm import Session as DbSession
 
 from app.clients.models import ApiClient
 from app.config import Settings
+from app.coordination.run_locks import run_lock
 from app.db import utcnow
 from app.delivery import signing, urlpolicy
 from app.delivery.models import DeliveryStatus, WebhookAttempt, WebhookCursor, WebhookDelivery
@@ -47,7 +47,6 @@ from app.events.models import Event
 from app.ids import new_id
 from app.observability.metrics import record_delivery
 from app.runtime import Runtime
-from app.sweeps.locks import sweep_run_lock
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +54,6 @@ SETTLE_SECONDS = 60
 FAN_OUT_LIMIT = 1000
 SEND_LIMIT = 200
 USER_AGENT = "auto-session-webhooks/1"
-
-_local_reruns: set[str] = set()
-_local_kicks: set[str] = set()
-_local_reruns_guard = threading.Lock()
-
 
 # ---- scope and registration ------------------------------------------------------------
 def scope_condition(client: ApiClient) -> Any:
@@ -347,24 +341,16 @@ def _attempt(
 
 
 # ---- one run ---------------------------------------------------------------------------
+def _rerun_key(runtime: Runtime, client_id: str) -> str:
+    return f"{runtime.settings.redis_key_prefix}:delivery:rerun:{client_id}"
+
+
 def _request_rerun(runtime: Runtime, client_id: str) -> None:
-    key = f"{runtime.settings.redis_key_prefix}:delivery:rerun:{client_id}"
-    if runtime.redis is not None:
-        runtime.redis.set(key, "1", ex=600)
-    else:
-        with _local_reruns_guard:
-            _local_reruns.add(key)
+    runtime.markers.set(_rerun_key(runtime, client_id), ttl=600)
 
 
 def _take_rerun(runtime: Runtime, client_id: str) -> bool:
-    key = f"{runtime.settings.redis_key_prefix}:delivery:rerun:{client_id}"
-    if runtime.redis is not None:
-        return runtime.redis.getdel(key) is not None
-    with _local_reruns_guard:
-        if key in _local_reruns:
-            _local_reruns.discard(key)
-            return True
-    return False
+    return runtime.markers.take(_rerun_key(runtime, client_id))
 
 
 KICK_TTL = 30  # seconds a queued kick suppresses further ones (then the next one sends)
@@ -381,15 +367,8 @@ def claim_kick(runtime: Runtime) -> bool:
     The marker lives in Redis (in the process without it) and lapses after
     `KICK_TTL`, so a lost task costs at most that (the beat's safety-net run covers it
     anyway)."""
-    key = _kick_key(runtime)
-    if runtime.redis is None:
-        with _local_reruns_guard:
-            if key in _local_kicks:
-                return False
-            _local_kicks.add(key)
-            return True
     try:
-        return bool(runtime.redis.set(key, "1", nx=True, ex=KICK_TTL))
+        return runtime.markers.claim(_kick_key(runtime), ttl=KICK_TTL)
     except RedisError:
         log.warning("delivery kick marker unavailable; starting the run anyway")
         return True
@@ -398,13 +377,8 @@ def claim_kick(runtime: Runtime) -> bool:
 def kick_started(runtime: Runtime) -> None:
     """A delivery run starts: commits from now on need a run of their own (called
     before the run reads the outbox)."""
-    key = _kick_key(runtime)
-    if runtime.redis is None:
-        with _local_reruns_guard:
-            _local_kicks.discard(key)
-        return
     try:
-        runtime.redis.delete(key)
+        runtime.markers.clear(_kick_key(runtime))
     except RedisError:
         log.warning("could not clear the delivery kick marker; it lapses by itself")
 
@@ -423,7 +397,7 @@ def deliver_webhooks(
     for client in clients:
         name = f"{runtime.settings.redis_key_prefix}:delivery:client:{client.client_id}"
         while True:
-            with sweep_run_lock(runtime.redis, name, ttl=lock_ttl) as mine:
+            with run_lock(runtime.redis, name, ttl=lock_ttl) as mine:
                 if not mine:
                     _request_rerun(runtime, client.client_id)
                     report.busy_clients.append(client.client_id)

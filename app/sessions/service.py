@@ -18,6 +18,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session as DbSession
 
 from app.config import Settings
+from app.coordination.markers import BusySlots
+from app.coordination.slot_locks import SlotLocks
 from app.db import Database
 from app.errors import InvalidTransition, NotFound
 from app.events.outbox import Audience
@@ -28,7 +30,6 @@ from app.sessions.activity import Control, ControlledIf, SessionActivity
 from app.sessions.enums import Origin, PauseCause, SessionStatus
 from app.sessions.models import Session
 from app.sessions.schemas import CreateOutcome, SessionRequest, SessionView
-from app.sessions.slot import BusySlots, SlotLocks
 from app.sessions.slot_tx import Guard, ServiceHooks, SlotTransactions, SlotTx
 from app.transfers.enums import TransferStatus
 from app.transfers.schemas import (
@@ -123,22 +124,16 @@ class SessionService(SlotTransactions):
                 counterpart_message_count=0,
                 unanswered=False,
             )
-            create_details = {"on_conflict": request.on_conflict, "priority": int(priority)}
+            tx.audit(session, "create", from_status=None, reason=request.reason,
+                     details={"on_conflict": request.on_conflict, "priority": int(priority)})
             if free:
-                # The common case, in one INSERT: the row is written ACTIVE at once, with
-                # the same audit trail and event as a PENDING row activated afterwards.
-                tx.apply_status(session, S.ACTIVE)
-                tx.audit(session, "create", from_status=None, to_status=S.PENDING,
-                         reason=request.reason, details=create_details)
-                tx.audit(session, "activate", from_status=S.PENDING)
+                # The common case, in one INSERT: activated before it is inserted, the
+                # row is written ACTIVE at once (`SlotTx.activate`).
+                tx.activate(session)
                 tx.insert_session(session)  # with its audit head
-                tx.event("session.activated", session,
-                         {"previous_status": str(S.PENDING), "reason": None})
                 displaced: list[Session] = []
             else:
                 session.deadline_at = self.deadline_for(session, tx.now)
-                tx.audit(session, "create", from_status=None, reason=request.reason,
-                         details=create_details)
                 tx.insert_session(session)  # with its audit head
                 displaced = tx.claim_or_wait(session, on_conflict=request.on_conflict)
             if session.status == S.PENDING:

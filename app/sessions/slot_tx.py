@@ -24,6 +24,8 @@ from sqlalchemy.orm import make_transient_to_detached
 from app.audit.models import OPERATIONS
 from app.audit.trail import last_hash, operation_values
 from app.config import Settings
+from app.coordination.markers import BusySlots
+from app.coordination.slot_locks import SlotLocks
 from app.db import Database, UnitOfWork, is_retryable_db_error, one_of, utcnow
 from app.errors import FenceRejected, NotFound, ServiceUnavailable, SlotOccupied
 from app.events.models import EVENTS
@@ -34,7 +36,7 @@ from app.sessions.activity import deadline_after
 from app.sessions.enums import PauseCause, SessionStatus, SessionType
 from app.sessions.models import SESSIONS, Session
 from app.sessions.schemas import SessionView
-from app.sessions.slot import BusySlots, SlotFence, SlotLocks, wait_a_little
+from app.sessions.slot import SlotFence, wait_a_little
 from app.transfers.enums import TransferStatus
 from app.transfers.models import Transfer
 
@@ -344,11 +346,12 @@ class SlotTx:
     ) -> None:
         """Move `session` to `target` (checked against the state machine), audit it, announce it."""
         before = self.apply_status(session, target, reason=reason)
-        # Audited first, so the new chain head rides on the session's UPDATE.
+        # Audited first, so the new chain head rides on the session's UPDATE (or INSERT).
         self.audit(session, operation, from_status=before, reason=reason, details=details)
-        # Flush the release before anyone claims the slot in this transaction:
-        # the unique occupant key must never see two holders, even mid-flush.
-        self.db.flush()
+        if session.id is not None or session in self.db:  # else written by its INSERT
+            # Flush the release before anyone claims the slot in this transaction:
+            # the unique occupant key must never see two holders, even mid-flush.
+            self.db.flush()
         if event:
             data = {"previous_status": str(before), "reason": reason}
             data.update(event_data or {})
@@ -381,8 +384,12 @@ class SlotTx:
         session.deadline_at = self.service.deadline_for(session, self.now)
         return before
 
-    def activate(self, session: Session, *, reason: str | None = None) -> None:
-        """Give the free slot to `session` (PENDING → ACTIVE, or PAUSED → ACTIVE)."""
+    def activate(self, session: Session, *, reason: str | None = None,
+                 event_data: dict[str, Any] | None = None) -> None:
+        """Give the free slot to `session` (PENDING → ACTIVE, or PAUSED → ACTIVE).
+
+        A new session may be activated before `insert_session`: its row is then written
+        ACTIVE at once, with the audit trail and event of one activated afterwards."""
         was = session.status
         # Idle time counts from activation: a session that waited in line is not stale.
         session.last_activity_at = self.now
@@ -391,7 +398,7 @@ class SlotTx:
                             reason=reason or "slot free")
         else:
             self.set_status(session, S.ACTIVE, operation="activate", event="session.activated",
-                            reason=reason)
+                            reason=reason, event_data=event_data)
 
     def preempt(self, occupant: Session, by: Session) -> None:
         """Seed cases 1, 3, 4: the occupant makes way for a higher-precedence request."""

@@ -54,15 +54,14 @@ from sqlalchemy import (
 from sqlalchemy.exc import OperationalError
 
 from app.audit.models import OPERATIONS
-from app.audit.trail import _digest
+from app.audit.trail import chain_hash
+from app.coordination.slot_locks import SlotKey
 from app.db import UTCDateTime, is_retryable_db_error
 from app.events.models import EVENTS
 from app.events.outbox import Audience
 from app.sessions.enums import HUMAN_TYPES, SessionStatus
 from app.sessions.models import SESSIONS, SLOTS
 from app.sessions.service import SessionService
-from app.sessions.slot import SlotKey
-from app.sweeps.locks import hold_slots
 from app.transfers.enums import TransferStatus
 from app.transfers.models import Transfer
 
@@ -139,7 +138,7 @@ def expire_batch(
     if found is None:
         with service.database.read() as db:
             found = read_due(db.connection(), session_ids)
-    with hold_slots(service.locks, (d.slot for d in found)) as held:
+    with service.locks.hold_many(d.slot for d in found) as held:
         outcome.busy = [d.session_id for d in found if d.slot not in held]
         mine = [d for d in found if d.slot in held]
         if mine:
@@ -400,7 +399,7 @@ def _audit_rows(sessions: Sequence[_Held], now: datetime) -> dict[int, tuple[Any
         before = str(h.status)
         assert h.deadline_at is not None  # only due sessions get here
         details = {"deadline_at": h.deadline_at.isoformat(), "status_before": before}
-        row_hash = _digest(
+        row_hash = chain_hash(
             prev_hash=h.last_hash, session_id=h.due.session_id, operation="timeout",
             from_status=before, to_status=timeout, actor=ACTOR, reason=REASON,
             details=details, created_at=now,

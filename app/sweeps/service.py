@@ -21,6 +21,7 @@ from datetime import datetime
 
 from sqlalchemy import Connection, and_, or_, select
 
+from app.coordination.run_locks import run_lock
 from app.db import utcnow
 from app.errors import AutoSessionError
 from app.observability.metrics import record_sweep
@@ -28,7 +29,6 @@ from app.runtime import Runtime
 from app.sessions.enums import SessionStatus
 from app.sessions.models import SESSIONS
 from app.sweeps.bulk import DueSession, expire_batch
-from app.sweeps.locks import sweep_run_lock
 from app.transfers.enums import TransferStatus
 from app.transfers.expiry import expire_transfer
 from app.transfers.first_response import flag_overdue_first_responses
@@ -103,7 +103,7 @@ def sweep_sessions(
     workers = in_flight or (1 if runtime.database.dialect == "sqlite" else BATCHES_IN_FLIGHT)
     started = time.monotonic()
     report = SweepReport()
-    with sweep_run_lock(runtime.redis, f"{settings.redis_key_prefix}:sweep:sessions",
+    with run_lock(runtime.redis, f"{settings.redis_key_prefix}:sweep:sessions",
                         ttl=budget + 30) as mine:
         if not mine:
             return SweepReport(ran=False)
@@ -191,7 +191,7 @@ def sweep_transfers(
     batch = batch_size or settings.sweep_batch_size
     started = time.monotonic()
     report = SweepReport()
-    with sweep_run_lock(runtime.redis, f"{settings.redis_key_prefix}:sweep:transfers",
+    with run_lock(runtime.redis, f"{settings.redis_key_prefix}:sweep:transfers",
                         ttl=max(60.0, settings.transfer_sweep_interval * 10)) as mine:
         if not mine:
             return SweepReport(ran=False)
@@ -236,7 +236,7 @@ def sweep_first_responses(
     batch = batch_size or settings.sweep_batch_size
     started = time.monotonic()
     report = SweepReport()
-    with sweep_run_lock(runtime.redis, f"{settings.redis_key_prefix}:sweep:first-response",
+    with run_lock(runtime.redis, f"{settings.redis_key_prefix}:sweep:first-response",
                         ttl=max(60.0, settings.transfer_sweep_interval * 10)) as mine:
         if not mine:
             return SweepReport(ran=False)

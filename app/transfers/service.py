@@ -289,16 +289,12 @@ class TransferService:
         """The bot's new session takes the slot its old one just left; a waiting session
         that outranks it (a human in line, say) preempts it at once, as it would have
         had it asked now."""
-        tx.apply_status(resumed, S.ACTIVE)
-        tx.insert_session(resumed)
-        tx.audit(resumed, "create", from_status=None, to_status=S.PENDING,
-                 reason=resumed.reason,
+        tx.audit(resumed, "create", from_status=None, reason=resumed.reason,
                  details={"handed_back_from": resumed.handed_back_from,
                           "priority": resumed.priority})
-        tx.audit(resumed, "activate", from_status=S.PENDING)
-        tx.event("session.activated", resumed, {
-            "previous_status": str(S.PENDING), "reason": "handed back",
-            "handed_back_from": resumed.handed_back_from})
+        tx.activate(resumed, event_data={"reason": "handed back",
+                                         "handed_back_from": resumed.handed_back_from})
+        tx.insert_session(resumed)
         for pk in tx.waiting()[:1]:
             candidate = tx.db.get_one(Session, pk)
             decision = rules.decide_conflict(

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import redis
 
+from app.coordination.slot_locks import POLL_SLICE, RedisSlotLocks
 from app.errors import SlotBusy
-from app.sessions.slot import POLL_SLICE, RedisSlotLocks
 from tests.hostile.faults import PrivateRedis
 
 pytestmark = pytest.mark.services
