@@ -348,7 +348,7 @@ class SlotTx:
         before = self.apply_status(session, target, reason=reason)
         # Audited first, so the new chain head rides on the session's UPDATE (or INSERT).
         self.audit(session, operation, from_status=before, reason=reason, details=details)
-        if session.id is not None or session in self.db:  # else written by its INSERT
+        if session.id is not None:  # else not inserted yet: its INSERT writes all this
             # Flush the release before anyone claims the slot in this transaction:
             # the unique occupant key must never see two holders, even mid-flush.
             self.db.flush()
