@@ -13,6 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session as DbSession
 
 from app.audit.models import Operation
+from app.audit.operations import AuditOperation
 from app.audit.trail import last_hashes, operation_values
 from app.fastsql import core_insert
 from app.ids import new_id
@@ -137,7 +138,7 @@ class Writer:
                     transfers.append(transfer)
                     details["transfer_id"] = transfer["transfer_id"]
                 audits.append(operation_values(
-                    session_pk=pk, session_id=values["session_id"], operation="import",
+                    session_pk=pk, session_id=values["session_id"], operation=AuditOperation.IMPORT,
                     from_status=None, to_status=S.COMPLETED, actor=self.actor, at=self.now,
                     prev_hash=None, reason="history import", details=details,
                 ))
@@ -178,7 +179,8 @@ class Writer:
                     transfers.append(transfer)
                     details["transfer_id"] = transfer["transfer_id"]
                 audits.append(operation_values(
-                    session_pk=pk, session_id=session.session_id, operation="import-messages",
+                    session_pk=pk, session_id=session.session_id,
+                    operation=AuditOperation.IMPORT_MESSAGES,
                     from_status=session.status, to_status=session.status, actor=self.actor,
                     at=self.now, prev_hash=prev_hashes.get(pk), reason="history import",
                     details=details,

@@ -31,8 +31,10 @@ from typing import Any, cast
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import Table, and_, func, or_, select, update
 
+from app.audit.operations import AuditOperation
 from app.db import affected_rows
 from app.errors import CorrectionRefused, NotFound, ValidationFailed
+from app.events.types import EventType
 from app.ids import new_id
 from app.messages.models import Message
 from app.sessions.enums import Origin, SenderRole, SessionStatus
@@ -170,15 +172,16 @@ def merge_sessions(
             _apply_tally(source, _Tally())
             source.merged_into = target.session_id
             count = held[source.id].count if source.id in held else 0
-            tx.audit(source, "merge", from_status=source.status, reason=reason, details={
+            tx.audit(source, AuditOperation.MERGE, from_status=source.status, reason=reason,
+                     details={
                 "merged_into": target.session_id, "messages": count,
                 "transfers": transfers_of[source.id], "operator": operator})
-            tx.event("session.merged", source, {
+            tx.event(EventType.SESSION_MERGED, source, {
                 "merged_into": target.session_id, "messages_moved": count, "reason": reason})
-        tx.audit(target, "merge", from_status=target.status, reason=reason, details={
+        tx.audit(target, AuditOperation.MERGE, from_status=target.status, reason=reason, details={
             "merged_from": merged_from, "messages": moved, "transfers": transfers,
             "message_count": target.message_count, "operator": operator})
-        tx.event("session.merged", target, {
+        tx.event(EventType.SESSION_MERGED, target, {
             "merged_from": merged_from, "messages_moved": moved,
             "message_count": target.message_count, "reason": reason})
         tx.db.flush()
@@ -237,15 +240,15 @@ def split_session(
         _split_times(head, tail)
         common = {"at_message_id": at_message_id, "messages": moved, "transfers": transfers,
                   "operator": operator}
-        tx.audit(head, "split", from_status=head.status, reason=reason,
+        tx.audit(head, AuditOperation.SPLIT, from_status=head.status, reason=reason,
                  details={"split_into": tail.session_id, **common,
                           "message_count": head.message_count})
-        tx.audit(tail, "split", from_status=None, reason=reason,
+        tx.audit(tail, AuditOperation.SPLIT, from_status=None, reason=reason,
                  details={"split_from": head.session_id, **common})
-        tx.event("session.split", head, {
+        tx.event(EventType.SESSION_SPLIT, head, {
             "split_into": tail.session_id, "at_message_id": at_message_id,
             "messages_moved": moved, "message_count": head.message_count, "reason": reason})
-        tx.event("session.split", tail, {
+        tx.event(EventType.SESSION_SPLIT, tail, {
             "split_from": head.session_id, "at_message_id": at_message_id,
             "message_count": tail.message_count, "reason": reason})
         tx.db.flush()

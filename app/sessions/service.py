@@ -17,10 +17,12 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session as DbSession
 
+from app.audit.operations import AuditOperation
 from app.config import Settings
 from app.db import Database
 from app.errors import InvalidTransition, NotFound
 from app.events.outbox import Audience
+from app.events.types import EventType
 from app.ids import new_id
 from app.messages.service import LiveMessage, MessageOutcome, MessageService
 from app.sessions import rules
@@ -128,22 +130,22 @@ class SessionService(SlotTransactions):
                 # The common case, in one INSERT: the row is written ACTIVE at once, with
                 # the same audit trail and event as a PENDING row activated afterwards.
                 tx.apply_status(session, S.ACTIVE)
-                tx.audit(session, "create", from_status=None, to_status=S.PENDING,
+                tx.audit(session, AuditOperation.CREATE, from_status=None, to_status=S.PENDING,
                          reason=request.reason, details=create_details)
-                tx.audit(session, "activate", from_status=S.PENDING)
+                tx.audit(session, AuditOperation.ACTIVATE, from_status=S.PENDING)
                 tx.insert_session(session)  # with its audit head
-                tx.event("session.activated", session,
+                tx.event(EventType.SESSION_ACTIVATED, session,
                          {"previous_status": str(S.PENDING), "reason": None})
                 displaced: list[Session] = []
             else:
                 session.deadline_at = self.deadline_for(session, tx.now)
-                tx.audit(session, "create", from_status=None, reason=request.reason,
+                tx.audit(session, AuditOperation.CREATE, from_status=None, reason=request.reason,
                          details=create_details)
                 tx.insert_session(session)  # with its audit head
                 displaced = tx.claim_or_wait(session, on_conflict=request.on_conflict)
             if session.status == S.PENDING:
                 self.busy_slots.mark((request.account_id, request.shop_id))
-                tx.event("session.queued", session, {
+                tx.event(EventType.SESSION_QUEUED, session, {
                     "occupant_session_id": tx.occupant_id(),
                     "position": tx.position_of_newest(session),
                 })
@@ -170,7 +172,8 @@ class SessionService(SlotTransactions):
         def work(tx: SlotTx, session: Session) -> SessionView:
             rules.check_transition(S(session.status), S.PAUSED)
             session.pause_cause = PauseCause.OWNER
-            tx.leave_slot(session, S.PAUSED, operation="pause", event="session.paused",
+            tx.leave_slot(session, S.PAUSED, operation=AuditOperation.PAUSE,
+                          event=EventType.SESSION_PAUSED,
                           reason=reason or "paused by owner")
             return SessionView.model_validate(session)
 
@@ -202,9 +205,9 @@ class SessionService(SlotTransactions):
                 session.last_activity_at = tx.now
                 session.deadline_at = self.deadline_for(session, tx.now)
                 occupant = tx.occupant()
-                tx.audit(session, "resume-wait", from_status=S.PAUSED, reason=reason,
+                tx.audit(session, AuditOperation.RESUME_WAIT, from_status=S.PAUSED, reason=reason,
                          details={"occupant_session_id": occupant.session_id if occupant else None})
-                tx.event("session.queued", session, {
+                tx.event(EventType.SESSION_QUEUED, session, {
                     "occupant_session_id": occupant.session_id if occupant else None,
                 })
             return SessionView.model_validate(session)
@@ -224,9 +227,11 @@ class SessionService(SlotTransactions):
                 transfer.status = TransferStatus.COMPLETED if accepted else TransferStatus.CANCELLED
                 transfer.ended_at = tx.now
                 transfer.first_response_due_at = None
-                tx.event("transfer.completed" if accepted else "transfer.cancelled", session,
+                tx.event(EventType.TRANSFER_COMPLETED if accepted
+                         else EventType.TRANSFER_CANCELLED, session,
                          {"transfer_id": transfer.transfer_id}, audience=Audience.DESK)
-            tx.leave_slot(session, S.COMPLETED, operation="complete", event="session.completed",
+            tx.leave_slot(session, S.COMPLETED, operation=AuditOperation.COMPLETE,
+                          event=EventType.SESSION_COMPLETED,
                           reason=reason or "completed")
             return SessionView.model_validate(session)
 
@@ -239,7 +244,8 @@ class SessionService(SlotTransactions):
         def work(tx: SlotTx, session: Session) -> SessionView:
             rules.check_transition(S(session.status), S.CANCELLED)
             tx.cancel_open_transfers(session, reason=reason or "session cancelled")
-            tx.leave_slot(session, S.CANCELLED, operation="cancel", event="session.cancelled",
+            tx.leave_slot(session, S.CANCELLED, operation=AuditOperation.CANCEL,
+                          event=EventType.SESSION_CANCELLED,
                           reason=reason or "cancelled")
             return SessionView.model_validate(session)
 
@@ -257,7 +263,8 @@ class SessionService(SlotTransactions):
             if session.deadline_at > at:
                 return None  # a heartbeat or message arrived since the sweep looked
             tx.cancel_open_transfers(session, reason="session timed out")
-            tx.leave_slot(session, S.TIMEOUT, operation="timeout", event="session.timeout",
+            tx.leave_slot(session, S.TIMEOUT, operation=AuditOperation.TIMEOUT,
+                          event=EventType.SESSION_TIMEOUT,
                           reason="timeout",
                           details={"deadline_at": session.deadline_at.isoformat(),
                                    "status_before": str(session.status)})

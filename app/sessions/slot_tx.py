@@ -22,12 +22,14 @@ from sqlalchemy.orm import Session as DbSession
 from sqlalchemy.orm import make_transient_to_detached
 
 from app.audit.models import OPERATIONS
+from app.audit.operations import AuditOperation
 from app.audit.trail import last_hash, operation_values
 from app.config import Settings
 from app.db import Database, UnitOfWork, is_retryable_db_error, one_of, utcnow
 from app.errors import FenceRejected, NotFound, ServiceUnavailable, SlotOccupied
 from app.events.models import EVENTS
 from app.events.outbox import Audience, event_values
+from app.events.types import EventType
 from app.fastsql import Prepared
 from app.sessions import rules
 from app.sessions.activity import deadline_after
@@ -267,7 +269,7 @@ class SlotTx:
     def audit(
         self,
         session: Session,
-        operation: str,
+        operation: AuditOperation,
         *,
         from_status: str | None,
         to_status: str | None = None,
@@ -309,7 +311,7 @@ class SlotTx:
 
     def event(
         self,
-        type: str,
+        type: EventType,
         session: Session,
         data: dict[str, Any] | None = None,
         audience: str | None = None,
@@ -336,8 +338,8 @@ class SlotTx:
         session: Session,
         target: SessionStatus,
         *,
-        operation: str,
-        event: str | None,
+        operation: AuditOperation,
+        event: EventType | None,
         reason: str | None = None,
         details: dict[str, Any] | None = None,
         event_data: dict[str, Any] | None = None,
@@ -387,10 +389,12 @@ class SlotTx:
         # Idle time counts from activation: a session that waited in line is not stale.
         session.last_activity_at = self.now
         if was == S.PAUSED:
-            self.set_status(session, S.ACTIVE, operation="resume", event="session.resumed",
+            self.set_status(session, S.ACTIVE, operation=AuditOperation.RESUME,
+                            event=EventType.SESSION_RESUMED,
                             reason=reason or "slot free")
         else:
-            self.set_status(session, S.ACTIVE, operation="activate", event="session.activated",
+            self.set_status(session, S.ACTIVE, operation=AuditOperation.ACTIVATE,
+                            event=EventType.SESSION_ACTIVATED,
                             reason=reason)
 
     def preempt(self, occupant: Session, by: Session) -> None:
@@ -400,12 +404,14 @@ class SlotTx:
         by.interrupted_session_id = occupant.session_id
         if occupant.status == S.TRANSFERRED:
             self.cancel_open_transfers(occupant, reason="interrupted by urgent takeover")
-            self.set_status(occupant, S.CANCELLED, operation="interrupt",
-                            event="session.cancelled", reason="interrupted", details=details,
+            self.set_status(occupant, S.CANCELLED, operation=AuditOperation.INTERRUPT,
+                            event=EventType.SESSION_CANCELLED, reason="interrupted",
+                            details=details,
                             event_data={"preempted_by": by.session_id})
         else:
             occupant.pause_cause = PauseCause.PREEMPTED
-            self.set_status(occupant, S.PAUSED, operation="preempt", event="session.paused",
+            self.set_status(occupant, S.PAUSED, operation=AuditOperation.PREEMPT,
+                            event=EventType.SESSION_PAUSED,
                             reason="preempted", details=details,
                             event_data={"preempted_by": by.session_id, "wait": True})
 
@@ -459,7 +465,7 @@ class SlotTx:
             transfer.status = TransferStatus.CANCELLED
             transfer.ended_at = self.now
             transfer.first_response_due_at = None
-            self.event("transfer.cancelled", session,
+            self.event(EventType.TRANSFER_CANCELLED, session,
                        {"transfer_id": transfer.transfer_id, "reason": reason},
                        audience=Audience.DESK)
 
@@ -479,8 +485,8 @@ class SlotTx:
         session: Session,
         target: SessionStatus,
         *,
-        operation: str,
-        event: str,
+        operation: AuditOperation,
+        event: EventType,
         reason: str | None,
         details: dict[str, Any] | None = None,
     ) -> None:
