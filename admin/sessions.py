@@ -162,7 +162,7 @@ def force_close(
     waiting session if it held the slot. The audit row names the operator."""
 
     def work(tx: SlotTx, session: Session) -> dict[str, Any]:
-        rules.check_transition(SessionStatus(session.status), SessionStatus.CANCELLED)
+        rules.check_transition(session.status, SessionStatus.CANCELLED)
         held = bool(session.holds_slot)
         tx.cancel_open_transfers(session, reason=f"force-closed: {reason}")
         tx.leave_slot(session, SessionStatus.CANCELLED, operation=AuditOperation.FORCE_CLOSE,

@@ -17,7 +17,7 @@ from app.imports.rows import Msg
 from app.imports.writing import Writer, add_to_session, message_values
 from app.messages.models import Message
 from app.sessions import rules
-from app.sessions.enums import Origin, Priority, SenderRole, SessionStatus, SessionType
+from app.sessions.enums import Origin, Priority, SenderRole, SessionStatus
 from app.sessions.models import Session
 from app.transfers.enums import TransferTrigger
 from app.transfers.schemas import TransferRequest
@@ -67,7 +67,7 @@ def _attach_open(tx: Any, writer: Writer, pk: int, msgs: list[Msg],
              reason="history import",
              details={"job_id": writer.job_id, "messages": len(msgs)})
     counts.sessions_updated += 1
-    if (session.status == S.ACTIVE and SessionType(session.session_type).is_robot
+    if (session.status == S.ACTIVE and session.session_type.is_robot
             and any(m.sender_role == SenderRole.COUNTERPART for m in msgs)
             and session.session_id not in tx.counterpart_sessions):
         tx.counterpart_sessions.append(session.session_id)
@@ -117,7 +117,7 @@ def _live_session(tx: Any, writer: Writer, plan: NewSession, counts: ImportCount
             agent_id=plan.messages[plan.handoff_at].sender_id,
         ))
     counts.sessions_created += 1
-    if (session.status == S.ACTIVE and SessionType(session.session_type).is_robot
+    if (session.status == S.ACTIVE and session.session_type.is_robot
             and any(m.sender_role == SenderRole.COUNTERPART for m in plan.messages)):
         tx.counterpart_sessions.append(session.session_id)
 
@@ -139,7 +139,7 @@ def _free_chat(tx: Any, writer: Writer, step: FreeChat, counts: ImportCounts) ->
              details={"human_session_id": human.session_id, "job_id": writer.job_id})
     counts.sessions_created += 1
     counts.sessions_updated += 1
-    if plan.closed and S(human.status).occupies_slot:
+    if plan.closed and human.status.occupies_slot:
         tx.leave_slot(human, S.COMPLETED, operation=AuditOperation.COMPLETE,
                       event=EventType.SESSION_COMPLETED,
                       reason="history import: staff conversation already over")

@@ -163,7 +163,7 @@ def merge_sessions(
         if transfers:
             tx.db.execute(update(TRANSFERS).where(TRANSFERS.c.session_pk.in_(pks))
                           .values(session_pk=target.id, session_id=target.session_id))
-        if S(target.status).is_terminal:
+        if target.status.is_terminal:
             _merge_times(target, merged)
         tallies = _tally(tx, [target.id])
         _apply_tally(target, tallies.get(target.id, _Tally()))
@@ -281,7 +281,7 @@ def _lock_on_slot(tx: SlotTx, session_ids: Sequence[str]) -> dict[str, Session]:
 
 
 def _refuse_occupant(session: Session, what: str) -> None:
-    if S(session.status).occupies_slot:
+    if session.status.occupies_slot:
         raise CorrectionRefused(
             f"cannot {what} session {session.session_id}: it occupies the slot "
             f"({session.status}); end it first", session_id=session.session_id,
@@ -289,7 +289,7 @@ def _refuse_occupant(session: Session, what: str) -> None:
 
 
 def _refuse_unless_ended(session: Session, what: str) -> None:
-    if not S(session.status).is_terminal:
+    if not session.status.is_terminal:
         raise CorrectionRefused(
             f"session {session.session_id} is {session.status}: only an ended session "
             f"(COMPLETED, CANCELLED, TIMEOUT) can be {what}", session_id=session.session_id,

@@ -170,7 +170,7 @@ class SessionService(SlotTransactions):
         paused until its owner resumes it."""
 
         def work(tx: SlotTx, session: Session) -> SessionView:
-            rules.check_transition(S(session.status), S.PAUSED)
+            rules.check_transition(session.status, S.PAUSED)
             session.pause_cause = PauseCause.OWNER
             tx.leave_slot(session, S.PAUSED, operation=AuditOperation.PAUSE,
                           event=EventType.SESSION_PAUSED,
@@ -188,10 +188,10 @@ class SessionService(SlotTransactions):
 
         def work(tx: SlotTx, session: Session) -> SessionView:
             if session.status != S.PAUSED:
-                rules.check_transition(S(session.status), S.ACTIVE)
+                rules.check_transition(session.status, S.ACTIVE)
                 raise InvalidTransition(
                     current=session.status, target=S.ACTIVE,
-                    allowed=sorted(rules.ALLOWED_TRANSITIONS[S(session.status)]),
+                    allowed=sorted(rules.ALLOWED_TRANSITIONS[session.status]),
                     detail=f"only a PAUSED session can be resumed; {session_id} is "
                     f"{session.status}" + (" and is activated when the slot frees"
                                            if session.status == S.PENDING else ""),
@@ -219,7 +219,7 @@ class SessionService(SlotTransactions):
         guard: Guard | None = None,
     ) -> SessionView:
         def work(tx: SlotTx, session: Session) -> SessionView:
-            rules.check_transition(S(session.status), S.COMPLETED)
+            rules.check_transition(session.status, S.COMPLETED)
             if result is not None:
                 session.result = result
             for transfer in tx.open_transfers(session):
@@ -242,7 +242,7 @@ class SessionService(SlotTransactions):
         guard: Guard | None = None,
     ) -> SessionView:
         def work(tx: SlotTx, session: Session) -> SessionView:
-            rules.check_transition(S(session.status), S.CANCELLED)
+            rules.check_transition(session.status, S.CANCELLED)
             tx.cancel_open_transfers(session, reason=reason or "session cancelled")
             tx.leave_slot(session, S.CANCELLED, operation=AuditOperation.CANCEL,
                           event=EventType.SESSION_CANCELLED,
@@ -258,7 +258,7 @@ class SessionService(SlotTransactions):
 
         def work(tx: SlotTx, session: Session) -> SessionView | None:
             at = now or tx.now
-            if S(session.status).is_terminal or session.deadline_at is None:
+            if session.status.is_terminal or session.deadline_at is None:
                 return None
             if session.deadline_at > at:
                 return None  # a heartbeat or message arrived since the sweep looked

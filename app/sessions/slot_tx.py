@@ -79,8 +79,8 @@ def _count_ahead() -> Any:
     return select(func.count()).where(
         c.account_id == bindparam("account_id"),
         c.shop_id == bindparam("shop_id"),
-        one_of(c.status, [str(S.PENDING), str(S.PAUSED)]),
-        or_(c.pause_cause.is_(None), c.pause_cause != str(PauseCause.OWNER)),
+        one_of(c.status, [S.PENDING, S.PAUSED]),
+        or_(c.pause_cause.is_(None), c.pause_cause != PauseCause.OWNER),
         c.id != bindparam("session_pk"),
         or_(robot < mine, and_(robot == mine, or_(
             c.priority < bindparam("priority"),
@@ -199,8 +199,8 @@ class SlotTx:
             row = self.fence.occupant
             if row is not None:
                 return self.fence.occupant_session_id, rules.precedence(
-                    session_type=SessionType(row.session_type), priority=row.priority,
-                    requested_at=row.requested_at, seq=row.id, status=S(row.status))
+                    session_type=row.session_type, priority=row.priority,
+                    requested_at=row.requested_at, seq=row.id, status=row.status)
         if self.shared:
             raise NeedsTheSlot()
         occupant = self.occupant()
@@ -234,13 +234,13 @@ class SlotTx:
                    Session.status).where(
                 Session.account_id == self.account_id,
                 Session.shop_id == self.shop_id,
-                one_of(Session.status, [str(S.PENDING), str(S.PAUSED)]),
+                one_of(Session.status, [S.PENDING, S.PAUSED]),
                 or_(Session.pause_cause.is_(None), Session.pause_cause != PauseCause.OWNER),
             )
         ).all()
         ordered = sorted(rows, key=lambda r: rules.precedence(
-            session_type=SessionType(r.session_type), priority=r.priority,
-            requested_at=r.requested_at, seq=r.id, status=SessionStatus(r.status)))
+            session_type=r.session_type, priority=r.priority,
+            requested_at=r.requested_at, seq=r.id, status=r.status))
         return [r.id for r in ordered]
 
     def position_of_newest(self, session: Session) -> int:
@@ -361,7 +361,7 @@ class SlotTx:
     ) -> SessionStatus:
         """The in-memory half of `set_status` (no flush, audit or event): the status and
         everything that follows from it. Answers the status before."""
-        before = S(session.status)
+        before = session.status
         if self.shared and (target.occupies_slot or session.holds_slot):
             raise NeedsTheSlot()
         rules.check_transition(before, target)
@@ -438,7 +438,7 @@ class SlotTx:
         if occupant_id == session.session_id:
             return []
         decision = rules.decide_conflict(
-            requester_type=SessionType(session.session_type),
+            requester_type=session.session_type,
             requester=precedence_of(session),
             occupant=occupant_precedence,
         )
@@ -474,8 +474,8 @@ class SlotTx:
             self.db.execute(
                 select(Transfer).where(
                     Transfer.session_pk == session.id,
-                    one_of(Transfer.status, [str(TransferStatus.PENDING),
-                                            str(TransferStatus.ACCEPTED)]),
+                    one_of(Transfer.status, [TransferStatus.PENDING,
+                                            TransferStatus.ACCEPTED]),
                 )
             ).scalars()
         )
@@ -500,11 +500,11 @@ class SlotTx:
 
 def precedence_of(session: Session) -> rules.Precedence:
     return rules.precedence(
-        session_type=SessionType(session.session_type),
+        session_type=session.session_type,
         priority=session.priority,
         requested_at=session.requested_at,
         seq=session.id or 0,
-        status=SessionStatus(session.status),
+        status=session.status,
     )
 
 

@@ -23,7 +23,7 @@ from app.events.types import EventType
 from app.ids import new_id
 from app.messages.models import Message
 from app.sessions import rules
-from app.sessions.enums import Origin, SessionStatus, SessionType
+from app.sessions.enums import Origin, SessionStatus
 from app.sessions.models import Session
 from app.sessions.schemas import SessionView
 from app.sessions.slot_tx import Guard, SlotTransactions, SlotTx, precedence_of
@@ -66,7 +66,7 @@ class TransferService:
         robot to leave, offer the desk."""
 
         def work(tx: SlotTx, session: Session) -> TransferView:
-            rules.check_transition(S(session.status), S.TRANSFERRED)
+            rules.check_transition(session.status, S.TRANSFERRED)
             return self.open_transfer(tx, session, request)
 
         return self.slots.run_on_session(session_id, actor, work, guard)
@@ -225,10 +225,10 @@ class TransferService:
             if session.status != S.TRANSFERRED:
                 raise InvalidTransition(
                     current=session.status, target=S.COMPLETED,
-                    allowed=sorted(rules.ALLOWED_TRANSITIONS[S(session.status)]),
+                    allowed=sorted(rules.ALLOWED_TRANSITIONS[session.status]),
                     detail=f"only a TRANSFERRED session can be handed back; {session_id} is "
                     f"{session.status}")
-            robot = SessionType(session.session_type).is_robot
+            robot = session.session_type.is_robot
             if request.outcome == "needs_robot" and not robot:
                 raise Conflict(
                     f"session {session_id} is a {session.session_type} session: there is no "
@@ -307,7 +307,7 @@ class TransferService:
         for pk in tx.waiting()[:1]:
             candidate = tx.db.get_one(Session, pk)
             decision = rules.decide_conflict(
-                requester_type=SessionType(candidate.session_type),
+                requester_type=candidate.session_type,
                 requester=precedence_of(candidate), occupant=precedence_of(resumed))
             if decision is rules.ConflictDecision.PREEMPT:
                 tx.preempt(resumed, by=candidate)
