@@ -122,11 +122,21 @@ class EnumText[E: StrEnum](TypeDecorator[E]):
             return from_db
         return lambda value: from_db(impl(value))
 
+    def member(self, value: Any) -> Any:
+        """`value` (a member or its text) as the member; other values as they are."""
+        return self._from_db[value]
+
     def process_bind_param(self, value: Any, dialect: Any) -> Any:
         return self._to_db[value]
 
     def process_result_value(self, value: Any, dialect: Any) -> Any:
         return self._from_db[value]
+
+
+def enum_member(table: Any, key: str, value: Any) -> Any:
+    """An `EnumText` column's value as its member, for the models' `@validates` hooks: an
+    attribute set from a text ("PENDING") reads back as a loaded row's does."""
+    return table.c[key].type.member(value)
 
 
 class Base(DeclarativeBase):

@@ -17,9 +17,9 @@ from sqlalchemy import (
     bindparam,
     select,
 )
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, mapped_column, validates
 
-from app.db import Base, BigId, EnumText, IdStr, JsonDoc, UTCDateTime
+from app.db import Base, BigId, EnumText, IdStr, JsonDoc, UTCDateTime, enum_member
 from app.fastsql import Prepared
 from app.sessions.enums import (
     Origin,
@@ -107,6 +107,10 @@ class Session(Base):
     @property
     def slot(self) -> tuple[str, str]:
         return (self.account_id, self.shop_id)
+
+    @validates("session_type", "task_type", "status", "pause_cause", "origin")
+    def _as_member(self, key: str, value: Any) -> Any:
+        return enum_member(self.__table__, key, value)
 
 
 class Slot(Base):

@@ -6,9 +6,9 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import ForeignKey, Index, Integer, Text
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, mapped_column, validates
 
-from app.db import Base, BigId, EnumText, IdStr, JsonDoc, UTCDateTime
+from app.db import Base, BigId, EnumText, IdStr, JsonDoc, UTCDateTime, enum_member
 from app.ids import new_id
 from app.sessions.models import ID_LEN
 from app.transfers.enums import TransferStatus, TransferTrigger
@@ -57,6 +57,10 @@ class Transfer(Base):
     first_response_due_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     first_response_overdue_at: Mapped[datetime | None] = mapped_column(
         UTCDateTime, nullable=True)
+
+    @validates("status", "trigger")
+    def _as_member(self, key: str, value: Any) -> Any:
+        return enum_member(self.__table__, key, value)
 
 
 def transfer_values(
