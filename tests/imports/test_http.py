@@ -81,7 +81,7 @@ def test_bad_requests_are_problems(admin):
     unknown = admin.http.post("/api/v1/imports?format=xml", data=b"x", headers=admin.headers())
     assert unknown.status_code == 422
     # the one field-error shape of every 422: {"field", "message"}
-    [error] = unknown.json()["errors"]
+    [error] = unknown.json["errors"]
     assert error["field"] == "format" and error["message"].startswith("use one of")
     assert set(error) == {"field", "message"}
     assert admin.get("/api/v1/imports/imp_nope").status_code == 404
