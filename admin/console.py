@@ -40,11 +40,11 @@ from app.agents.service import AgentFilters, AgentService
 from app.api.auth import client_service
 from app.api.http import runtime
 from app.api.problems import field_errors
-from app.api.ratelimit import RateLimited, count_failed_authentication
+from app.api.ratelimit import count_failed_authentication
 from app.api.stream import stream_url_for_console
 from app.clients.service import ClientRole
 from app.delivery.service import delivery_log, redeliver
-from app.errors import AutoSessionError, Unauthorized
+from app.errors import AutoSessionError, RateLimited, Unauthorized
 from app.imports import jobs as import_jobs
 from app.imports.service import ImportService
 from app.sessions.enums import Origin, SessionStatus, SessionType

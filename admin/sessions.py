@@ -18,7 +18,9 @@ from sqlalchemy.orm import Session as DbSession
 from admin.queries import SessionSearch
 from admin.serializers import message_json, operation_json, session_json, transfer_json
 from app.audit.models import Operation
+from app.audit.operations import AuditOperation
 from app.errors import Conflict, NotFound
+from app.events.types import EventType
 from app.messages.models import Message
 from app.sessions import rules
 from app.sessions.enums import PauseCause, SessionStatus
@@ -160,11 +162,11 @@ def force_close(
     waiting session if it held the slot. The audit row names the operator."""
 
     def work(tx: SlotTx, session: Session) -> dict[str, Any]:
-        rules.check_transition(SessionStatus(session.status), SessionStatus.CANCELLED)
+        rules.check_transition(session.status, SessionStatus.CANCELLED)
         held = bool(session.holds_slot)
         tx.cancel_open_transfers(session, reason=f"force-closed: {reason}")
-        tx.leave_slot(session, SessionStatus.CANCELLED, operation="force-close",
-                      event="session.cancelled", reason=reason,
+        tx.leave_slot(session, SessionStatus.CANCELLED, operation=AuditOperation.FORCE_CLOSE,
+                      event=EventType.SESSION_CANCELLED, reason=reason,
                       details={"operator": operator, "forced": True})
         promoted = tx.occupant() if held else None
         return {"session": session_json(session),
@@ -186,8 +188,8 @@ def release_slot(
         released = None
         if occupant is not None:
             tx.cancel_open_transfers(occupant, reason=f"slot released: {reason}")
-            tx.leave_slot(occupant, SessionStatus.CANCELLED, operation="release-slot",
-                          event="session.cancelled", reason=reason,
+            tx.leave_slot(occupant, SessionStatus.CANCELLED, operation=AuditOperation.RELEASE_SLOT,
+                          event=EventType.SESSION_CANCELLED, reason=reason,
                           details={"operator": operator, "forced": True})
             released = session_json(occupant)
             promoted = tx.occupant()

@@ -12,8 +12,10 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session as DbSession
 
 from app.audit.models import Operation
+from app.audit.operations import AuditOperation
 from app.db import utcnow
 from app.events.models import Event
+from app.events.types import EventType
 from app.imports.models import ImportJob
 from app.sessions.enums import SessionStatus, SessionType
 from app.sessions.models import Session
@@ -25,8 +27,8 @@ HOURS = 24
 # interrupted the occupant (these audit operations), or it had to wait in line (the
 # `session.queued` event of a create or a resume). Rejected requests create nothing
 # and so are not counted.
-CONFLICT_OPERATIONS = ("preempt", "interrupt")
-QUEUED_EVENT = "session.queued"
+CONFLICT_OPERATIONS = (AuditOperation.PREEMPT, AuditOperation.INTERRUPT)
+QUEUED_EVENT = EventType.SESSION_QUEUED
 
 
 def _percentile(ordered: list[float], fraction: float) -> float | None:
@@ -116,7 +118,8 @@ def statistics(db: DbSession, *, now: datetime | None = None) -> dict[str, Any]:
 
     started = _hourly(db, Session.created_at, since)
     transfers = _hourly(db, Transfer.created_at, since)
-    timeouts = _hourly(db, Operation.created_at, since, Operation.operation == "timeout")
+    timeouts = _hourly(db, Operation.created_at, since,
+    Operation.operation == AuditOperation.TIMEOUT)
     conflicts = _hourly(db, Operation.created_at, since,
                         Operation.operation.in_(CONFLICT_OPERATIONS))
     conflicts.update(_hourly(db, Event.occurred_at, since, Event.type == QUEUED_EVENT))

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, cast
 
@@ -79,6 +80,63 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value is None:
             return None
         return value.replace(tzinfo=UTC)
+
+
+class _Lookup(dict[Any, Any]):
+    """A conversion table whose `__getitem__` (C, no Python frame on a hit) is the
+    processor: a value it does not know passes through unchanged."""
+
+    def __missing__(self, key: Any) -> Any:
+        return key
+
+
+class EnumText[E: StrEnum](TypeDecorator[E]):
+    """A `StrEnum` column stored as its text in a VARCHAR (the column type the
+    migrations create: no schema change). Binds send the member's plain `.value`; rows
+    come back as the member (`SessionStatus.ACTIVE`, not "ACTIVE"), through Core, the
+    ORM and `app.fastsql` alike, so callers need not wrap them again. Each processor is
+    one dict lookup; a stored text outside the enum comes back as it is."""
+
+    impl = String
+    cache_ok = True
+
+    def __init__(self, enum: type[E], length: int) -> None:
+        super().__init__(length)
+        self.enum = enum
+        self._to_db = _Lookup({member: member.value for member in enum})
+        self._to_db[None] = None
+        self._from_db = _Lookup({member.value: member for member in enum})
+        self._from_db[None] = None
+
+    def bind_processor(self, dialect: Any) -> Any:
+        to_db = self._to_db.__getitem__
+        impl = self.impl_instance.bind_processor(dialect)
+        if impl is None:
+            return to_db
+        return lambda value: impl(to_db(value))
+
+    def result_processor(self, dialect: Any, coltype: Any) -> Any:
+        from_db = self._from_db.__getitem__
+        impl = self.impl_instance.result_processor(dialect, coltype)
+        if impl is None:
+            return from_db
+        return lambda value: from_db(impl(value))
+
+    def member(self, value: Any) -> Any:
+        """`value` (a member or its text) as the member; other values as they are."""
+        return self._from_db[value]
+
+    def process_bind_param(self, value: Any, dialect: Any) -> Any:
+        return self._to_db[value]
+
+    def process_result_value(self, value: Any, dialect: Any) -> Any:
+        return self._from_db[value]
+
+
+def enum_member(table: Any, key: str, value: Any) -> Any:
+    """An `EnumText` column's value as its member, for the models' `@validates` hooks: an
+    attribute set from a text ("PENDING") reads back as a loaded row's does."""
+    return table.c[key].type.member(value)
 
 
 class Base(DeclarativeBase):

@@ -135,6 +135,33 @@ class CorrectionRefused(Conflict):
     title = "Correction refused"
 
 
+class UploadTooLarge(AutoSessionError):
+    """An upload past MAX_UPLOAD_BYTES on the wire: refused, nothing of it kept."""
+
+    status = 413
+    type = "/problems/upload-too-large"
+    title = "Upload too large"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the upload is larger than MAX_UPLOAD_BYTES ({limit} bytes)",
+                         max_upload_bytes=limit)
+
+
+class RateLimited(AutoSessionError):
+    """A client spent its request budget, or an address failed to authenticate too often.
+
+    Rendered with `Retry-After` by `app.api.ratelimit.render_rate_limited`."""
+
+    status = 429
+    type = "/problems/rate-limited"
+    title = "Too many requests"
+    retryable = True
+
+    def __init__(self, detail: str, *, limit: str, setting: str, retry_after: int) -> None:
+        super().__init__(detail, limit=limit, setting=setting, retry_after=retry_after)
+        self.retry_after = retry_after
+
+
 class CursorExpired(AutoSessionError):
     """The feed or stream cursor points before the oldest event still kept (retention)."""
 
@@ -153,6 +180,10 @@ class ServiceUnavailable(AutoSessionError):
     type = "/problems/unavailable"
     title = "Temporarily unavailable"
     retryable = True
+
+
+class StreamsFull(ServiceUnavailable):
+    """This process already serves its maximum number of event streams (STREAM_MAX)."""
 
 
 class SlotBusy(ServiceUnavailable):

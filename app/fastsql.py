@@ -70,7 +70,9 @@ class _Compiled:
         self.names: list[str] = list(compiled.positiontup or []) if self.positional \
             else list(compiled.binds)
         self.bind_processors: dict[str, Processor] = {}
-        for name, bind in compiled.binds.items():
+        # keyed by the name `construct_params` gives each bind (an anonymous one, a
+        # literal such as `status == SessionStatus.PENDING`, has no name of its own)
+        for bind, name in compiled.bind_names.items():
             if getattr(bind, "expanding", False):
                 raise ValueError(f"fastsql: expanding parameter {name!r} is not supported")
             self.bind_processors[name] = bind.type.dialect_impl(dialect).bind_processor(dialect)

@@ -53,14 +53,14 @@ def read_visible(conn: Connection, client: ClientIdentity, session_id: str) -> S
 
 def robot_side(session: Session | SessionView | Row[Any]) -> bool:
     """True while the robot that created the session is the one talking."""
-    return SessionType(session.session_type).is_robot and session.status != (
+    return session.session_type.is_robot and session.status != (
         SessionStatus.TRANSFERRED
     )
 
 
 def in_control(client: ClientIdentity, session: Session | SessionView | Row[Any], *,
                messages: bool) -> bool:
-    if SessionStatus(session.status).is_terminal:
+    if session.status.is_terminal:
         return True  # the state machine gives the precise answer
     if robot_side(session):
         if client.client_id == session.client_id:

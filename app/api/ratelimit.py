@@ -53,7 +53,7 @@ from app.api.http import runtime
 from app.api.problems import render_domain_error
 from app.clients.service import ClientIdentity, ClientRole
 from app.config import Settings
-from app.errors import AutoSessionError
+from app.errors import RateLimited
 from app.observability.metrics import RATE_LIMITED
 from app.runtime import Runtime
 
@@ -69,19 +69,6 @@ ROLE_SETTINGS = {
 AUTH_FAILURES_SETTING = "rate_limit_auth_failures"
 LEASE_SHARE = 100  # a process takes a client's budget 1/100 of it at a time
 MAX_LEASES = 4096  # clients with a lease in this process before expired ones are dropped
-
-
-class RateLimited(AutoSessionError):
-    """A client spent its request budget, or an address failed to authenticate too often."""
-
-    status = 429
-    type = "/problems/rate-limited"
-    title = "Too many requests"
-    retryable = True
-
-    def __init__(self, detail: str, *, limit: str, setting: str, retry_after: int) -> None:
-        super().__init__(detail, limit=limit, setting=setting, retry_after=retry_after)
-        self.retry_after = retry_after
 
 
 def render_rate_limited(exc: RateLimited) -> Response:

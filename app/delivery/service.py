@@ -34,6 +34,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session as DbSession
 
+from app.audit.operations import AuditOperation
 from app.clients.models import ApiClient
 from app.config import Settings
 from app.coordination.run_locks import run_lock
@@ -450,7 +451,7 @@ def redeliver(runtime: Runtime, delivery_id: str, *, actor: str,
     if session_id is not None:
         def work(tx: Any, session: Any) -> WebhookDelivery:
             delivery = reset(tx.db)
-            tx.audit(session, "redeliver", from_status=session.status, actor=actor,
+            tx.audit(session, AuditOperation.REDELIVER, from_status=session.status, actor=actor,
                      reason=reason, details={**details, "event_id": delivery.event_pk,
                                              "event_type": delivery.event_type})
             tx.uow.after_commit(runtime.hooks.events_written)  # start a delivery run

@@ -26,7 +26,7 @@ from app.detection.rules import ChatLine, RuleVerdict, judge_conversation
 from app.errors import Conflict, NotFound
 from app.messages.models import Message
 from app.runtime import Runtime
-from app.sessions.enums import Priority, SenderRole, SessionStatus, SessionType
+from app.sessions.enums import Priority, SenderRole, SessionStatus
 from app.sessions.models import Session
 from app.transfers.enums import TransferTrigger
 from app.transfers.schemas import TransferRequest, TransferView
@@ -49,7 +49,7 @@ class DetectionOutcome:
 
 
 def _is_watched(session: Session) -> bool:
-    return session.status == SessionStatus.ACTIVE and SessionType(session.session_type).is_robot
+    return session.status == SessionStatus.ACTIVE and session.session_type.is_robot
 
 
 def _lines(rows: Sequence[Message]) -> list[ChatLine]:

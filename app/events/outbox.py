@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy.orm import Session as DbSession
 
 from app.events.models import Event
+from app.events.types import EventType
 from app.sessions.enums import is_human_type
 from app.sessions.models import Session
 
@@ -33,7 +34,7 @@ def session_snapshot(session: Session) -> dict[str, Any]:
 
 def event_values(
     *,
-    type: str,
+    type: EventType,
     at: datetime,
     session: Session | None = None,
     data: dict[str, Any] | None = None,
@@ -62,7 +63,7 @@ def event_values(
 def record_event(
     db: DbSession,
     *,
-    type: str,
+    type: EventType,
     at: datetime,
     session: Session | None = None,
     data: dict[str, Any] | None = None,

@@ -38,6 +38,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from app.db import Database, utcnow
+from app.errors import StreamsFull
 from app.events.feed import MAX_PAGE, SETTLE_SECONDS, EventView, read_feed, visible_events
 from app.events.models import Event
 from app.events.outbox import Audience
@@ -117,10 +118,6 @@ class Batch:
                                        visible_events(viewer.client_id, viewer.role))
             ).scalars().all())
         return [e for e in self.events if e.event_id in ids]
-
-
-class StreamsFull(Exception):
-    """This process already serves its maximum number of streams."""
 
 
 class EventHub:

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session as DbSession
 from app.db import Database, affected_rows, utcnow
 from app.errors import NotFound
 from app.events.outbox import Audience, record_event
+from app.events.types import EventType
 from app.imports.counts import ImportCounts
 from app.imports.models import (
     ImportChunk,
@@ -196,7 +197,7 @@ class JobLifecycle:
         return [{"line": int(e["line"]), "error": str(e["error"])} for e in merged]
 
     def _announce(self, db: DbSession, job: ImportJob) -> None:
-        record_event(db, type="import.finished", at=job.finished_at or utcnow(),
+        record_event(db, type=EventType.IMPORT_FINISHED, at=job.finished_at or utcnow(),
                      audience=Audience.ADMIN, data={
                          "job_id": job.job_id, "status": job.status,
                          "total_rows": job.total_rows, "inserted": job.inserted,

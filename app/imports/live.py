@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from app.audit.operations import AuditOperation
+from app.events.types import EventType
 from app.fastsql import core_insert
 from app.ids import new_id
 from app.imports.counts import ImportCounts
@@ -15,7 +17,7 @@ from app.imports.rows import Msg
 from app.imports.writing import Writer, add_to_session, message_values
 from app.messages.models import Message
 from app.sessions import rules
-from app.sessions.enums import Origin, Priority, SenderRole, SessionStatus, SessionType
+from app.sessions.enums import Origin, Priority, SenderRole, SessionStatus
 from app.sessions.models import Session
 from app.transfers.enums import TransferTrigger
 from app.transfers.schemas import TransferRequest
@@ -61,10 +63,11 @@ def _attach_open(tx: Any, writer: Writer, pk: int, msgs: list[Msg],
     if last > session.last_activity_at:
         session.last_activity_at = last
         session.deadline_at = tx.service.deadline_for(session, tx.now)
-    tx.audit(session, "import-messages", from_status=session.status, reason="history import",
+    tx.audit(session, AuditOperation.IMPORT_MESSAGES, from_status=session.status,
+             reason="history import",
              details={"job_id": writer.job_id, "messages": len(msgs)})
     counts.sessions_updated += 1
-    if (session.status == S.ACTIVE and SessionType(session.session_type).is_robot
+    if (session.status == S.ACTIVE and session.session_type.is_robot
             and any(m.sender_role == SenderRole.COUNTERPART for m in msgs)
             and session.session_id not in tx.counterpart_sessions):
         tx.counterpart_sessions.append(session.session_id)
@@ -86,7 +89,7 @@ def _new_live_row(tx: Any, plan: NewSession, job_id: str | None) -> Session:
     session.deadline_at = tx.service.deadline_for(session, tx.now)
     tx.db.add(session)
     tx.db.flush()
-    tx.audit(session, "create", from_status=None, reason="history import",
+    tx.audit(session, AuditOperation.CREATE, from_status=None, reason="history import",
              details={"job_id": job_id, "origin": "import",
                       "first_message_at": plan.start.isoformat()})
     return session
@@ -104,7 +107,7 @@ def _live_session(tx: Any, writer: Writer, plan: NewSession, counts: ImportCount
         session.last_activity_at = max(plan.end, session.activated_at or plan.end)
     session.deadline_at = tx.service.deadline_for(session, tx.now)
     if session.status == S.PENDING:
-        tx.event("session.queued", session, {"origin": "import",
+        tx.event(EventType.SESSION_QUEUED, session, {"origin": "import",
                                               "occupant_session_id": occupant.session_id
                                               if occupant else None})
     if plan.handoff_at is not None and session.status == S.ACTIVE:
@@ -114,7 +117,7 @@ def _live_session(tx: Any, writer: Writer, plan: NewSession, counts: ImportCount
             agent_id=plan.messages[plan.handoff_at].sender_id,
         ))
     counts.sessions_created += 1
-    if (session.status == S.ACTIVE and SessionType(session.session_type).is_robot
+    if (session.status == S.ACTIVE and session.session_type.is_robot
             and any(m.sender_role == SenderRole.COUNTERPART for m in plan.messages)):
         tx.counterpart_sessions.append(session.session_id)
 
@@ -131,11 +134,12 @@ def _free_chat(tx: Any, writer: Writer, step: FreeChat, counts: ImportCounts) ->
     human.last_activity_at = plan.end
     human.deadline_at = tx.service.deadline_for(human, tx.now)
     robot = tx.db.get(Session, step.robot.pk)
-    tx.audit(robot, "import-conflict", from_status=robot.status,
+    tx.audit(robot, AuditOperation.IMPORT_CONFLICT, from_status=robot.status,
              reason="staff messages found in history while the robot session was active",
              details={"human_session_id": human.session_id, "job_id": writer.job_id})
     counts.sessions_created += 1
     counts.sessions_updated += 1
-    if plan.closed and S(human.status).occupies_slot:
-        tx.leave_slot(human, S.COMPLETED, operation="complete", event="session.completed",
+    if plan.closed and human.status.occupies_slot:
+        tx.leave_slot(human, S.COMPLETED, operation=AuditOperation.COMPLETE,
+                      event=EventType.SESSION_COMPLETED,
                       reason="history import: staff conversation already over")

@@ -44,14 +44,14 @@ class Known:
 
     @classmethod
     def of(cls, session: Session) -> Known:
-        status = S(session.status)
+        status = session.status
         start = session.first_message_at or session.activated_at or session.created_at
         end: datetime | None = None
         if status.is_terminal:
             candidates = [t for t in (session.ended_at, session.last_message_at) if t]
             end = max(candidates) if candidates else start
         return cls(pk=session.id, session_id=session.session_id,
-                   session_type=SessionType(session.session_type), status=status,
+                   session_type=session.session_type, status=status,
                    start=start, end=end, holds_slot=bool(session.holds_slot),
                    thread_id=session.thread_id)
 

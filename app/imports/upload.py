@@ -13,7 +13,7 @@ from sqlalchemy import insert, select
 from sqlalchemy.orm import Session as DbSession
 
 from app.db import Database, utcnow
-from app.errors import AutoSessionError, ValidationFailed
+from app.errors import UploadTooLarge, ValidationFailed
 from app.ids import new_id
 from app.imports import formats
 from app.imports.batch import ACTOR
@@ -24,18 +24,6 @@ from app.imports.segmenting import Grouping, GroupingOptions
 
 UPLOAD_PIECE = 1 << 20
 MAX_SESSION_GAP = 30 * 86400  # an upload's session_gap, at most (s)
-
-
-class UploadTooLarge(AutoSessionError):
-    """An upload past MAX_UPLOAD_BYTES on the wire: refused, nothing of it kept."""
-
-    status = 413
-    type = "/problems/upload-too-large"
-    title = "Upload too large"
-
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"the upload is larger than MAX_UPLOAD_BYTES ({limit} bytes)",
-                         max_upload_bytes=limit)
 
 
 class UploadReader(io.RawIOBase):
@@ -178,5 +166,5 @@ def _choice(name: str, value: str | None, allowed: list[str]) -> str | None:
         text = "utf-8-sig"
     if text not in allowed:
         raise ValidationFailed(
-            f"unknown {name} {value!r}", [{"field": name, "error": f"use one of {allowed}"}])
+            f"unknown {name} {value!r}", [{"field": name, "message": f"use one of {allowed}"}])
     return text

@@ -13,6 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session as DbSession
 
 from app.audit.models import Operation
+from app.audit.operations import AuditOperation
 from app.audit.trail import last_hashes, operation_values
 from app.fastsql import core_insert
 from app.ids import new_id
@@ -22,7 +23,7 @@ from app.imports.planning import Known, NewSession
 from app.imports.rows import Msg
 from app.messages.models import Message
 from app.sessions import rules
-from app.sessions.enums import Origin, Priority, SenderRole, SessionStatus, SessionType
+from app.sessions.enums import Origin, Priority, SenderRole, SessionStatus
 from app.sessions.models import Session
 from app.transfers.enums import TransferStatus, TransferTrigger
 from app.transfers.models import Transfer, transfer_values
@@ -62,7 +63,7 @@ def add_to_session(session: Session, messages: Sequence[Msg]) -> None:
         session.first_message_at = first
     if session.last_message_at is None or last > session.last_message_at:
         session.last_message_at = last
-    if session.origin == Origin.IMPORT and S(session.status).is_terminal and (
+    if session.origin == Origin.IMPORT and session.status.is_terminal and (
         session.ended_at is None or last > session.ended_at
     ):
         session.ended_at = last
@@ -93,10 +94,10 @@ class Writer:
             "session_id": public, "account_id": first.account_id, "shop_id": first.shop_id,
             "session_type": str(plan.session_type), "task_type": str(plan.task_type),
             "priority": int(rules.default_priority(plan.session_type, plan.task_type)),
-            "status": str(S.COMPLETED), "holds_slot": None, "pause_cause": None,
+            "status": S.COMPLETED, "holds_slot": None, "pause_cause": None,
             "owner_id": plan.owner_id,
             "assigned_agent_id": plan.owner_id if plan.session_type.is_human else None,
-            "origin": str(Origin.IMPORT), "created_at": plan.start, "requested_at": plan.start,
+            "origin": Origin.IMPORT, "created_at": plan.start, "requested_at": plan.start,
             "activated_at": plan.start, "ended_at": plan.end, "last_activity_at": plan.end,
             "deadline_at": None, "message_count": len(msgs),
             "robot_message_count": roles[SenderRole.ROBOT],
@@ -137,7 +138,7 @@ class Writer:
                     transfers.append(transfer)
                     details["transfer_id"] = transfer["transfer_id"]
                 audits.append(operation_values(
-                    session_pk=pk, session_id=values["session_id"], operation="import",
+                    session_pk=pk, session_id=values["session_id"], operation=AuditOperation.IMPORT,
                     from_status=None, to_status=S.COMPLETED, actor=self.actor, at=self.now,
                     prev_hash=None, reason="history import", details=details,
                 ))
@@ -172,13 +173,14 @@ class Writer:
                 staff_at = next((i for i, m in enumerate(msgs)
                                  if m.sender_role == SenderRole.HUMAN), None)
                 if (staff_at is not None and pk not in handed_over
-                        and SessionType(session.session_type).is_robot):
+                        and session.session_type.is_robot):
                     transfer = handoff_transfer(session, pk, msgs, staff_at,
                                                 ended_at=session.ended_at, closed=True)
                     transfers.append(transfer)
                     details["transfer_id"] = transfer["transfer_id"]
                 audits.append(operation_values(
-                    session_pk=pk, session_id=session.session_id, operation="import-messages",
+                    session_pk=pk, session_id=session.session_id,
+                    operation=AuditOperation.IMPORT_MESSAGES,
                     from_status=session.status, to_status=session.status, actor=self.actor,
                     at=self.now, prev_hash=prev_hashes.get(pk), reason="history import",
                     details=details,
@@ -222,9 +224,9 @@ def handoff_transfer(session: dict[str, Any] | Session, session_pk: int,
     recent = messages[max(0, handoff_at - 10):handoff_at]
     return transfer_values(
         session_pk=session_pk, session_id=public,
-        status=str(TransferStatus.COMPLETED if closed else TransferStatus.ACCEPTED),
+        status=TransferStatus.COMPLETED if closed else TransferStatus.ACCEPTED,
         urgency=int(Priority.HIGH), reason="hand-off found in imported history",
-        trigger=str(TransferTrigger.HISTORY), offered_agent_id=staff.sender_id,
+        trigger=TransferTrigger.HISTORY, offered_agent_id=staff.sender_id,
         agent_id=staff.sender_id,
         history={"session_id": public, "recent_message_ids": [m.message_id for m in recent]},
         at=staff.sent_at, expires_at=None, accepted_at=staff.sent_at,

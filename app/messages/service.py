@@ -60,7 +60,7 @@ _ACCEPTED_TRANSFER = Prepared(
     select(TRANSFERS.c.id, TRANSFERS.c.transfer_id, TRANSFERS.c.agent_id,
            TRANSFERS.c.first_response_at)
     .where(TRANSFERS.c.session_pk == bindparam("pk"),
-           TRANSFERS.c.status == str(TransferStatus.ACCEPTED))
+           TRANSFERS.c.status == TransferStatus.ACCEPTED)
     .limit(1))
 _FIRST_RESPONSE = Prepared(
     update(TRANSFERS)
@@ -118,7 +118,7 @@ class MessageService:
                 raise NotInControl(
                     f"cannot post messages to session {session_id}: it is {row.status} and "
                     "controlled by another party", current_status=str(row.status))
-            if not S(row.status).occupies_slot:
+            if not row.status.occupies_slot:
                 raise Conflict(
                     f"session {session_id} is {row.status}; messages are accepted only "
                     "while it is ACTIVE or TRANSFERRED", current_status=str(row.status))

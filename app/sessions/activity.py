@@ -126,7 +126,7 @@ class SessionActivity:
 
         def work(conn: Connection, row: Record) -> SessionView:
             in_control = control(conn, row) if control is not None else True
-            if S(row.status).is_terminal or not in_control:
+            if row.status.is_terminal or not in_control:
                 return session_view(row, {})
             now = utcnow()  # after the lock: ordered with any change of the row
             changes: dict[str, Any] = {"last_activity_at": now}

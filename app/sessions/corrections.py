@@ -31,8 +31,10 @@ from typing import Any, cast
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import Table, and_, func, or_, select, update
 
+from app.audit.operations import AuditOperation
 from app.db import affected_rows
 from app.errors import CorrectionRefused, NotFound, ValidationFailed
+from app.events.types import EventType
 from app.ids import new_id
 from app.messages.models import Message
 from app.sessions.enums import Origin, SenderRole, SessionStatus
@@ -161,7 +163,7 @@ def merge_sessions(
         if transfers:
             tx.db.execute(update(TRANSFERS).where(TRANSFERS.c.session_pk.in_(pks))
                           .values(session_pk=target.id, session_id=target.session_id))
-        if S(target.status).is_terminal:
+        if target.status.is_terminal:
             _merge_times(target, merged)
         tallies = _tally(tx, [target.id])
         _apply_tally(target, tallies.get(target.id, _Tally()))
@@ -170,15 +172,16 @@ def merge_sessions(
             _apply_tally(source, _Tally())
             source.merged_into = target.session_id
             count = held[source.id].count if source.id in held else 0
-            tx.audit(source, "merge", from_status=source.status, reason=reason, details={
+            tx.audit(source, AuditOperation.MERGE, from_status=source.status, reason=reason,
+                     details={
                 "merged_into": target.session_id, "messages": count,
                 "transfers": transfers_of[source.id], "operator": operator})
-            tx.event("session.merged", source, {
+            tx.event(EventType.SESSION_MERGED, source, {
                 "merged_into": target.session_id, "messages_moved": count, "reason": reason})
-        tx.audit(target, "merge", from_status=target.status, reason=reason, details={
+        tx.audit(target, AuditOperation.MERGE, from_status=target.status, reason=reason, details={
             "merged_from": merged_from, "messages": moved, "transfers": transfers,
             "message_count": target.message_count, "operator": operator})
-        tx.event("session.merged", target, {
+        tx.event(EventType.SESSION_MERGED, target, {
             "merged_from": merged_from, "messages_moved": moved,
             "message_count": target.message_count, "reason": reason})
         tx.db.flush()
@@ -237,15 +240,15 @@ def split_session(
         _split_times(head, tail)
         common = {"at_message_id": at_message_id, "messages": moved, "transfers": transfers,
                   "operator": operator}
-        tx.audit(head, "split", from_status=head.status, reason=reason,
+        tx.audit(head, AuditOperation.SPLIT, from_status=head.status, reason=reason,
                  details={"split_into": tail.session_id, **common,
                           "message_count": head.message_count})
-        tx.audit(tail, "split", from_status=None, reason=reason,
+        tx.audit(tail, AuditOperation.SPLIT, from_status=None, reason=reason,
                  details={"split_from": head.session_id, **common})
-        tx.event("session.split", head, {
+        tx.event(EventType.SESSION_SPLIT, head, {
             "split_into": tail.session_id, "at_message_id": at_message_id,
             "messages_moved": moved, "message_count": head.message_count, "reason": reason})
-        tx.event("session.split", tail, {
+        tx.event(EventType.SESSION_SPLIT, tail, {
             "split_from": head.session_id, "at_message_id": at_message_id,
             "message_count": tail.message_count, "reason": reason})
         tx.db.flush()
@@ -278,7 +281,7 @@ def _lock_on_slot(tx: SlotTx, session_ids: Sequence[str]) -> dict[str, Session]:
 
 
 def _refuse_occupant(session: Session, what: str) -> None:
-    if S(session.status).occupies_slot:
+    if session.status.occupies_slot:
         raise CorrectionRefused(
             f"cannot {what} session {session.session_id}: it occupies the slot "
             f"({session.status}); end it first", session_id=session.session_id,
@@ -286,7 +289,7 @@ def _refuse_occupant(session: Session, what: str) -> None:
 
 
 def _refuse_unless_ended(session: Session, what: str) -> None:
-    if not S(session.status).is_terminal:
+    if not session.status.is_terminal:
         raise CorrectionRefused(
             f"session {session.session_id} is {session.status}: only an ended session "
             f"(COMPLETED, CANCELLED, TIMEOUT) can be {what}", session_id=session.session_id,

@@ -17,9 +17,9 @@ from sqlalchemy import (
     bindparam,
     select,
 )
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, mapped_column, validates
 
-from app.db import Base, BigId, IdStr, JsonDoc, UTCDateTime
+from app.db import Base, BigId, EnumText, IdStr, JsonDoc, UTCDateTime, enum_member
 from app.fastsql import Prepared
 from app.sessions.enums import (
     Origin,
@@ -56,16 +56,17 @@ class Session(Base):
     session_id: Mapped[str] = mapped_column(IdStr(40), unique=True)
     account_id: Mapped[str] = mapped_column(IdStr(ID_LEN))
     shop_id: Mapped[str] = mapped_column(IdStr(ID_LEN))
-    session_type: Mapped[SessionType] = mapped_column(String(32))
-    task_type: Mapped[TaskType] = mapped_column(String(32))
+    session_type: Mapped[SessionType] = mapped_column(EnumText(SessionType, 32))
+    task_type: Mapped[TaskType] = mapped_column(EnumText(TaskType, 32))
     priority: Mapped[int] = mapped_column(Integer)
-    status: Mapped[SessionStatus] = mapped_column(String(16))
+    status: Mapped[SessionStatus] = mapped_column(EnumText(SessionStatus, 16))
     holds_slot: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
-    pause_cause: Mapped[PauseCause | None] = mapped_column(String(16), nullable=True)
+    pause_cause: Mapped[PauseCause | None] = mapped_column(EnumText(PauseCause, 16),
+                                                           nullable=True)
     owner_id: Mapped[str | None] = mapped_column(IdStr(ID_LEN), nullable=True)
     client_id: Mapped[str | None] = mapped_column(IdStr(40), nullable=True)
     assigned_agent_id: Mapped[str | None] = mapped_column(IdStr(ID_LEN), nullable=True)
-    origin: Mapped[Origin] = mapped_column(String(8), default=Origin.LIVE)
+    origin: Mapped[Origin] = mapped_column(EnumText(Origin, 8), default=Origin.LIVE)
 
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     requested_at: Mapped[datetime] = mapped_column(UTCDateTime)
@@ -106,6 +107,10 @@ class Session(Base):
     @property
     def slot(self) -> tuple[str, str]:
         return (self.account_id, self.shop_id)
+
+    @validates("session_type", "task_type", "status", "pause_cause", "origin")
+    def _as_member(self, key: str, value: Any) -> Any:
+        return enum_member(self.__table__, key, value)
 
 
 class Slot(Base):

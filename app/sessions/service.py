@@ -17,12 +17,14 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session as DbSession
 
+from app.audit.operations import AuditOperation
 from app.config import Settings
 from app.coordination.markers import BusySlots
 from app.coordination.slot_locks import SlotLocks
 from app.db import Database
 from app.errors import InvalidTransition, NotFound
 from app.events.outbox import Audience
+from app.events.types import EventType
 from app.ids import new_id
 from app.messages.service import LiveMessage, MessageOutcome, MessageService
 from app.sessions import rules
@@ -124,7 +126,7 @@ class SessionService(SlotTransactions):
                 counterpart_message_count=0,
                 unanswered=False,
             )
-            tx.audit(session, "create", from_status=None, reason=request.reason,
+            tx.audit(session, AuditOperation.CREATE, from_status=None, reason=request.reason,
                      details={"on_conflict": request.on_conflict, "priority": int(priority)})
             if free:
                 # The common case, in one INSERT: activated before it is inserted, the
@@ -138,7 +140,7 @@ class SessionService(SlotTransactions):
                 displaced = tx.claim_or_wait(session, on_conflict=request.on_conflict)
             if session.status == S.PENDING:
                 self.busy_slots.mark((request.account_id, request.shop_id))
-                tx.event("session.queued", session, {
+                tx.event(EventType.SESSION_QUEUED, session, {
                     "occupant_session_id": tx.occupant_id(),
                     "position": tx.position_of_newest(session),
                 })
@@ -163,9 +165,10 @@ class SessionService(SlotTransactions):
         paused until its owner resumes it."""
 
         def work(tx: SlotTx, session: Session) -> SessionView:
-            rules.check_transition(S(session.status), S.PAUSED)
+            rules.check_transition(session.status, S.PAUSED)
             session.pause_cause = PauseCause.OWNER
-            tx.leave_slot(session, S.PAUSED, operation="pause", event="session.paused",
+            tx.leave_slot(session, S.PAUSED, operation=AuditOperation.PAUSE,
+                          event=EventType.SESSION_PAUSED,
                           reason=reason or "paused by owner")
             return SessionView.model_validate(session)
 
@@ -180,10 +183,10 @@ class SessionService(SlotTransactions):
 
         def work(tx: SlotTx, session: Session) -> SessionView:
             if session.status != S.PAUSED:
-                rules.check_transition(S(session.status), S.ACTIVE)
+                rules.check_transition(session.status, S.ACTIVE)
                 raise InvalidTransition(
                     current=session.status, target=S.ACTIVE,
-                    allowed=sorted(rules.ALLOWED_TRANSITIONS[S(session.status)]),
+                    allowed=sorted(rules.ALLOWED_TRANSITIONS[session.status]),
                     detail=f"only a PAUSED session can be resumed; {session_id} is "
                     f"{session.status}" + (" and is activated when the slot frees"
                                            if session.status == S.PENDING else ""),
@@ -197,9 +200,9 @@ class SessionService(SlotTransactions):
                 session.last_activity_at = tx.now
                 session.deadline_at = self.deadline_for(session, tx.now)
                 occupant = tx.occupant()
-                tx.audit(session, "resume-wait", from_status=S.PAUSED, reason=reason,
+                tx.audit(session, AuditOperation.RESUME_WAIT, from_status=S.PAUSED, reason=reason,
                          details={"occupant_session_id": occupant.session_id if occupant else None})
-                tx.event("session.queued", session, {
+                tx.event(EventType.SESSION_QUEUED, session, {
                     "occupant_session_id": occupant.session_id if occupant else None,
                 })
             return SessionView.model_validate(session)
@@ -211,7 +214,7 @@ class SessionService(SlotTransactions):
         guard: Guard | None = None,
     ) -> SessionView:
         def work(tx: SlotTx, session: Session) -> SessionView:
-            rules.check_transition(S(session.status), S.COMPLETED)
+            rules.check_transition(session.status, S.COMPLETED)
             if result is not None:
                 session.result = result
             for transfer in tx.open_transfers(session):
@@ -219,9 +222,11 @@ class SessionService(SlotTransactions):
                 transfer.status = TransferStatus.COMPLETED if accepted else TransferStatus.CANCELLED
                 transfer.ended_at = tx.now
                 transfer.first_response_due_at = None
-                tx.event("transfer.completed" if accepted else "transfer.cancelled", session,
+                tx.event(EventType.TRANSFER_COMPLETED if accepted
+                         else EventType.TRANSFER_CANCELLED, session,
                          {"transfer_id": transfer.transfer_id}, audience=Audience.DESK)
-            tx.leave_slot(session, S.COMPLETED, operation="complete", event="session.completed",
+            tx.leave_slot(session, S.COMPLETED, operation=AuditOperation.COMPLETE,
+                          event=EventType.SESSION_COMPLETED,
                           reason=reason or "completed")
             return SessionView.model_validate(session)
 
@@ -232,9 +237,10 @@ class SessionService(SlotTransactions):
         guard: Guard | None = None,
     ) -> SessionView:
         def work(tx: SlotTx, session: Session) -> SessionView:
-            rules.check_transition(S(session.status), S.CANCELLED)
+            rules.check_transition(session.status, S.CANCELLED)
             tx.cancel_open_transfers(session, reason=reason or "session cancelled")
-            tx.leave_slot(session, S.CANCELLED, operation="cancel", event="session.cancelled",
+            tx.leave_slot(session, S.CANCELLED, operation=AuditOperation.CANCEL,
+                          event=EventType.SESSION_CANCELLED,
                           reason=reason or "cancelled")
             return SessionView.model_validate(session)
 
@@ -247,12 +253,13 @@ class SessionService(SlotTransactions):
 
         def work(tx: SlotTx, session: Session) -> SessionView | None:
             at = now or tx.now
-            if S(session.status).is_terminal or session.deadline_at is None:
+            if session.status.is_terminal or session.deadline_at is None:
                 return None
             if session.deadline_at > at:
                 return None  # a heartbeat or message arrived since the sweep looked
             tx.cancel_open_transfers(session, reason="session timed out")
-            tx.leave_slot(session, S.TIMEOUT, operation="timeout", event="session.timeout",
+            tx.leave_slot(session, S.TIMEOUT, operation=AuditOperation.TIMEOUT,
+                          event=EventType.SESSION_TIMEOUT,
                           reason="timeout",
                           details={"deadline_at": session.deadline_at.isoformat(),
                                    "status_before": str(session.status)})

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session as DbSession
 from sqlalchemy.orm import make_transient_to_detached
 
 from app.audit.models import OPERATIONS
+from app.audit.operations import AuditOperation
 from app.audit.trail import last_hash, operation_values
 from app.config import Settings
 from app.coordination.markers import BusySlots
@@ -30,6 +31,7 @@ from app.db import Database, UnitOfWork, is_retryable_db_error, one_of, utcnow
 from app.errors import FenceRejected, NotFound, ServiceUnavailable, SlotOccupied
 from app.events.models import EVENTS
 from app.events.outbox import Audience, event_values
+from app.events.types import EventType
 from app.fastsql import Prepared
 from app.sessions import rules
 from app.sessions.activity import deadline_after
@@ -79,8 +81,8 @@ def _count_ahead() -> Any:
     return select(func.count()).where(
         c.account_id == bindparam("account_id"),
         c.shop_id == bindparam("shop_id"),
-        one_of(c.status, [str(S.PENDING), str(S.PAUSED)]),
-        or_(c.pause_cause.is_(None), c.pause_cause != str(PauseCause.OWNER)),
+        one_of(c.status, [S.PENDING, S.PAUSED]),
+        or_(c.pause_cause.is_(None), c.pause_cause != PauseCause.OWNER),
         c.id != bindparam("session_pk"),
         or_(robot < mine, and_(robot == mine, or_(
             c.priority < bindparam("priority"),
@@ -199,8 +201,8 @@ class SlotTx:
             row = self.fence.occupant
             if row is not None:
                 return self.fence.occupant_session_id, rules.precedence(
-                    session_type=SessionType(row.session_type), priority=row.priority,
-                    requested_at=row.requested_at, seq=row.id, status=S(row.status))
+                    session_type=row.session_type, priority=row.priority,
+                    requested_at=row.requested_at, seq=row.id, status=row.status)
         if self.shared:
             raise NeedsTheSlot()
         occupant = self.occupant()
@@ -234,13 +236,13 @@ class SlotTx:
                    Session.status).where(
                 Session.account_id == self.account_id,
                 Session.shop_id == self.shop_id,
-                one_of(Session.status, [str(S.PENDING), str(S.PAUSED)]),
+                one_of(Session.status, [S.PENDING, S.PAUSED]),
                 or_(Session.pause_cause.is_(None), Session.pause_cause != PauseCause.OWNER),
             )
         ).all()
         ordered = sorted(rows, key=lambda r: rules.precedence(
-            session_type=SessionType(r.session_type), priority=r.priority,
-            requested_at=r.requested_at, seq=r.id, status=SessionStatus(r.status)))
+            session_type=r.session_type, priority=r.priority,
+            requested_at=r.requested_at, seq=r.id, status=r.status))
         return [r.id for r in ordered]
 
     def position_of_newest(self, session: Session) -> int:
@@ -269,7 +271,7 @@ class SlotTx:
     def audit(
         self,
         session: Session,
-        operation: str,
+        operation: AuditOperation,
         *,
         from_status: str | None,
         to_status: str | None = None,
@@ -311,7 +313,7 @@ class SlotTx:
 
     def event(
         self,
-        type: str,
+        type: EventType,
         session: Session,
         data: dict[str, Any] | None = None,
         audience: str | None = None,
@@ -338,8 +340,8 @@ class SlotTx:
         session: Session,
         target: SessionStatus,
         *,
-        operation: str,
-        event: str | None,
+        operation: AuditOperation,
+        event: EventType | None,
         reason: str | None = None,
         details: dict[str, Any] | None = None,
         event_data: dict[str, Any] | None = None,
@@ -362,7 +364,7 @@ class SlotTx:
     ) -> SessionStatus:
         """The in-memory half of `set_status` (no flush, audit or event): the status and
         everything that follows from it. Answers the status before."""
-        before = S(session.status)
+        before = session.status
         if self.shared and (target.occupies_slot or session.holds_slot):
             raise NeedsTheSlot()
         rules.check_transition(before, target)
@@ -394,10 +396,12 @@ class SlotTx:
         # Idle time counts from activation: a session that waited in line is not stale.
         session.last_activity_at = self.now
         if was == S.PAUSED:
-            self.set_status(session, S.ACTIVE, operation="resume", event="session.resumed",
+            self.set_status(session, S.ACTIVE, operation=AuditOperation.RESUME,
+                            event=EventType.SESSION_RESUMED,
                             reason=reason or "slot free")
         else:
-            self.set_status(session, S.ACTIVE, operation="activate", event="session.activated",
+            self.set_status(session, S.ACTIVE, operation=AuditOperation.ACTIVATE,
+                            event=EventType.SESSION_ACTIVATED,
                             reason=reason, event_data=event_data)
 
     def preempt(self, occupant: Session, by: Session) -> None:
@@ -407,12 +411,14 @@ class SlotTx:
         by.interrupted_session_id = occupant.session_id
         if occupant.status == S.TRANSFERRED:
             self.cancel_open_transfers(occupant, reason="interrupted by urgent takeover")
-            self.set_status(occupant, S.CANCELLED, operation="interrupt",
-                            event="session.cancelled", reason="interrupted", details=details,
+            self.set_status(occupant, S.CANCELLED, operation=AuditOperation.INTERRUPT,
+                            event=EventType.SESSION_CANCELLED, reason="interrupted",
+                            details=details,
                             event_data={"preempted_by": by.session_id})
         else:
             occupant.pause_cause = PauseCause.PREEMPTED
-            self.set_status(occupant, S.PAUSED, operation="preempt", event="session.paused",
+            self.set_status(occupant, S.PAUSED, operation=AuditOperation.PREEMPT,
+                            event=EventType.SESSION_PAUSED,
                             reason="preempted", details=details,
                             event_data={"preempted_by": by.session_id, "wait": True})
 
@@ -439,7 +445,7 @@ class SlotTx:
         if occupant_id == session.session_id:
             return []
         decision = rules.decide_conflict(
-            requester_type=SessionType(session.session_type),
+            requester_type=session.session_type,
             requester=precedence_of(session),
             occupant=occupant_precedence,
         )
@@ -466,7 +472,7 @@ class SlotTx:
             transfer.status = TransferStatus.CANCELLED
             transfer.ended_at = self.now
             transfer.first_response_due_at = None
-            self.event("transfer.cancelled", session,
+            self.event(EventType.TRANSFER_CANCELLED, session,
                        {"transfer_id": transfer.transfer_id, "reason": reason},
                        audience=Audience.DESK)
 
@@ -475,8 +481,8 @@ class SlotTx:
             self.db.execute(
                 select(Transfer).where(
                     Transfer.session_pk == session.id,
-                    one_of(Transfer.status, [str(TransferStatus.PENDING),
-                                            str(TransferStatus.ACCEPTED)]),
+                    one_of(Transfer.status, [TransferStatus.PENDING,
+                                            TransferStatus.ACCEPTED]),
                 )
             ).scalars()
         )
@@ -486,8 +492,8 @@ class SlotTx:
         session: Session,
         target: SessionStatus,
         *,
-        operation: str,
-        event: str,
+        operation: AuditOperation,
+        event: EventType,
         reason: str | None,
         details: dict[str, Any] | None = None,
     ) -> None:
@@ -501,11 +507,11 @@ class SlotTx:
 
 def precedence_of(session: Session) -> rules.Precedence:
     return rules.precedence(
-        session_type=SessionType(session.session_type),
+        session_type=session.session_type,
         priority=session.priority,
         requested_at=session.requested_at,
         seq=session.id or 0,
-        status=SessionStatus(session.status),
+        status=session.status,
     )
 
 

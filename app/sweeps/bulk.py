@@ -54,11 +54,13 @@ from sqlalchemy import (
 from sqlalchemy.exc import OperationalError
 
 from app.audit.models import OPERATIONS
+from app.audit.operations import AuditOperation
 from app.audit.trail import chain_hash
 from app.coordination.slot_locks import SlotKey
 from app.db import UTCDateTime, is_retryable_db_error
 from app.events.models import EVENTS
 from app.events.outbox import Audience
+from app.events.types import EventType
 from app.sessions.enums import HUMAN_TYPES, SessionStatus
 from app.sessions.models import SESSIONS, SLOTS
 from app.sessions.service import SessionService
@@ -352,7 +354,7 @@ def _insert_events(conn: Connection, pks: Sequence[int], before: SessionStatus,
         insert(EVENTS).from_select(
             [e.type, e.session_id, e.account_id, e.shop_id, e.client_id, e.audience,
              e.occurred_at, e.data],
-            select(literal("session.timeout"), s.session_id, s.account_id, s.shop_id,
+            select(literal(EventType.SESSION_TIMEOUT.value), s.session_id, s.account_id, s.shop_id,
                    s.client_id, audience, literal(now, UTCDateTime()), data)
             .where(_pk_in(s.id, pks))
             .order_by(s.id),
@@ -400,7 +402,7 @@ def _audit_rows(sessions: Sequence[_Held], now: datetime) -> dict[int, tuple[Any
         assert h.deadline_at is not None  # only due sessions get here
         details = {"deadline_at": h.deadline_at.isoformat(), "status_before": before}
         row_hash = chain_hash(
-            prev_hash=h.last_hash, session_id=h.due.session_id, operation="timeout",
+            prev_hash=h.last_hash, session_id=h.due.session_id, operation=AuditOperation.TIMEOUT,
             from_status=before, to_status=timeout, actor=ACTOR, reason=REASON,
             details=details, created_at=now,
         )

@@ -12,8 +12,10 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import select
 
+from app.audit.operations import AuditOperation
 from app.errors import NotFound
 from app.events.outbox import Audience
+from app.events.types import EventType
 from app.sessions.enums import SessionStatus
 from app.sessions.models import Session
 from app.sessions.service import SessionService
@@ -53,12 +55,12 @@ def expire_transfer(
             return None  # accepted, cancelled or already re-offered since the sweep looked
         old.status = TransferStatus.EXPIRED
         old.ended_at = tx.now
-        tx.event("transfer.expired", session, {
+        tx.event(EventType.TRANSFER_EXPIRED, session, {
             "transfer_id": old.transfer_id, "urgency": old.urgency,
             "offered_agent_id": old.offered_agent_id,
         }, audience=Audience.DESK)
         if session.status != SessionStatus.TRANSFERRED:
-            tx.audit(session, "transfer-expire", from_status=session.status,
+            tx.audit(session, AuditOperation.TRANSFER_EXPIRE, from_status=session.status,
                      details={"transfer_id": old.transfer_id, "reoffered": False})
             return None
         return _offer_again(service, tx, session, old)
@@ -93,11 +95,11 @@ def _offer_again(
     ))
     tx.db.add(new)
     tx.db.flush()
-    tx.audit(session, "transfer-escalate", from_status=session.status, details={
+    tx.audit(session, AuditOperation.TRANSFER_ESCALATE, from_status=session.status, details={
         "expired_transfer_id": old.transfer_id, "transfer_id": new.transfer_id,
         "urgency_before": old.urgency, "urgency": urgency, "offered_agent_id": offered,
     })
-    tx.event("transfer.offered", session, {
+    tx.event(EventType.TRANSFER_OFFERED, session, {
         "transfer_id": new.transfer_id, "urgency": urgency, "reason": new.reason,
         "trigger": str(new.trigger), "offered_agent_id": offered,
         "previous_transfer_id": old.transfer_id, "escalations": new.escalations,

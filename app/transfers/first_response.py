@@ -20,11 +20,12 @@ from sqlalchemy import select, update
 
 from app.db import Database, affected_rows
 from app.events.outbox import Audience, record_event
+from app.events.types import EventType
 from app.sessions.models import Session
 from app.transfers.enums import TransferStatus
 from app.transfers.models import Transfer
 
-OVERDUE_EVENT = "transfer.first_response_overdue"
+OVERDUE_EVENT = EventType.TRANSFER_FIRST_RESPONSE_OVERDUE
 
 
 def flag_overdue_first_responses(

@@ -5,10 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ForeignKey, Index, Integer, String, Text
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy import ForeignKey, Index, Integer, Text
+from sqlalchemy.orm import Mapped, mapped_column, validates
 
-from app.db import Base, BigId, IdStr, JsonDoc, UTCDateTime
+from app.db import Base, BigId, EnumText, IdStr, JsonDoc, UTCDateTime, enum_member
 from app.ids import new_id
 from app.sessions.models import ID_LEN
 from app.transfers.enums import TransferStatus, TransferTrigger
@@ -30,10 +30,10 @@ class Transfer(Base):
         BigId, ForeignKey("sessions.id")
     )
     session_id: Mapped[str] = mapped_column(IdStr(40))
-    status: Mapped[TransferStatus] = mapped_column(String(16))
+    status: Mapped[TransferStatus] = mapped_column(EnumText(TransferStatus, 16))
     urgency: Mapped[int] = mapped_column(Integer)
     reason: Mapped[str] = mapped_column(Text)
-    trigger: Mapped[TransferTrigger] = mapped_column(String(16))
+    trigger: Mapped[TransferTrigger] = mapped_column(EnumText(TransferTrigger, 16))
     requested_agent_id: Mapped[str | None] = mapped_column(IdStr(ID_LEN), nullable=True)
     offered_agent_id: Mapped[str | None] = mapped_column(IdStr(ID_LEN), nullable=True)
     agent_id: Mapped[str | None] = mapped_column(IdStr(ID_LEN), nullable=True)
@@ -57,6 +57,10 @@ class Transfer(Base):
     first_response_due_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     first_response_overdue_at: Mapped[datetime | None] = mapped_column(
         UTCDateTime, nullable=True)
+
+    @validates("status", "trigger")
+    def _as_member(self, key: str, value: Any) -> Any:
+        return enum_member(self.__table__, key, value)
 
 
 def transfer_values(

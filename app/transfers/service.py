@@ -16,12 +16,14 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session as DbSession
 
+from app.audit.operations import AuditOperation
 from app.errors import AlreadyAccepted, Conflict, InvalidTransition, NotAssignee, NotFound
 from app.events.outbox import Audience
+from app.events.types import EventType
 from app.ids import new_id
 from app.messages.models import Message
 from app.sessions import rules
-from app.sessions.enums import Origin, SessionStatus, SessionType
+from app.sessions.enums import Origin, SessionStatus
 from app.sessions.models import Session
 from app.sessions.schemas import SessionView
 from app.sessions.slot_tx import Guard, SlotTransactions, SlotTx, precedence_of
@@ -64,7 +66,7 @@ class TransferService:
         robot to leave, offer the desk."""
 
         def work(tx: SlotTx, session: Session) -> TransferView:
-            rules.check_transition(S(session.status), S.TRANSFERRED)
+            rules.check_transition(session.status, S.TRANSFERRED)
             return self.open_transfer(tx, session, request)
 
         return self.slots.run_on_session(session_id, actor, work, guard)
@@ -99,13 +101,14 @@ class TransferService:
         tx.db.add(transfer)
         session.last_activity_at = tx.now
         tx.set_status(
-            session, S.TRANSFERRED, operation="transfer", event="session.transferred",
+            session, S.TRANSFERRED, operation=AuditOperation.TRANSFER,
+            event=EventType.SESSION_TRANSFERRED,
             reason=request.reason,
             details={"transfer_id": transfer.transfer_id, "trigger": str(request.trigger),
                      "urgency": int(request.urgency), "offered_agent_id": offered},
             event_data={"transfer_id": transfer.transfer_id, "leave": True},
         )
-        tx.event("transfer.offered", session, {
+        tx.event(EventType.TRANSFER_OFFERED, session, {
             "transfer_id": transfer.transfer_id, "urgency": int(request.urgency),
             "reason": request.reason, "trigger": str(request.trigger),
             "offered_agent_id": offered,
@@ -149,11 +152,11 @@ class TransferService:
             session.assigned_agent_id = agent_id
             session.last_activity_at = tx.now
             session.deadline_at = self.slots.deadline_for(session, tx.now)
-            tx.audit(session, "transfer-accept", from_status=session.status,
+            tx.audit(session, AuditOperation.TRANSFER_ACCEPT, from_status=session.status,
                      actor=actor, details={"transfer_id": transfer_id, "agent_id": agent_id})
-            tx.event("transfer.accepted", session,
+            tx.event(EventType.TRANSFER_ACCEPTED, session,
                      {"transfer_id": transfer_id, "agent_id": agent_id}, audience=Audience.DESK)
-            tx.event("transfer.accepted", session,
+            tx.event(EventType.TRANSFER_ACCEPTED, session,
                      {"transfer_id": transfer_id, "agent_id": agent_id},
                      audience=Audience.OWNER)
             tx.db.flush()
@@ -193,9 +196,10 @@ class TransferService:
                 transfer.offered_at = tx.now
             details = {"transfer_id": transfer_id, "from_agent_id": before,
                        "agent_id": agent_id, "transfer_status": str(transfer.status)}
-            tx.audit(session, "transfer-reassign", from_status=session.status, reason=reason,
+            tx.audit(session, AuditOperation.TRANSFER_REASSIGN, from_status=session.status,
+                     reason=reason,
                      details=details)
-            tx.event("transfer.reassigned", session, {**details, "reason": reason},
+            tx.event(EventType.TRANSFER_REASSIGNED, session, {**details, "reason": reason},
                      audience=Audience.DESK)
             tx.db.flush()
             return TransferView.model_validate(transfer)
@@ -221,10 +225,10 @@ class TransferService:
             if session.status != S.TRANSFERRED:
                 raise InvalidTransition(
                     current=session.status, target=S.COMPLETED,
-                    allowed=sorted(rules.ALLOWED_TRANSITIONS[S(session.status)]),
+                    allowed=sorted(rules.ALLOWED_TRANSITIONS[session.status]),
                     detail=f"only a TRANSFERRED session can be handed back; {session_id} is "
                     f"{session.status}")
-            robot = SessionType(session.session_type).is_robot
+            robot = session.session_type.is_robot
             if request.outcome == "needs_robot" and not robot:
                 raise Conflict(
                     f"session {session_id} is a {session.session_type} session: there is no "
@@ -246,7 +250,8 @@ class TransferService:
                 transfer.first_response_due_at = None
                 transfer.hand_back = packet
                 transfer_ids.append(transfer.transfer_id)
-                tx.event("transfer.completed" if accepted else "transfer.cancelled", session,
+                tx.event(EventType.TRANSFER_COMPLETED if accepted
+                         else EventType.TRANSFER_CANCELLED, session,
                          {"transfer_id": transfer.transfer_id, "reason": "handed back"},
                          audience=Audience.DESK)
             resumed: Session | None = None
@@ -266,9 +271,9 @@ class TransferService:
             details = {"outcome": request.outcome, "transfer_ids": transfer_ids,
                        "agent_id": request.agent_id or assignee,
                        "handed_back_to": session.handed_back_to}
-            tx.set_status(session, S.COMPLETED, operation="hand-back",
-                          event="session.completed", reason="handed back", details=details)
-            tx.event("session.handed_back", session, {
+            tx.set_status(session, S.COMPLETED, operation=AuditOperation.HAND_BACK,
+                          event=EventType.SESSION_COMPLETED, reason="handed back", details=details)
+            tx.event(EventType.SESSION_HANDED_BACK, session, {
                 **packet, "transfer_ids": transfer_ids, "agent_id": request.agent_id or assignee,
                 "resumed_session_id": session.handed_back_to,
             }, audience=Audience.OWNER)
@@ -289,7 +294,7 @@ class TransferService:
         """The bot's new session takes the slot its old one just left; a waiting session
         that outranks it (a human in line, say) preempts it at once, as it would have
         had it asked now."""
-        tx.audit(resumed, "create", from_status=None, reason=resumed.reason,
+        tx.audit(resumed, AuditOperation.CREATE, from_status=None, reason=resumed.reason,
                  details={"handed_back_from": resumed.handed_back_from,
                           "priority": resumed.priority})
         tx.activate(resumed, event_data={"reason": "handed back",
@@ -298,7 +303,7 @@ class TransferService:
         for pk in tx.waiting()[:1]:
             candidate = tx.db.get_one(Session, pk)
             decision = rules.decide_conflict(
-                requester_type=SessionType(candidate.session_type),
+                requester_type=candidate.session_type,
                 requester=precedence_of(candidate), occupant=precedence_of(resumed))
             if decision is rules.ConflictDecision.PREEMPT:
                 tx.preempt(resumed, by=candidate)

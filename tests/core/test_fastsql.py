@@ -11,6 +11,7 @@ from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from app.fastsql import Prepared
+from app.sessions.enums import SessionStatus, SessionType
 from app.sessions.models import SESSION_BY_ID, SESSIONS
 from app.sessions.schemas import SessionView
 from app.transfers.schemas import TransferRequest
@@ -29,10 +30,24 @@ def test_a_session_row_reads_the_same_as_through_core(runtime, service):
             assert fast == core
             assert [type(fast[k]) for k in core] == [type(v) for v in core.values()]
         assert fast.status == "TRANSFERRED" and fast._asdict() == core
+        # the enum columns come back as their members, by either way
+        assert fast.status is SessionStatus.TRANSFERRED and core["status"] is fast.status
+        assert fast.session_type is SessionType.AUTO_BARGAIN
         assert fast["context"] == {"nested": {"list": [1, "two", None]}, "ü": True}
         assert fast["created_at"].tzinfo is not None
         assert prepared.one_or_none(conn, {"session_id": "ses_missing"}) is None
     assert SessionView.model_validate(fast) == SessionView.model_validate(core)
+
+
+def test_an_enum_literal_in_a_prepared_statement_binds_its_text(runtime, service):
+    """A literal (`status == SessionStatus.ACTIVE`) is an anonymous bind: its processor
+    is found by the name `construct_params` gives it."""
+    sid = ask(service, "AUTO_BARGAIN", shop="f3").session.session_id
+    active = Prepared(select(SESSIONS.c.status).where(
+        SESSIONS.c.session_id == bindparam("sid"), SESSIONS.c.status == SessionStatus.ACTIVE))
+    with runtime.database.connect() as conn:
+        for _ in range(2):
+            assert active.scalar(conn, {"sid": sid}) is SessionStatus.ACTIVE
 
 
 def test_updates_and_inserts_count_and_convert_like_core(runtime, service):

@@ -23,11 +23,11 @@ from sqlalchemy import func, select, update
 from werkzeug.datastructures import FileStorage, MultiDict
 from werkzeug.test import encode_multipart
 
+from app.errors import UploadTooLarge
 from app.imports import formats
 from app.imports.lifecycle import MAX_CHUNK_ATTEMPTS
 from app.imports.models import ImportChunk, ImportJob, ImportUploadPart
 from app.imports.service import ImportService
-from app.imports.upload import UploadTooLarge
 from app.manager import AutoSessionManager
 from app.sessions.models import Session
 from tests.imports.helpers import (

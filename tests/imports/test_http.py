@@ -8,6 +8,8 @@ from datetime import UTC, datetime
 
 import pytest
 
+from app.errors import ValidationFailed
+from app.imports.service import ImportService
 from tests.imports.helpers import as_csv, as_ndjson, conversation, gz
 
 T0 = datetime(2024, 5, 1, 9, 0, tzinfo=UTC)
@@ -80,4 +82,17 @@ def test_bad_requests_are_problems(admin):
     assert empty.status_code == 422
     unknown = admin.http.post("/api/v1/imports?format=xml", data=b"x", headers=admin.headers())
     assert unknown.status_code == 422
+    # the one field-error shape of every 422: {"field", "message"}
+    [error] = unknown.json["errors"]
+    assert error["field"] == "format" and error["message"]
+    assert "error" not in error
     assert admin.get("/api/v1/imports/imp_nope").status_code == 404
+
+
+@pytest.mark.parametrize("option", ["format", "encoding"])
+def test_an_unknown_upload_option_is_a_field_error_whatever_the_door(runtime, option):
+    with pytest.raises(ValidationFailed) as refused:
+        ImportService(runtime).create_job(io.BytesIO(b"[]"), **{option: "xml"})
+    [error] = refused.value.extra["errors"]
+    assert error == {"field": option, "message": error["message"]}
+    assert error["message"].startswith("use one of")
