@@ -7,7 +7,8 @@ more than one block of the file in memory, so memory stays flat as files grow â€
 whatever the file holds: a line, a record or an element past its bound is one bad
 record (never read whole), a row nested deeper than `MAX_JSON_DEPTH` or holding a
 string that is not valid Unicode is one bad row, and reading stops with
-`DecompressedTooLarge` once the decompressed bytes pass the job's limit (a gzip bomb).
+`DecompressedTooLarge` once the decompressed bytes pass the job's limit (a gzip bomb;
+`app.imports.decoding`).
 
 Lines are counted on `\\n` only. A bare `\\r` is not a line break: real exports
 carry stray carriage returns inside unquoted CSV fields, and Python's `csv`
@@ -96,7 +97,6 @@ def detect_format(filename: str | None, open_binary: OpenBinary, encoding: str,
     return ImportFormat.CSV
 
 
-# ---- text â†’ records -----------------------------------------------------------------
 def iter_records(text: IO[str], fmt: ImportFormat, *, clean: bool = False,
                  first_line: int = 1) -> Iterator[Record]:
     """The records of an upload; `clean` (from `scan_upload`) says every byte decoded,
