@@ -14,8 +14,8 @@ import pytest
 
 from app.bootstrap import bootstrap
 from app.delivery.service import kick_started
+from app.messages.service import LiveMessage
 from app.runtime import Runtime
-from app.sessions.activity import LiveMessage
 from app.sessions.enums import SenderRole
 from tests.core.helpers import ask
 from tests.delivery.test_webhooks import make_client, subscribe
