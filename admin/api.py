@@ -9,10 +9,9 @@ header on writes), see `admin.auth`.
 
 from __future__ import annotations
 
-from typing import IO, Any
+from typing import Any
 
-from flask import Blueprint, Response, request
-from pydantic import ConfigDict, Field, ValidationError
+from flask import Blueprint, Response
 
 from admin import audit as admin_audit
 from admin import sessions as admin_sessions
@@ -36,13 +35,11 @@ from admin.serializers import client_json
 from app.agents.service import AgentFilters, AgentService
 from app.api.auth import client_service
 from app.api.http import parse_body, parse_query, respond, runtime
-from app.api.problems import validation_problem
+from app.api.uploads import receive_upload
 from app.delivery.service import delivery_log, delivery_summary, redeliver
 from app.errors import NotFound, ValidationFailed
 from app.imports import jobs as import_jobs
-from app.imports import views as import_views
 from app.imports.service import ImportService
-from app.imports.views import bounded_upload
 from app.transfers.enums import TransferStatus
 
 bp = Blueprint("api", __name__, url_prefix="/api")
@@ -148,13 +145,6 @@ def list_agents() -> Response:
 
 
 # ---- import jobs ----------------------------------------------------------------------------
-class UploadQuery(import_views.GroupingQuery):
-    model_config = ConfigDict(extra="ignore")
-
-    format: str = Field(default="auto", max_length=8)
-    encoding: str = Field(default="auto", max_length=16)
-
-
 @bp.get("/imports")
 @admin_only
 def list_imports() -> Response:
@@ -173,35 +163,10 @@ def list_imports() -> Response:
 
 @bp.post("/imports")
 @admin_only
-@bounded_upload
 def upload_import() -> Response:
-    """The console's upload (also usable with a bearer token): multipart `file` or a raw
-    body, exactly like `POST /api/v1/imports`."""
-    query = parse_query(UploadQuery)
-    stream: IO[bytes]
-    filename = None
-    if request.mimetype == "multipart/form-data":
-        # The console's form sends the grouping options as fields beside the file
-        options = import_views.GroupingQuery.model_fields
-        fields = {k: v for k, v in request.form.items() if k in options and v != ""}
-        if fields:
-            try:
-                query = UploadQuery.model_validate({**query.model_dump(exclude_none=True),
-                                                    **fields})
-            except ValidationError as exc:
-                raise validation_problem(exc, where="form") from None
-        part = request.files.get("file")
-        if part is None:
-            raise ValidationFailed("send the export as the multipart part named 'file'",
-                                   [{"field": "file", "message": "missing"}])
-        stream, filename = part.stream, part.filename
-    else:
-        stream = request.stream
-    job = ImportService(runtime()).create_job(
-        stream, filename=filename, format=query.format, encoding=query.encoding,
-        actor=admin_client().actor, **query.options(),
-    )
-    runtime().dispatcher.start_import(job.job_id)
+    """The console's upload (also usable with a bearer token): the same upload as
+    `POST /api/v1/imports` (`app.api.uploads`), answered with the console's progress."""
+    job = receive_upload(actor=admin_client().actor)
     return respond(import_jobs.import_progress(job), status=202)
 
 

@@ -13,14 +13,22 @@ from flask import Blueprint, Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from admin import views as admin_views
-from app.api import agents, docs, events, health, ratelimit, sessions, transfers
+from app.api import (
+    agents,
+    docs,
+    events,
+    health,
+    imports,
+    ratelimit,
+    sessions,
+    transfers,
+    webhooks,
+)
 from app.api.http import RUNTIME_KEY, limit_request_bodies
 from app.api.metrics import bp as metrics_bp
 from app.api.observe import init_app as observe_requests
 from app.api.problems import register_error_handlers
 from app.config import get_settings
-from app.delivery import views as delivery_views
-from app.imports import views as import_views
 from app.runtime import Runtime
 
 BLUEPRINTS: tuple[Blueprint, ...] = (
@@ -30,8 +38,8 @@ BLUEPRINTS: tuple[Blueprint, ...] = (
     transfers.bp,
     agents.bp,
     events.bp,
-    import_views.bp,
-    delivery_views.bp,
+    imports.bp,
+    webhooks.bp,
     admin_views.bp,
     metrics_bp,
 )

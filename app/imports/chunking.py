@@ -4,7 +4,8 @@ A chunk is what one worker task takes: its rows are validated, grouped and store
 one transaction (a huge one-slot chunk in pages, `app.imports.pages`). The chunk of a
 row is a stable hash of its slot modulo the number of chunks, `ceil(rows / TASK_ROWS)`:
 no map of slots is kept, so memory does not grow with the file. Rows wait in per-chunk
-buffers that are written out as compressed pieces when they are full (`ChunkSpool`).
+buffers that are written out as compressed pieces when they are full (`ChunkSpool`;
+a piece's layout: `staged_row`, `pack_staged`, `unpack_rows`).
 
 Rows per task and BATCH_SIZE are two things (SPEC §10 as amended). BATCH_SIZE, the
 seed's 批处理大小, bounds one database batch: a chunk writes its messages, sessions,
@@ -28,16 +29,16 @@ through the paged path).
 
 from __future__ import annotations
 
+import json
 import math
 import zlib
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from app.imports.formats import staged_row
 from app.imports.rows import KNOWN_FIELDS, id_text
 
-StagedRow = str  # `<line>\t<JSON object>`, see `formats.staged_row`
+StagedRow = str  # `<line>\t<JSON object>`, see `staged_row`
 
 
 # Rows one worker task takes (about: whole slots are hashed into chunks).
@@ -75,7 +76,7 @@ def bucket_of(slot: tuple[str, str], buckets: int) -> int:
 
 
 class ChunkSpool:
-    """Per-chunk buffers of staged rows (`formats.staged_row`), written out through
+    """Per-chunk buffers of staged rows (`staged_row`), written out through
     `write(bucket, rows)`: all of them when they hold `spool_rows` rows or `spool_chars`
     characters together (memory stays bounded whatever the file), one bucket alone when
     it holds `piece_chars` (a piece stays well inside MySQL's max_allowed_packet)."""
@@ -127,3 +128,50 @@ class ChunkSpool:
             self._write(bucket, rows)
             self._buffered -= len(rows)
             self._buffered_chars -= chars
+
+
+# ---- staged row pieces (compressed JSON) -----------------------------------------------
+_ROW_DECODER = json.JSONDecoder()
+
+
+def staged_row(line: int, fields: dict[str, Any], source: str | None = None) -> str:
+    """One staged row, `<line>\\t<JSON object>`: the record's own text when given (no
+    second encoding), else its fields encoded. JSON text never holds a raw newline."""
+    if source is None:
+        source = json.dumps(fields, ensure_ascii=False, separators=(",", ":"), default=str)
+    return f"{line}\t{source}"
+
+
+def pack_staged(rows: list[str]) -> bytes:
+    """Staged rows, one per line, zlib-compressed (fast level: the pieces live briefly)."""
+    return zlib.compress("\n".join(rows).encode("utf-8", "surrogatepass"), 1)
+
+
+def pack_rows(rows: list[tuple[int, dict[str, Any]]]) -> bytes:
+    return pack_staged([staged_row(line, fields) for line, fields in rows])
+
+
+def unpack_rows(payload: bytes) -> Iterator[tuple[int, dict[str, Any]]]:
+    """The rows of a piece; also reads the layouts of earlier versions (one JSON array
+    `[[line, fields], …]`, or one `[line, fields]` per line), so a job split before an
+    upgrade still runs."""
+    text = zlib.decompress(payload).decode("utf-8", "surrogatepass")
+    if text[:1].isdigit():
+        decode = _ROW_DECODER.raw_decode
+        for row in text.split("\n"):
+            number, _, body = row.partition("\t")
+            fields, end = decode(body)  # one object and nothing around it: staged by us
+            if end != len(body):
+                raise ValueError(f"the staged row of line {number} is malformed")
+            yield int(number), fields
+        return
+    if not text:
+        return
+    if text.startswith("[[") or text == "[]":
+        for number, fields in json.loads(text):
+            yield number, fields
+        return
+    for line in text.split("\n"):
+        if line:
+            number, fields = json.loads(line)
+            yield number, fields

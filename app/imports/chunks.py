@@ -18,8 +18,8 @@ from sqlalchemy.orm import Session as DbSession
 
 from app.db import Database, affected_rows, utcnow
 from app.errors import NotFound
-from app.imports import formats
 from app.imports.batch import ACTOR, BatchContext, import_messages
+from app.imports.chunking import unpack_rows
 from app.imports.counts import ImportCounts, combined
 from app.imports.lifecycle import MAX_CHUNK_ATTEMPTS, MAX_ERRORS, TERMINAL, find_job
 from app.imports.models import ImportChunk, ImportChunkPart, ImportJob, ImportSlotMark
@@ -331,7 +331,7 @@ class ChunkProcessor:
         ).scalar_one_or_none()
         if payload is None:
             return 0
-        return min((line for line, _ in formats.unpack_rows(payload)), default=0)
+        return min((line for line, _ in unpack_rows(payload)), default=0)
 
     def chunks_left(self, job_id: str) -> int:
         """Chunks still pending (every chunk task asks: a count, not the list)."""

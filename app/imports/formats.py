@@ -1,4 +1,5 @@
-"""Reading chat exports as a stream of records, each with its 1-based line number.
+"""Reading chat exports as a stream of records, each with its 1-based line number (the
+text comes from `app.imports.decoding`).
 
 Formats: a JSON array, NDJSON (one object per line) or CSV with a header; text in
 UTF-8, UTF-8 with a BOM or GBK; optionally gzip-compressed. Nothing here holds
@@ -6,7 +7,8 @@ more than one block of the file in memory, so memory stays flat as files grow �
 whatever the file holds: a line, a record or an element past its bound is one bad
 record (never read whole), a row nested deeper than `MAX_JSON_DEPTH` or holding a
 string that is not valid Unicode is one bad row, and reading stops with
-`DecompressedTooLarge` once the decompressed bytes pass the job's limit (a gzip bomb).
+`DecompressedTooLarge` once the decompressed bytes pass the job's limit (a gzip bomb;
+`app.imports.decoding`).
 
 Lines are counted on `\\n` only. A bare `\\r` is not a line break: real exports
 carry stray carriage returns inside unquoted CSV fields, and Python's `csv`
@@ -15,55 +17,32 @@ module would split the record there.
 
 from __future__ import annotations
 
-import codecs
 import csv
-import io
 import json
 import re
-import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import IO, Any
 
+from app.imports.decoding import BLOCK, OpenBinary, UnreadableUpload, open_text
 from app.imports.rows import KNOWN_FIELDS
 from app.validation import MAX_JSON_DEPTH, check_tree, unicode_problem
 
-BLOCK = 1 << 16
 MAX_ELEMENT_CHARS = 1 << 20  # a JSON element bigger than this is malformed, not unfinished
 MAX_LINE_CHARS = 1 << 20  # an NDJSON or CSV line longer than this is a bad record
 MAX_RECORD_CHARS = 1 << 20  # a CSV record (quoted fields may span lines) longer: bad record
 MAX_CSV_COLUMNS = 1000
-GZIP_MAGIC = b"\x1f\x8b"
-UTF8_BOM = codecs.BOM_UTF8
 CR_STAND_IN = "\U0010fffd"  # a private-use code point that stands for a bare \r in CSV
 _BARE_CR = re.compile(r"\r(?!\n)")
 _UNDECODABLE = re.compile("[\udc80-\udcff]")  # surrogateescape's stand-ins for bad bytes
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-
-OpenBinary = Callable[[], IO[bytes]]
 
 
 class ImportFormat(StrEnum):
     JSON = "json"
     NDJSON = "ndjson"
     CSV = "csv"
-
-
-ENCODINGS = ("utf-8", "utf-8-sig", "gbk")
-
-
-class UnreadableUpload(ValueError):
-    """The upload as a whole cannot be read (not a row-level problem)."""
-
-
-class DecompressedTooLarge(UnreadableUpload):
-    """The upload expands past MAX_UPLOAD_EXPANDED_BYTES once decompressed."""
-
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"the upload expands past MAX_UPLOAD_EXPANDED_BYTES ({limit} bytes) "
-                         "once decompressed; nothing of it was imported")
-        self.limit = limit
 
 
 @dataclass(slots=True)
@@ -79,174 +58,6 @@ class Record:
     error: str | None = None
     source: str | None = None
 
-
-@dataclass(frozen=True, slots=True)
-class Scan:
-    """What one pass over the upload's bytes tells: the encoding, whether every byte
-    decodes in it (then no row can hold an undecodable byte), how many lines, how many
-    decompressed bytes, and (when asked for) line-aligned cut points: `(offset, line)`,
-    the byte offset just after a `\\n` and the number of the line that starts there."""
-
-    encoding: str
-    clean: bool
-    lines: int
-    size: int = 0
-    cuts: tuple[tuple[int, int], ...] = ()
-
-
-# ---- bytes → text -------------------------------------------------------------------
-def is_gzip(head: bytes) -> bool:
-    return head[:2] == GZIP_MAGIC
-
-
-class _CountedStream(io.RawIOBase):
-    """Bytes of `inner`, refused with `DecompressedTooLarge` past `limit` in total: a
-    gzip bomb stops after `limit` bytes were inflated, whichever pass reads it."""
-
-    def __init__(self, inner: IO[bytes], limit: int) -> None:
-        self._inner = inner
-        self._limit = limit
-        self._read = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        data = self._inner.read(min(len(buffer), BLOCK))
-        size = len(data)
-        self._read += size
-        if self._read > self._limit:
-            raise DecompressedTooLarge(self._limit)
-        buffer[:size] = data
-        return size
-
-    def close(self) -> None:
-        self._inner.close()
-        super().close()
-
-
-def open_decompressed(open_binary: OpenBinary, max_bytes: int | None = None) -> IO[bytes]:
-    """The upload's bytes, gunzipped on the fly when it starts with the gzip magic;
-    with `max_bytes`, reading past that many (decompressed) bytes raises
-    DecompressedTooLarge."""
-    raw = open_binary()
-    buffered = raw if isinstance(raw, io.BufferedReader) else io.BufferedReader(raw, BLOCK)  # type: ignore[arg-type,type-var]
-    stream: IO[bytes] = buffered  # type: ignore[assignment]
-    if is_gzip(buffered.peek(2)[:2]):
-        import gzip
-
-        stream = gzip.GzipFile(fileobj=buffered, mode="rb")  # type: ignore[assignment]
-    if max_bytes is None:
-        return stream
-    return io.BufferedReader(_CountedStream(stream, max_bytes), BLOCK)  # type: ignore[return-value]
-
-
-def detect_encoding(open_binary: OpenBinary, max_bytes: int | None = None) -> str:
-    """UTF-8 with a BOM, else UTF-8 if every byte decodes as UTF-8, else GBK.
-
-    The whole stream is checked (incrementally), so a GBK character deep in a file
-    that starts in ASCII is still found."""
-    return scan_upload(open_binary, max_bytes=max_bytes).encoding
-
-
-def scan_upload(open_binary: OpenBinary, encoding: str | None = None, *,
-                max_bytes: int | None = None, cut_every: int | None = None) -> Scan:
-    """One pass over the decompressed bytes: the encoding as `detect_encoding` finds it
-    (unless given), whether every byte decodes in it, the number of lines (`\\n`, plus a
-    last line without one) and, with `cut_every`, a cut at the first line start at or
-    past every `cut_every` bytes. Past `max_bytes` decompressed: DecompressedTooLarge."""
-    stream = open_decompressed(open_binary, max_bytes)
-    try:
-        head = stream.read(len(UTF8_BOM))
-        if encoding is None:
-            encoding = "utf-8-sig" if head == UTF8_BOM else "utf-8"
-            fallback = None if head == UTF8_BOM else "gbk"
-        else:
-            fallback = None
-        decoder: codecs.IncrementalDecoder | None = codecs.getincrementaldecoder(encoding)(
-            "strict")
-        lines = offset = 0
-        last = b""
-        block = head
-        cuts: list[tuple[int, int]] = []
-        next_cut = cut_every or 0
-        while block:
-            if decoder is not None:
-                try:
-                    decoder.decode(block)
-                except UnicodeDecodeError:
-                    # Not this encoding throughout: name the fallback, check no further.
-                    decoder, encoding = None, fallback or encoding
-            end = offset + len(block)
-            while cut_every and next_cut < end:  # the first line start at or past it
-                newline = block.find(b"\n", max(0, next_cut - offset - 1))
-                if newline < 0:
-                    break
-                cut = offset + newline + 1
-                cuts.append((cut, lines + block.count(b"\n", 0, newline + 1) + 1))
-                next_cut = cut + cut_every
-            lines += block.count(b"\n")
-            offset, last = end, block[-1:]
-            block = stream.read(BLOCK)
-        clean = decoder is not None
-        if decoder is not None:
-            try:
-                decoder.decode(b"", final=True)
-            except UnicodeDecodeError:
-                clean, encoding = False, fallback or encoding
-        return Scan(encoding=encoding, clean=clean, lines=lines + (last not in (b"", b"\n")),
-                    size=offset, cuts=tuple(c for c in cuts if c[0] < offset))
-    finally:
-        stream.close()
-
-
-class _RangeStream(io.RawIOBase):
-    """Bytes [start, stop) of `inner` (read from its beginning: a gzip stream cannot
-    seek, so the bytes before `start` are inflated and dropped, a block at a time)."""
-
-    def __init__(self, inner: IO[bytes], start: int, stop: int) -> None:
-        self._inner = inner
-        self._skip = start
-        self._left = stop - start
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        while self._skip > 0:
-            dropped = len(self._inner.read(min(self._skip, 1 << 20)))
-            if not dropped:
-                return 0
-            self._skip -= dropped
-        if self._left <= 0:
-            return 0
-        data = self._inner.read(min(len(buffer), self._left, BLOCK))
-        self._left -= len(data)
-        buffer[:len(data)] = data
-        return len(data)
-
-    def close(self) -> None:
-        self._inner.close()
-        super().close()
-
-
-def open_text_range(open_binary: OpenBinary, encoding: str, start: int, stop: int,
-                    max_bytes: int | None = None) -> IO[str]:
-    """`open_text` of the decompressed bytes [start, stop) alone: one part of an upload
-    cut at line starts (`Scan.cuts`), so no character and no line spans two parts."""
-    stream = _RangeStream(open_decompressed(open_binary, max_bytes), start, stop)
-    return io.TextIOWrapper(io.BufferedReader(stream, BLOCK), encoding=encoding,
-                            errors="surrogateescape", newline="\n")
-
-
-def open_text(open_binary: OpenBinary, encoding: str, max_bytes: int | None = None
-              ) -> IO[str]:
-    """Decoded text, split into lines on `\\n` only; undecodable bytes become
-    surrogates so that the row holding them is reported, not the whole file."""
-    return io.TextIOWrapper(
-        open_decompressed(open_binary, max_bytes), encoding=encoding,
-        errors="surrogateescape", newline="\n",
-    )
 
 
 def bounded_lines(text: IO[str], limit: int = MAX_LINE_CHARS) -> Iterator[str | None]:
@@ -286,7 +97,6 @@ def detect_format(filename: str | None, open_binary: OpenBinary, encoding: str,
     return ImportFormat.CSV
 
 
-# ---- text → records -----------------------------------------------------------------
 def iter_records(text: IO[str], fmt: ImportFormat, *, clean: bool = False,
                  first_line: int = 1) -> Iterator[Record]:
     """The records of an upload; `clean` (from `scan_upload`) says every byte decoded,
@@ -654,47 +464,3 @@ def _keys_are_normal(keys: tuple[str, ...]) -> bool:
 
 def _json_error(exc: Exception) -> str:
     return str(exc).split(": line", 1)[0]
-
-
-# ---- staged row pieces (compressed JSON) -----------------------------------------------
-def staged_row(line: int, fields: dict[str, Any], source: str | None = None) -> str:
-    """One staged row, `<line>\\t<JSON object>`: the record's own text when given (no
-    second encoding), else its fields encoded. JSON text never holds a raw newline."""
-    if source is None:
-        source = json.dumps(fields, ensure_ascii=False, separators=(",", ":"), default=str)
-    return f"{line}\t{source}"
-
-
-def pack_staged(rows: list[str]) -> bytes:
-    """Staged rows, one per line, zlib-compressed (fast level: the pieces live briefly)."""
-    return zlib.compress("\n".join(rows).encode("utf-8", "surrogatepass"), 1)
-
-
-def pack_rows(rows: list[tuple[int, dict[str, Any]]]) -> bytes:
-    return pack_staged([staged_row(line, fields) for line, fields in rows])
-
-
-def unpack_rows(payload: bytes) -> Iterator[tuple[int, dict[str, Any]]]:
-    """The rows of a piece; also reads the layouts of earlier versions (one JSON array
-    `[[line, fields], …]`, or one `[line, fields]` per line), so a job split before an
-    upgrade still runs."""
-    text = zlib.decompress(payload).decode("utf-8", "surrogatepass")
-    if text[:1].isdigit():
-        decode = _DECODER.raw_decode
-        for row in text.split("\n"):
-            number, _, body = row.partition("\t")
-            fields, end = decode(body)  # one object and nothing around it: staged by us
-            if end != len(body):
-                raise ValueError(f"the staged row of line {number} is malformed")
-            yield int(number), fields
-        return
-    if not text:
-        return
-    if text.startswith("[[") or text == "[]":
-        for number, fields in json.loads(text):
-            yield number, fields
-        return
-    for line in text.split("\n"):
-        if line:
-            number, fields = json.loads(line)
-            yield number, fields

@@ -33,7 +33,7 @@ from sqlalchemy import and_, delete, select
 
 from app.db import Database
 from app.fastsql import core_insert
-from app.imports import formats
+from app.imports.chunking import unpack_rows
 from app.imports.counts import ImportCounts
 from app.imports.models import ImportChunkPart
 from app.imports.rows import Msg
@@ -111,7 +111,7 @@ def read_staged(database: Database, job_pk: int, bucket: int, *, rows: int,
             payloads = list(db.execute(select(part.payload).where(*staged)
                                        .order_by(part.seq)).scalars())
         for payload in payloads:
-            yield from formats.unpack_rows(payload)
+            yield from unpack_rows(payload)
         return
     with database.read() as db:
         sizes = db.execute(select(part.seq, part.row_count).where(*staged)
@@ -129,7 +129,7 @@ def read_staged(database: Database, job_pk: int, bucket: int, *, rows: int,
             ).scalars())
         group, in_group = [], 0
         for payload in payloads:
-            yield from formats.unpack_rows(payload)
+            yield from unpack_rows(payload)
 
 
 def pack_msgs(msgs: Sequence[Msg]) -> bytes:

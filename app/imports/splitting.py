@@ -22,10 +22,18 @@ from app.db import Database, utcnow
 from app.errors import ServiceUnavailable
 from app.fastsql import core_insert
 from app.ids import new_id
-from app.imports import formats
-from app.imports.chunking import TASK_ROWS, ChunkSpool, StagedRow, chunk_count, slot_of
+from app.imports import decoding, formats
+from app.imports.chunking import (
+    TASK_ROWS,
+    ChunkSpool,
+    StagedRow,
+    chunk_count,
+    pack_staged,
+    slot_of,
+)
+from app.imports.decoding import UnreadableUpload
 from app.imports.dedup import resolve_session_slots
-from app.imports.formats import ImportFormat, UnreadableUpload
+from app.imports.formats import ImportFormat
 from app.imports.lifecycle import (
     MAX_CHUNK_ATTEMPTS,
     MAX_ERRORS,
@@ -142,7 +150,7 @@ class Splitter:
 
         try:
             cut_every = max(1, min(CUT_EVERY, self.part_min_bytes // 8))
-            scan = formats.scan_upload(opener, encoding, max_bytes=expanded,
+            scan = decoding.scan_upload(opener, encoding, max_bytes=expanded,
                                        cut_every=cut_every if self.split_parts > 1 else None)
             encoding = scan.encoding
             fmt = ImportFormat(fmt_name) if fmt_name else formats.detect_format(
@@ -153,11 +161,11 @@ class Splitter:
                 if cuts:
                     return self._plan_parts(job_id, job_pk, token, scan, cuts)
             else:
-                with formats.open_text(opener, encoding, expanded) as text:
+                with decoding.open_text(opener, encoding, expanded) as text:
                     rows_hint = formats.count_records(text, fmt)
             used_encoding = encoding
             outcome = self._split(
-                job_pk, lambda: formats.open_text(opener, used_encoding, expanded), fmt,
+                job_pk, lambda: decoding.open_text(opener, used_encoding, expanded), fmt,
                 chunk_count(rows_hint, self.task_rows), batch, clean=scan.clean, fence=fence)
         except SplitTakenOver:
             log.info("import %s: split taken over by another run; this one stops", job_id)
@@ -250,7 +258,7 @@ class Splitter:
                 fence.write(uow.session, sum(len(rows) for _, _, rows in batch_pieces))
                 core_insert(uow.session, ImportChunkPart, [
                     {"job_pk": job_pk, "bucket": bucket, "seq": seq, "row_count": len(rows),
-                     "payload": formats.pack_staged(rows)}
+                     "payload": pack_staged(rows)}
                     for bucket, seq, rows in batch_pieces], batch=batch)
                 uow.commit()
 
@@ -303,7 +311,7 @@ class Splitter:
         return Splitter._Split(records, dict(spool.rows_per_bucket), invalid, errors)
 
     # ---- the split in parts ---------------------------------------------------------------
-    def _part_cuts(self, scan: formats.Scan) -> list[tuple[int, int]]:
+    def _part_cuts(self, scan: decoding.Scan) -> list[tuple[int, int]]:
         """Where an NDJSON upload is cut into parts: `(offset, line)` of each part's start
         after the first; none for an upload smaller than two parts. Parts are about equal
         in bytes, at most `split_parts` of them (more parts than workers would only
@@ -319,7 +327,7 @@ class Splitter:
                 cuts.append(cut)
         return cuts
 
-    def _plan_parts(self, job_id: str, job_pk: int, token: str, scan: formats.Scan,
+    def _plan_parts(self, job_id: str, job_pk: int, token: str, scan: decoding.Scan,
                     cuts: list[tuple[int, int]]) -> PrepareOutcome:
         """Write the parts of an NDJSON upload (still this split's: its token) and move
         the job to `split_parts`: the task layer sends one task per part."""
@@ -392,7 +400,7 @@ class Splitter:
 
         try:
             outcome = self._split(
-                job_pk, lambda: formats.open_text_range(opener, encoding, start, end, expanded),
+                job_pk, lambda: decoding.open_text_range(opener, encoding, start, end, expanded),
                 ImportFormat.NDJSON, buckets, batch, clean=clean, fence=fence,
                 first_line=first_line, seq_base=low)
             with self.database.unit_of_work() as uow:

@@ -15,9 +15,9 @@ from sqlalchemy.orm import Session as DbSession
 from app.db import Database, utcnow
 from app.errors import UploadTooLarge, ValidationFailed
 from app.ids import new_id
-from app.imports import formats
 from app.imports.batch import ACTOR
-from app.imports.formats import ENCODINGS, ImportFormat
+from app.imports.decoding import ENCODINGS, GZIP_MAGIC
+from app.imports.formats import ImportFormat
 from app.imports.lifecycle import ImportJobView, JobLifecycle, JobStatus
 from app.imports.models import ImportJob, ImportUploadPart
 from app.imports.segmenting import Grouping, GroupingOptions
@@ -122,7 +122,7 @@ class Uploads:
                                        [{"field": "file", "message": "no bytes received"}])
             job.size_bytes, job.upload_parts = size, parts
             job.compression = "gzip" if _first_bytes(uow.session, job.id).startswith(
-                formats.GZIP_MAGIC) else None
+                GZIP_MAGIC) else None
             uow.commit()
             return self.jobs.view(uow.session, job)
 

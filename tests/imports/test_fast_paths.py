@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from app.db import UTCDateTime
 from app.fastsql import _MYSQL_ESCAPES, STATEMENT_CHARS, core_insert, mysql_utc_text
-from app.imports import formats
+from app.imports import chunking, decoding, formats
 from app.imports.chunking import ChunkSpool, bucket_of
 from app.imports.formats import ImportFormat
 from app.imports.rows import ChatRow, Msg, check_msg, plain_msg, validate_row
@@ -104,7 +104,7 @@ def test_ndjson_count_matches_the_records_read():
     body = ("\ufeff" + json.dumps(BASE) + "\n\n   \n" + "{not json\n" + '"a string"\n'
             + "\ufeff\n" + json.dumps(BASE) + "\r\n" + json.dumps(BASE)).encode()
     def text() -> io.TextIOWrapper:
-        return formats.open_text(lambda: io.BytesIO(body), "utf-8")  # type: ignore[return-value]
+        return decoding.open_text(lambda: io.BytesIO(body), "utf-8")  # type: ignore[return-value]
     with text() as t:
         read = list(formats.iter_records(t, ImportFormat.NDJSON))
     with text() as t:
@@ -118,7 +118,7 @@ def test_escaped_lone_surrogates_are_still_refused_and_pairs_accepted(fmt):
     lines = [json.dumps(r) for r in rows]  # ensure_ascii: \\udc80, \\ud83d\\ude00
     body = ("\n".join(lines) if fmt is ImportFormat.NDJSON
             else "[\n" + ",\n".join(lines) + "\n]").encode()
-    with formats.open_text(lambda: io.BytesIO(body), "utf-8") as t:
+    with decoding.open_text(lambda: io.BytesIO(body), "utf-8") as t:
         read = list(formats.iter_records(t, fmt))
     assert [r.fields is None for r in read] == [True, False, False]
     assert read[1].fields["content"] == "emoji \U0001f600"
@@ -126,11 +126,11 @@ def test_escaped_lone_surrogates_are_still_refused_and_pairs_accepted(fmt):
 
 def test_staged_pieces_round_trip_and_old_pieces_still_read():
     rows = [(3, {"content": "你好", "n": 1}), (9, {"content": "line\nbreak"})]
-    assert list(formats.unpack_rows(formats.pack_rows(rows))) == rows
+    assert list(chunking.unpack_rows(chunking.pack_rows(rows))) == rows
     old = zlib.compress("\n".join(json.dumps([n, f], ensure_ascii=False)
                                   for n, f in rows).encode())
-    assert list(formats.unpack_rows(old)) == rows
-    assert list(formats.unpack_rows(formats.pack_rows([]))) == []
+    assert list(chunking.unpack_rows(old)) == rows
+    assert list(chunking.unpack_rows(chunking.pack_rows([]))) == []
 
 
 @pytest.mark.parametrize(("data", "given", "expected"), [
@@ -147,10 +147,10 @@ def test_staged_pieces_round_trip_and_old_pieces_still_read():
 def test_one_scan_finds_the_encoding_the_lines_and_whether_every_byte_decodes(
         data, given, expected):
     for body in (data, gz(data)):
-        scan = formats.scan_upload(lambda b=body: io.BytesIO(b), given)
+        scan = decoding.scan_upload(lambda b=body: io.BytesIO(b), given)
         assert (scan.encoding, scan.clean, scan.lines) == expected
         if given is None:
-            assert formats.detect_encoding(lambda b=body: io.BytesIO(b)) == scan.encoding
+            assert decoding.detect_encoding(lambda b=body: io.BytesIO(b)) == scan.encoding
 
 
 def test_a_clean_scan_reads_the_same_records_and_still_refuses_escaped_surrogates():
@@ -158,7 +158,7 @@ def test_a_clean_scan_reads_the_same_records_and_still_refuses_escaped_surrogate
     body = "\n".join(json.dumps(r) for r in rows).encode()
     read = {}
     for clean in (False, True):
-        with formats.open_text(lambda: io.BytesIO(body), "utf-8") as t:
+        with decoding.open_text(lambda: io.BytesIO(body), "utf-8") as t:
             read[clean] = [(r.line, r.fields, r.error) for r in
                            formats.iter_records(t, ImportFormat.NDJSON, clean=clean)]
     assert read[True] == read[False]
@@ -168,7 +168,7 @@ def test_a_clean_scan_reads_the_same_records_and_still_refuses_escaped_surrogate
 def test_the_split_stages_a_lines_own_text_only_when_it_decodes_to_the_kept_fields():
     lines = [json.dumps(BASE), json.dumps({**BASE, "Shop ID": "other"}),
              json.dumps({**BASE, "extra": "x" * 50}), json.dumps({"Account-ID": "a", **BASE})]
-    with formats.open_text(lambda: io.BytesIO("\n".join(lines).encode()), "utf-8") as t:
+    with decoding.open_text(lambda: io.BytesIO("\n".join(lines).encode()), "utf-8") as t:
         records = list(formats.iter_records(t, ImportFormat.NDJSON))
     assert [r.source is not None for r in records] == [True, False, True, False]
     staged: list[str] = []
@@ -177,7 +177,7 @@ def test_the_split_stages_a_lines_own_text_only_when_it_decodes_to_the_kept_fiel
         spool.add(("acc", "shop"), r.line, r.fields, r.source)
     spool.flush()
     assert staged[0] == f"1\t{lines[0]}"  # the line itself, not encoded again
-    unpacked = list(formats.unpack_rows(formats.pack_staged(staged)))
+    unpacked = list(chunking.unpack_rows(chunking.pack_staged(staged)))
     known = [{k: v for k, v in r.fields.items() if k != "extra"} for r in records]
     assert unpacked == [(r.line, fields) for r, fields in zip(records, known, strict=True)]
     assert unpacked[1][1]["shop_id"] == "other"  # the normalised key, as the chunk reads it

@@ -7,8 +7,9 @@ from datetime import UTC, datetime
 
 import pytest
 
-from app.imports import formats
-from app.imports.formats import ImportFormat, UnreadableUpload
+from app.imports import decoding, formats
+from app.imports.decoding import UnreadableUpload
+from app.imports.formats import ImportFormat
 from tests.imports.helpers import as_csv, as_json, as_ndjson, conversation, gz, run_job
 
 T = datetime(2024, 3, 1, 8, 0, tzinfo=UTC)
@@ -18,7 +19,7 @@ ROWS = conversation("shop-1", T, "crch") + [
 
 
 def records(data: bytes, fmt: ImportFormat, encoding: str = "utf-8") -> list[formats.Record]:
-    with formats.open_text(lambda: io.BytesIO(data), encoding) as text:
+    with decoding.open_text(lambda: io.BytesIO(data), encoding) as text:
         return list(formats.iter_records(text, fmt))
 
 
@@ -43,16 +44,16 @@ def test_every_format_and_encoding_imports_the_same_rows(runtime, name, data):
 
 def test_encoding_is_detected_from_bom_bytes_and_gbk():
     utf8 = as_csv(ROWS)
-    assert formats.detect_encoding(lambda: io.BytesIO(utf8)) == "utf-8"
-    assert formats.detect_encoding(lambda: io.BytesIO(b"\xef\xbb\xbf" + utf8)) == "utf-8-sig"
-    assert formats.detect_encoding(lambda: io.BytesIO(as_csv(ROWS, "gbk"))) == "gbk"
-    assert formats.detect_encoding(lambda: io.BytesIO(gz(as_csv(ROWS, "gbk")))) == "gbk"
+    assert decoding.detect_encoding(lambda: io.BytesIO(utf8)) == "utf-8"
+    assert decoding.detect_encoding(lambda: io.BytesIO(b"\xef\xbb\xbf" + utf8)) == "utf-8-sig"
+    assert decoding.detect_encoding(lambda: io.BytesIO(as_csv(ROWS, "gbk"))) == "gbk"
+    assert decoding.detect_encoding(lambda: io.BytesIO(gz(as_csv(ROWS, "gbk")))) == "gbk"
 
 
 def test_a_gbk_character_deep_in_an_ascii_file_is_still_found():
     ascii_rows = conversation("s", T, "cr" * 3000)
     data = as_csv(ascii_rows + [{**ascii_rows[0], "content": "退款"}], "gbk")
-    assert formats.detect_encoding(lambda: io.BytesIO(data)) == "gbk"
+    assert decoding.detect_encoding(lambda: io.BytesIO(data)) == "gbk"
 
 
 def test_csv_lines_are_where_each_record_starts_and_bare_cr_stays_in_the_field():
@@ -82,6 +83,7 @@ def test_json_array_reports_the_line_of_a_malformed_element_and_goes_on():
 
 
 def test_json_array_read_in_small_blocks_keeps_elements_whole(monkeypatch):
+    monkeypatch.setattr(decoding, "BLOCK", 7)
     monkeypatch.setattr(formats, "BLOCK", 7)
     rows = conversation("s", T, "crh" * 20)
     got = records(as_json(rows), ImportFormat.JSON)

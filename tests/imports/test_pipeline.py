@@ -11,7 +11,7 @@ import pytest
 from freezegun import freeze_time
 from sqlalchemy import event, func, select
 
-from app.imports import formats
+from app.imports import chunking
 from app.imports.chunking import TASK_ROWS
 from app.imports.models import ImportChunk, ImportChunkPart, ImportUploadPart
 from app.imports.service import ImportService
@@ -42,7 +42,7 @@ def test_chunks_are_about_task_rows_and_hold_every_row_of_a_slot(runtime):
             for chunk in chunks:
                 for payload in db.execute(select(ImportChunkPart.payload).where(
                         ImportChunkPart.bucket == chunk.bucket)).scalars():
-                    for _line, fields in formats.unpack_rows(payload):
+                    for _line, fields in chunking.unpack_rows(payload):
                         slot_chunks[fields["shop_id"]].add(chunk.bucket)
         assert len(outcome.chunk_pks) == len(chunks) >= 6  # 200 rows / 20, minus empty buckets
         assert sum(c.row_count for c in chunks) == 200

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from app.imports import formats
+from app.imports import decoding, formats
 from app.imports.formats import ImportFormat
 from app.messages.models import Message
 from app.sessions.models import Session
@@ -36,7 +36,7 @@ pytestmark = pytest.mark.skipif(not TWITTER.exists() or not UBUNTU.exists(),
 
 
 def source_records(path: Path) -> list[formats.Record]:
-    with formats.open_text(lambda: path.open("rb"), "utf-8") as text:
+    with decoding.open_text(lambda: path.open("rb"), "utf-8") as text:
         return list(formats.iter_records(text, ImportFormat.CSV))
 
 

@@ -19,7 +19,7 @@ import pytest
 from sqlalchemy import func, select
 
 from app.db import utcnow
-from app.imports import formats
+from app.imports import chunking, decoding, formats
 from app.imports.chunking import bucket_of, slot_of
 from app.imports.models import ImportChunk, ImportChunkPart, ImportJob, ImportSplitPart
 from app.imports.service import ImportService
@@ -86,7 +86,7 @@ def staged_rows(runtime, job_id: str) -> list[tuple[int, int, dict]]:  # type: i
         pieces = db.execute(select(ImportChunkPart.bucket, ImportChunkPart.payload)
                             .where(ImportChunkPart.job_pk == job_pk)).all()
     return [(bucket, line, fields) for bucket, payload in pieces
-            for line, fields in formats.unpack_rows(payload)]
+            for line, fields in chunking.unpack_rows(payload)]
 
 
 @pytest.mark.parametrize("compressed", [False, True], ids=["plain", "gzip"])
@@ -173,11 +173,11 @@ def test_a_part_run_again_after_dying_midway_stages_each_row_once(runtime):
     with runtime.database.unit_of_work() as uow:
         part = uow.session.get(ImportSplitPart, first)
         part.token, part.heartbeat_at, part.attempts = "spl_dead", utcnow() - timedelta(hours=1), 1
-        leftovers = [(line, fields) for line, fields in formats.unpack_rows(
-            formats.pack_rows([(1, {"account_id": "acc-1", "shop_id": "shop-0"})]))]
+        leftovers = [(line, fields) for line, fields in chunking.unpack_rows(
+            chunking.pack_rows([(1, {"account_id": "acc-1", "shop_id": "shop-0"})]))]
         uow.session.add(ImportChunkPart(job_pk=part.job_pk, bucket=0,
                                         seq=(part.part << PART_SEQ_SHIFT) + 3, row_count=1,
-                                        payload=formats.pack_rows(leftovers)))
+                                        payload=chunking.pack_rows(leftovers)))
         uow.commit()
     service.split_part(job.job_id, first)  # quiet past the lease: taken over, leftovers gone
     service.split_part(job.job_id, second)
@@ -283,7 +283,7 @@ def test_two_real_workers_split_a_big_upload_in_parts_with_exact_counts(
 @pytest.mark.parametrize("cut_every", [1, 7, 64, 1 << 16])
 def test_the_scan_cuts_only_at_line_starts_and_numbers_their_lines(cut_every):
     text = b"".join(b"x" * (n * 37 % 211) + b"\n" * (1 + n % 3) for n in range(2_000)) + b"tail"
-    scan = formats.scan_upload(lambda: io.BytesIO(gzip.compress(text)), cut_every=cut_every)
+    scan = decoding.scan_upload(lambda: io.BytesIO(gzip.compress(text)), cut_every=cut_every)
     assert scan.size == len(text) and scan.lines == text.count(b"\n") + 1
     assert scan.cuts and all(0 < a < b for (a, _), (b, _) in zip(scan.cuts, scan.cuts[1:],
                                                                   strict=False))
@@ -294,6 +294,6 @@ def test_the_scan_cuts_only_at_line_starts_and_numbers_their_lines(cut_every):
         assert offset - previous >= cut_every or offset == text.find(b"\n", previous) + 1
         previous = offset
     start, stop = scan.cuts[len(scan.cuts) // 2][0], scan.cuts[-1][0]
-    with formats.open_text_range(lambda: io.BytesIO(gzip.compress(text)), "utf-8", start,
+    with decoding.open_text_range(lambda: io.BytesIO(gzip.compress(text)), "utf-8", start,
                                  stop) as part:
         assert part.read().encode() == text[start:stop]
