@@ -23,10 +23,10 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from app.api.http import parse_query, runtime
 from app.api.problems import validation_problem
-from app.errors import ValidationFailed
+from app.errors import UploadTooLarge, ValidationFailed
 from app.imports.lifecycle import ImportJobView
 from app.imports.service import ImportService
-from app.imports.upload import MAX_SESSION_GAP, UploadTooLarge
+from app.imports.upload import MAX_SESSION_GAP
 from app.validation import BoundaryModel
 
 
