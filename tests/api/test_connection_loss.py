@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from freezegun import freeze_time
 
-from tests.core.helpers import kill, pooled_connection_ids
+from tests.sessions.helpers import kill, pooled_connection_ids
 
 pytestmark = pytest.mark.services
 

@@ -12,8 +12,8 @@ from app.events.models import Event
 from app.manager import AutoSessionManager
 from app.transfers.models import Transfer
 from tests.api.test_events_api import drain
-from tests.core.helpers import audit_rows
-from tests.core.invariants import check_final_state
+from tests.sessions.helpers import audit_rows
+from tests.sessions.invariants import check_final_state
 
 DEEP: Any = 1
 for _ in range(40):

@@ -11,7 +11,7 @@ from sqlalchemy import select
 from app.events.models import Event
 from app.messages.models import Message
 from tests.api.test_hand_back_api import transferred
-from tests.core.helpers import audit_rows
+from tests.sessions.helpers import audit_rows
 
 
 def say(caller, sid: str, text: str, *, agent: str | None = None,  # type: ignore[no-untyped-def]

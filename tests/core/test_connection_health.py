@@ -19,7 +19,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 
 from app.db import is_retryable_db_error, make_engine
-from tests.core.helpers import ask, kill, pooled_connection_ids
+from tests.sessions.helpers import ask, kill, pooled_connection_ids
 
 pytestmark = pytest.mark.services
 

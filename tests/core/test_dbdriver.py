@@ -14,7 +14,7 @@ from sqlalchemy.engine import make_url
 from app import dbdriver
 from app.dbdriver import CachingConnection
 from app.transfers.schemas import TransferRequest
-from tests.core.helpers import ask
+from tests.sessions.helpers import ask
 
 pytestmark = pytest.mark.services
 

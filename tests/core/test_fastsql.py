@@ -15,7 +15,7 @@ from app.sessions.enums import SessionStatus, SessionType
 from app.sessions.models import SESSION_BY_ID, SESSIONS
 from app.sessions.schemas import SessionView
 from app.transfers.schemas import TransferRequest
-from tests.core.helpers import ask
+from tests.sessions.helpers import ask
 
 
 def test_a_session_row_reads_the_same_as_through_core(runtime, service):

@@ -17,8 +17,8 @@ from app.delivery.service import kick_started
 from app.messages.service import LiveMessage
 from app.runtime import Runtime
 from app.sessions.enums import SenderRole
-from tests.core.helpers import ask
 from tests.delivery.test_webhooks import make_client, subscribe
+from tests.sessions.helpers import ask
 
 ROOT = Path(__file__).resolve().parents[2]
 # Who may import the task layer: the composition root, the CLI and the WSGI entries.

@@ -14,9 +14,9 @@ from app.detection.service import analyse_with_llm, detect_session
 from app.messages.service import LiveMessage
 from app.runtime import build_runtime, set_runtime
 from app.transfers.models import Transfer
-from tests.core.helpers import ask, audit_rows, status_of
 from tests.detection.helpers import settled
 from tests.detection.llm_server import ChatCompletionsServer
+from tests.sessions.helpers import ask, audit_rows, status_of
 
 _ids = count(1)
 

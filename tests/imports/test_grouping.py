@@ -14,7 +14,6 @@ from app.imports.segmenting import split_at_gaps
 from app.manager import AutoSessionManager
 from app.sessions.enums import SenderRole
 from app.transfers.models import Transfer
-from tests.core.helpers import ask, audit_rows, events_for
 from tests.imports.helpers import (
     as_ndjson,
     conversation,
@@ -24,6 +23,7 @@ from tests.imports.helpers import (
     run_job,
     sessions_of,
 )
+from tests.sessions.helpers import ask, audit_rows, events_for
 
 T0 = datetime(2024, 5, 1, 9, 0, tzinfo=UTC)
 LATER = T0 + timedelta(days=2)  # "now" for history that is long over

@@ -165,7 +165,7 @@ def test_progress_is_visible_while_the_job_runs_and_jobs_are_listed(runtime):
     assert done.status == "succeeded" and done.started_at and done.finished_at
     assert [j.job_id for j in service.list()] == [job.job_id]
     from app.events.models import Event
-    from tests.core.helpers import events_for  # noqa: F401
+    from tests.sessions.helpers import events_for  # noqa: F401
 
     with runtime.database.read() as db:
         finished = db.execute(select(Event).where(Event.type == "import.finished")).scalar_one()

@@ -16,7 +16,7 @@ from sqlalchemy import select
 from app.runtime import build_runtime, set_runtime
 from app.transfers.models import Transfer
 from app.transfers.schemas import TransferRequest
-from tests.core.helpers import ask
+from tests.sessions.helpers import ask
 
 pytestmark = pytest.mark.services
 

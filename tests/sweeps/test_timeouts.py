@@ -15,7 +15,7 @@ from app.sessions.enums import SessionStatus
 from app.sessions.models import Session, Slot
 from app.sweeps.bulk import expire_batch
 from app.sweeps.service import sweep_sessions
-from tests.core.helpers import ask, audit_rows, events_for, status_of
+from tests.sessions.helpers import ask, audit_rows, events_for, status_of
 
 T0 = datetime(2024, 5, 1, 9, 0, tzinfo=UTC)
 

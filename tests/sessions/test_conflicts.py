@@ -8,7 +8,7 @@ from sqlalchemy import select
 from app.errors import InvalidTransition, NotFound, SlotOccupied
 from app.sessions.models import Session, Slot
 from app.transfers.schemas import TransferRequest
-from tests.core.helpers import ask, audit_rows, events_for, status_of
+from tests.sessions.helpers import ask, audit_rows, events_for, status_of
 
 
 def test_first_request_on_a_free_slot_is_active(runtime, service):

@@ -27,7 +27,7 @@ from app.runtime import Runtime
 from app.sessions.enums import SenderRole
 from app.sessions.schemas import SessionRequest
 from app.transfers.schemas import TransferRequest
-from tests.core.helpers import ask
+from tests.sessions.helpers import ask
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 POSTERS = 6

@@ -17,8 +17,8 @@ from app.runtime import build_runtime
 from app.sessions.models import Session
 from app.sessions.schemas import SessionRequest
 from app.sessions.slot import SlotFence
-from tests.core.helpers import ask, status_of
-from tests.core.invariants import check_final_state
+from tests.sessions.helpers import ask, status_of
+from tests.sessions.invariants import check_final_state
 
 
 def _read_in_thread(runtime, *, shared: bool = False):

@@ -17,7 +17,7 @@ from sqlalchemy import event, text
 from app.audit.trail import verify_chain
 from app.runtime import Runtime
 from app.sessions.models import Session
-from tests.core.helpers import ask, audit_rows, events_for
+from tests.sessions.helpers import ask, audit_rows, events_for
 
 
 @contextmanager

@@ -1,6 +1,6 @@
 """A random workload of slot operations, for the race tests (threads and processes).
 
-`python -m tests.core.race --slots 3 --ops 40 --threads 4 --seed 7` runs it against the
+`python -m tests.sessions.race --slots 3 --ops 40 --threads 4 --seed 7` runs it against the
 database/Redis named by the environment and prints one JSON line of counts.
 """
 

@@ -14,7 +14,7 @@ from app.runtime import Runtime
 from app.sessions import rules
 from app.sessions.enums import SessionStatus, SessionType
 from app.sessions.models import Session
-from tests.core.helpers import ask
+from tests.sessions.helpers import ask
 
 requests = st.lists(st.tuples(
     st.sampled_from(["AUTO_BARGAIN", "AUTO_FOLLOW_UP", "MANUAL_CUSTOMER_SERVICE",

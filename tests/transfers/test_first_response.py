@@ -22,7 +22,7 @@ from app.sweeps.service import sweep_first_responses
 from app.transfers.queries import TransferFilters, list_transfers
 from app.transfers.schemas import TransferRequest
 from tasks.sweeps import sweep_transfers_task
-from tests.core.helpers import ask
+from tests.sessions.helpers import ask
 
 T0 = datetime(2024, 5, 1, 9, 0, tzinfo=UTC)
 OVERDUE = "transfer.first_response_overdue"

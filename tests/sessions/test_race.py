@@ -15,8 +15,8 @@ import time
 import pytest
 import sqlalchemy as sa
 
-from tests.core.invariants import check_final_state, double_occupants
-from tests.core.race import run_workload
+from tests.sessions.invariants import check_final_state, double_occupants
+from tests.sessions.race import run_workload
 
 ALLOWED_ANSWERS = {
     "ok",
@@ -73,7 +73,7 @@ def test_processes_and_threads_racing_against_mariadb_and_redis(runtime, backend
             [
                 sys.executable,
                 "-m",
-                "tests.core.race",
+                "tests.sessions.race",
                 "--slots",
                 "3",
                 "--ops",
@@ -114,7 +114,7 @@ def test_creates_joining_a_hot_slots_line_race_its_changes_and_strand_nobody(run
     occupants, never a free slot with sessions waiting, every create answered."""
     from app.errors import AutoSessionError
     from app.sessions.slot import SlotFence
-    from tests.core.helpers import ask
+    from tests.sessions.helpers import ask
 
     service = runtime.sessions
     ask(service, "AUTO_BARGAIN", shop="hot")  # the first create takes the slot
@@ -180,7 +180,7 @@ def test_hand_back_racing_an_urgent_takeover_has_exactly_one_winner(runtime):
 
     from app.errors import InvalidTransition
     from app.transfers.schemas import HandBackRequest, TransferRequest
-    from tests.core.helpers import ask
+    from tests.sessions.helpers import ask
 
     service = runtime.sessions
     rng = random.Random(17)
@@ -254,7 +254,7 @@ def test_the_reply_lock_racing_a_reassign(runtime):
     from app.messages.service import LiveMessage
     from app.sessions.enums import SenderRole
     from app.transfers.schemas import TransferRequest
-    from tests.core.helpers import ask
+    from tests.sessions.helpers import ask
 
     select = sa.select
     service = runtime.sessions

@@ -11,7 +11,7 @@ from app.events.models import Event
 from app.sweeps.service import sweep_transfers
 from app.transfers.models import Transfer
 from app.transfers.schemas import TransferRequest
-from tests.core.helpers import ask, audit_rows, status_of
+from tests.sessions.helpers import ask, audit_rows, status_of
 
 T0 = datetime(2024, 5, 1, 9, 0, tzinfo=UTC)
 
