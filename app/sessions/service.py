@@ -31,8 +31,9 @@ from app.sessions import rules
 from app.sessions.activity import Control, ControlledIf, SessionActivity
 from app.sessions.enums import Origin, PauseCause, SessionStatus
 from app.sessions.models import Session
+from app.sessions.runner import SlotTransactions
 from app.sessions.schemas import CreateOutcome, SessionRequest, SessionView
-from app.sessions.slot_tx import Guard, ServiceHooks, SlotTransactions, SlotTx
+from app.sessions.slot_tx import Guard, ServiceHooks, SlotTx
 from app.transfers.enums import TransferStatus
 from app.transfers.schemas import (
     HandBackOutcome,

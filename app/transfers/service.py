@@ -25,8 +25,9 @@ from app.messages.models import Message
 from app.sessions import rules
 from app.sessions.enums import Origin, SessionStatus
 from app.sessions.models import Session
+from app.sessions.runner import SlotTransactions
 from app.sessions.schemas import SessionView
-from app.sessions.slot_tx import Guard, SlotTransactions, SlotTx, precedence_of
+from app.sessions.slot_tx import Guard, SlotTx, precedence_of
 from app.transfers.enums import TransferStatus
 from app.transfers.models import Transfer, transfer_values
 from app.transfers.routing import choose_agent

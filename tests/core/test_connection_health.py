@@ -82,7 +82,7 @@ def test_a_slot_transaction_on_a_dropped_connection_retries_and_commits(backend,
                                                                          service, caplog):
     ask(service, "AUTO_BARGAIN", shop="warm")  # the pool now holds a used connection
     # frozen clock: however slow the machine, the connections stay inside the ping window
-    with freeze_time(), caplog.at_level(logging.INFO, logger="app.sessions.slot_tx"):
+    with freeze_time(), caplog.at_level(logging.INFO, logger="app.sessions.runner"):
         ids = pooled_connection_ids(runtime)  # (given back to the pool on the frozen clock)
         assert ids
         for conn_id in ids:
