@@ -42,7 +42,7 @@ def run_lock(client: redis.Redis | None, name: str, *, ttl: float) -> Iterator[b
     try:
         got = bool(held.acquire())
     except RedisError as exc:
-        log.warning("sweep %s: lock service unreachable (%s); skipping this run", name, exc)
+        log.warning("run lock %s: lock service unreachable (%s); skipping this run", name, exc)
         got = False
     try:
         yield got
@@ -51,4 +51,4 @@ def run_lock(client: redis.Redis | None, name: str, *, ttl: float) -> Iterator[b
             try:
                 held.release()
             except RedisError:
-                log.warning("sweep %s: run lock expired before release", name)
+                log.warning("run lock %s: expired before release", name)

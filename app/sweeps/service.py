@@ -104,7 +104,7 @@ def sweep_sessions(
     started = time.monotonic()
     report = SweepReport()
     with run_lock(runtime.redis, f"{settings.redis_key_prefix}:sweep:sessions",
-                        ttl=budget + 30) as mine:
+                  ttl=budget + 30) as mine:
         if not mine:
             return SweepReport(ran=False)
         at = now or utcnow()
@@ -192,7 +192,7 @@ def sweep_transfers(
     started = time.monotonic()
     report = SweepReport()
     with run_lock(runtime.redis, f"{settings.redis_key_prefix}:sweep:transfers",
-                        ttl=max(60.0, settings.transfer_sweep_interval * 10)) as mine:
+                  ttl=max(60.0, settings.transfer_sweep_interval * 10)) as mine:
         if not mine:
             return SweepReport(ran=False)
         at = now or utcnow()
@@ -237,7 +237,7 @@ def sweep_first_responses(
     started = time.monotonic()
     report = SweepReport()
     with run_lock(runtime.redis, f"{settings.redis_key_prefix}:sweep:first-response",
-                        ttl=max(60.0, settings.transfer_sweep_interval * 10)) as mine:
+                  ttl=max(60.0, settings.transfer_sweep_interval * 10)) as mine:
         if not mine:
             return SweepReport(ran=False)
         at = now or utcnow()
