@@ -26,9 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from app.api.http import runtime
 from app.api.problems import validation_problem
 from app.clients.service import ClientIdentity
-from app.errors import NotFound, ServiceUnavailable, ValidationFailed
+from app.errors import NotFound, ValidationFailed
 from app.events.feed import SETTLE_SECONDS
-from app.events.stream import EventHub, EventSubscription, StreamsFull, Viewer
+from app.events.stream import EventHub, EventSubscription, Viewer
 from app.runtime import Runtime
 from app.validation import field_errors
 
@@ -122,10 +122,7 @@ def open_stream(client: ClientIdentity) -> Response:
                        f"{settings.stream_port} (the Procfile's `stream`), not by the API's")
     after = stream_cursor()
     hub = event_hub()
-    try:
-        hub.open()
-    except StreamsFull as exc:
-        raise ServiceUnavailable(str(exc)) from None
+    hub.open()  # StreamsFull (a 503) past STREAM_MAX_CONNECTIONS
     try:
         subscription = EventSubscription(
             hub, Viewer(client.client_id, str(client.role)), after=after,
