@@ -277,13 +277,14 @@ class Meter:
 
 # ---- the server ------------------------------------------------------------------------
 class Server:
-    def __init__(self, env: dict[str, str], port: int, log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], port: int, log_path: Path,
+                 root: Path = ROOT) -> None:
         self.line = procfile_web_line()
         self.base = f"http://127.0.0.1:{port}"
         self.log_path = log_path
         self.log_file = log_path.open("wb")
         # exec: the shell becomes gunicorn, so this pid is gunicorn's master
-        self.proc = subprocess.Popen(["sh", "-c", f"exec {self.line}"], cwd=ROOT, env=env,
+        self.proc = subprocess.Popen(["sh", "-c", f"exec {self.line}"], cwd=root, env=env,
                                      stdout=subprocess.DEVNULL, stderr=self.log_file)
         self.pid = self.proc.pid
 
@@ -731,6 +732,11 @@ def main() -> int:
     parser.add_argument("--sizes", help="sizing experiments, e.g. shipped,2x2,2x4,4x2: one "
                         "server per size (WEB_CONCURRENCY x WEB_THREADS; 'shipped' = none "
                         "set), all started at once, rounds alternating between them")
+    parser.add_argument("--compare", type=Path, metavar="CHECKOUT",
+                        help="also run the web process of another checkout of the project "
+                        "(e.g. a `git worktree` of an earlier commit, same migrations), "
+                        "shipped sizing, labelled 'base': code versions compared in the "
+                        "same run, rounds alternating")
     parser.add_argument("--database", default=DB_NAME)
     args = parser.parse_args()
     connections = [int(c) for c in args.connections.split(",") if c.strip()]
@@ -770,6 +776,12 @@ def main() -> int:
             port = free_port()
             envs[label] = server_env(url, port, size)
             servers[label] = Server(envs[label], port, workdir / f"gunicorn-{label}.log")
+        if args.compare is not None:  # the other checkout's code, the same environment
+            port = free_port()
+            envs["base"] = {**server_env(url, port, None),
+                            "PYTHONPATH": str(args.compare.resolve())}
+            servers["base"] = Server(envs["base"], port, workdir / "gunicorn-base.log",
+                                     root=args.compare.resolve())
         for server in servers.values():
             server.wait_ready()
         sizing = {label: server.sizing() for label, server in servers.items()}
