@@ -31,7 +31,7 @@ from typing import Any, cast
 from urllib.parse import urlsplit
 
 from flask import Flask, g, request, session
-from flask.sessions import SecureCookieSessionInterface
+from flask.sessions import SecureCookieSession, SecureCookieSessionInterface
 
 from admin.logins import console_login_client, end_console_login, start_console_login
 from app.api.auth import authenticate
@@ -56,7 +56,24 @@ _process_secret: str | None = None
 
 
 class ConsoleSessionInterface(SecureCookieSessionInterface):
-    """Flask's signed-cookie session with the console's cookie attributes."""
+    """Flask's signed-cookie session with the console's cookie attributes.
+
+    Every request opens and saves a session, API calls included; a request without the
+    console's cookie (every robot's call) gets an empty one without building the
+    signing serializer, and an empty, unchanged session is not saved — what Flask's own
+    code concludes for such a request, less its work (about 60 µs a call)."""
+
+    def open_session(self, app: Flask, request: Any) -> SecureCookieSession | None:
+        if app.secret_key and not request.cookies.get(COOKIE_NAME):
+            return self.session_class()
+        return super().open_session(app, request)
+
+    def save_session(self, app: Flask, session: Any, response: Any) -> None:
+        if not session and not session.modified:
+            if session.accessed:
+                response.vary.add("Cookie")
+            return
+        super().save_session(app, session, response)
 
     def get_cookie_name(self, app: Flask) -> str:
         return COOKIE_NAME

@@ -10,11 +10,12 @@ from typing import Any
 
 import pytest
 from flask import Flask
+from flask.sessions import SecureCookieSessionInterface
 from flask.testing import FlaskClient
 from freezegun import freeze_time
 from sqlalchemy import select
 
-from admin.auth import COOKIE_NAME, COOKIE_PATH
+from admin.auth import COOKIE_NAME, COOKIE_PATH, ConsoleSessionInterface
 from admin.models import ConsoleLogin
 from app.clients.service import ClientService, hash_token
 from app.db import utcnow
@@ -260,3 +261,61 @@ def test_console_requests_are_charged_to_the_admin_budget(limited_app: Flask, ad
     api = browser.get("/admin/api/stats")
     assert api.status_code == 429 and api.mimetype == "application/problem+json"
     assert api.get_json()["setting"] == "RATE_LIMIT_ADMIN"
+
+
+# ---- the session cookie: the shortcut for cookie-less calls answers as Flask would ------------
+class _FlaskOwnSession(ConsoleSessionInterface):
+    """The console's cookie attributes with Flask's own open/save (no shortcut)."""
+
+    open_session = SecureCookieSessionInterface.open_session  # type: ignore[assignment]
+    save_session = SecureCookieSessionInterface.save_session  # type: ignore[assignment]
+
+
+def _cookie_script(app: Flask, admin: Caller, bot: Caller, shop: str) -> list[tuple[Any, ...]]:
+    """A bot's calls, a log-in, pages, a log-out and calls after it: for each answer its
+    status, its Vary header and what its Set-Cookie says (the value aside: it is signed
+    with a time stamp)."""
+    http = app.test_client()
+    seen: list[tuple[Any, ...]] = []
+
+    def note(response: Any) -> Any:
+        cookies = [c.split(";", 1)[1] if ";" in c else "" for c in
+                   response.headers.getlist("Set-Cookie")]
+        emptied = [c.startswith(f"{COOKIE_NAME}=;") for c in
+                   response.headers.getlist("Set-Cookie")]
+        seen.append((response.status_code, response.headers.get("Vary"), cookies, emptied))
+        return response
+
+    bot_headers = {"Authorization": f"Bearer {bot.token}"}
+    note(http.get("/healthz"))
+    note(http.post("/api/v1/sessions", json={"account_id": "a", "shop_id": shop,
+                                              "session_type": "AUTO_BARGAIN"},
+                   headers=bot_headers))
+    note(http.get("/admin/"))
+    page = note(http.get("/admin/login"))
+    csrf = csrf_of(page.get_data(as_text=True))
+    note(http.post("/admin/login", data={"token": admin.token, "csrf_token": csrf}))
+    csrf = csrf_of(note(http.get("/admin/")).get_data(as_text=True))
+    note(http.get("/admin/api/stats"))
+    note(http.get("/api/v1/sessions/nope", headers=bot_headers))
+    note(http.post("/admin/logout", data={"csrf_token": csrf}))
+    note(http.get("/admin/"))
+    note(http.get("/healthz"))
+    return seen
+
+
+def test_cookie_less_calls_answer_as_flasks_own_session_would(runtime: Runtime, make_caller):
+    admin, bot = make_caller("admin", "ops-cookie"), make_caller("bot", "bot-cookie")
+    ours = create_app(runtime, TESTING=True)
+    assert isinstance(ours.session_interface, ConsoleSessionInterface)
+    flasks = create_app(runtime, TESTING=True)
+    flasks.session_interface = _FlaskOwnSession()
+
+    expected = _cookie_script(flasks, admin, bot, "shop-flask")
+    got = _cookie_script(ours, admin, bot, "shop-ours")
+    assert got == expected
+    # and the script did exercise both kinds of answer
+    assert any(cookies for _, _, cookies, _ in got) and any(not c for _, _, c, _ in got)
+    assert any(any(emptied) for *_, emptied in got)  # the log-out clears the cookie
+    api = got[1]
+    assert api[0] == 201 and api[2] == [] and api[1] is None  # a robot's call: no cookie
