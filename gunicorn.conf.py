@@ -30,8 +30,6 @@ from __future__ import annotations
 import math
 import os
 
-from gunicorn import glogging
-
 THREADS_PER_WORKER = 2
 MIN_WORKERS = 2
 EMBEDDED_THREADS = 8
@@ -92,19 +90,9 @@ else:
     threads = setting("WEB_THREADS", THREADS_PER_WORKER)
 
 
-class Logger(glogging.Logger):
-    """gunicorn's logger, its lines in LOG_FORMAT (set up again on a HUP)."""
-
-    def setup(self, cfg) -> None:  # type: ignore[no-untyped-def]
-        super().setup(cfg)
-        settings = _settings()
-        if settings is not None:
-            from app.observability import logs
-
-            logs.install(settings, "web", loggers=("gunicorn.error", "gunicorn.access"))
-
-
-logger_class = Logger
+# gunicorn's lines in LOG_FORMAT, redacted; access lines that build only the atoms the
+# format above names
+logger_class = "app.observability.access.GunicornLogger"
 
 
 def on_starting(server) -> None:  # type: ignore[no-untyped-def]
