@@ -8,7 +8,10 @@ import io
 
 import pymysql
 import pymysql.connections
+import pymysql.protocol
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from sqlalchemy.engine import make_url
 
 from app import dbdriver
@@ -31,6 +34,8 @@ def test_the_private_pymysql_api_it_relies_on_is_there():
     assert list(inspect.signature(result._get_descriptions).parameters) == ["self"]
     assert list(inspect.signature(pymysql.connections.Connection._read_query_result)
                 .parameters) == ["self", "unbuffered"]
+    assert list(inspect.signature(result._read_row_from_packet).parameters) == [
+        "self", "packet"]
     assert "packet_type" in inspect.signature(
         pymysql.connections.Connection._read_packet).parameters
     # the engine opens its connections with it
@@ -92,9 +97,9 @@ def _packet(seq: int, payload: bytes) -> bytes:
     return len(payload).to_bytes(3, "little") + bytes([seq]) + payload
 
 
-def _offline(stream: bytes, seq: int = 1) -> CachingConnection:
+def _offline(stream: bytes, seq: int = 1, buffer: int = 8192) -> CachingConnection:
     conn = CachingConnection(defer_connect=True)
-    conn._rfile = io.BytesIO(stream)
+    conn._rfile = io.BufferedReader(io.BytesIO(stream), buffer)  # as `socket.makefile`
     conn._next_seq_id = seq
     conn._current_timeout = conn._read_timeout  # as after the query's first packet
     return conn
@@ -102,7 +107,8 @@ def _offline(stream: bytes, seq: int = 1) -> CachingConnection:
 
 def test_descriptor_packets_are_read_as_pymysql_reads_them():
     conn = _offline(_packet(1, b"first") + _packet(2, b"second") + _packet(3, b"rest"))
-    assert dbdriver._read_descriptor_packets(conn, 2) == [b"first", b"second"]
+    assert dbdriver._read_descriptor_packets(conn, 2) == (
+        [b"first", b"second"], _packet(1, b"first") + _packet(2, b"second"))
     assert conn._next_seq_id == 3 and conn._read_packet().get_all_data() == b"rest"
     # a wrong sequence number is PyMySQL's own error (and closes the connection)
     wrong = _offline(_packet(1, b"first") + _packet(7, b"second"))
@@ -123,3 +129,110 @@ def test_datetimes_convert_exactly_as_pymysql_converts_them(text):
 
     assert dbdriver._datetime(text) == convert_datetime(text)
     assert type(dbdriver._datetime(text)) is type(convert_datetime(text))
+
+
+def _lenenc(value: bytes | None) -> bytes:
+    if value is None:
+        return b"\xfb"
+    n = len(value)
+    if n < 251:
+        return bytes([n]) + value
+    if n < 1 << 16:
+        return b"\xfc" + n.to_bytes(2, "little") + value
+    if n < 1 << 24:
+        return b"\xfd" + n.to_bytes(3, "little") + value
+    return b"\xfe" + n.to_bytes(8, "little") + value
+
+
+EOF_PACKET = b"\xfe\x00\x00\x02\x00"
+
+
+def test_a_known_descriptor_block_is_taken_in_one_read(runtime, service):
+    """The second run of a statement takes its descriptors from the read buffer at once;
+    a changed column (same count, other bytes) is read and parsed anew."""
+    ask(service, "AUTO_BARGAIN", shop="d3")
+    conn = connect(CachingConnection, runtime)
+    plain = connect(pymysql.connections.Connection, runtime)
+    reads = 0
+    read_bytes = conn._read_bytes
+
+    def counting(n: int) -> bytes:
+        nonlocal reads
+        reads += 1
+        return read_bytes(n)
+
+    conn._read_bytes = counting  # type: ignore[method-assign]
+    try:
+        sql = "SELECT *, 'one read' AS tag FROM sessions WHERE shop_id = 'd3'"
+        with conn.cursor() as cur:
+            cur.execute(sql)
+            first_reads, reads = reads, 0
+            cur.execute(sql)
+            assert reads < 12 < first_reads  # ~2 a column the first time
+            with plain.cursor() as ref:
+                ref.execute(sql)
+                assert cur.fetchall() == ref.fetchall()
+                assert cur.description == ref.description
+        with conn.cursor() as cur, plain.cursor() as ref:
+            cur.execute("CREATE TABLE IF NOT EXISTS dbdriver_probe (v VARCHAR(10))")
+            cur.execute("DELETE FROM dbdriver_probe")
+            cur.execute("INSERT INTO dbdriver_probe VALUES ('7')")
+            cur.execute("SELECT v FROM dbdriver_probe")
+            cur.execute("SELECT v FROM dbdriver_probe")  # now a known block
+            cur.execute("ALTER TABLE dbdriver_probe MODIFY v INT")
+            cur.execute("SELECT v FROM dbdriver_probe")
+            ref.execute("SELECT v FROM dbdriver_probe")
+            assert cur.fetchall() == ref.fetchall() == ((7,),)
+            assert cur.description == ref.description
+            cur.execute("DROP TABLE dbdriver_probe")
+    finally:
+        conn.close()
+        plain.close()
+
+
+@pytest.mark.parametrize("buffer", [8192, 16])
+def test_a_result_reads_the_same_from_a_known_block_or_packet_by_packet(runtime, buffer):
+    """A whole result (count, descriptors, EOF, rows with values of every length
+    prefix, EOF) from bytes: the same rows whether the buffer holds the known block
+    (one read) or only part of it (packet by packet)."""
+    live = connect(CachingConnection, runtime)
+    try:
+        with live.cursor() as cur:
+            cur.execute("SELECT 'abc' AS a, NULL AS b, 7 AS c, 'ü' AS d")
+            description = cur.description
+    finally:
+        live.close()
+    (block,) = [block for (_decoding, block), shape in dbdriver._blocks.items()
+                if shape.description == description]
+    values = [(b"x" * 300, None, b"12", "ü".encode()),
+              (b"y" * 70_000, b"", b"-3", b""), (b"", None, None, b"z")]
+    stream = _packet(1, b"\x04") + block + _packet(6, EOF_PACKET)
+    for n, row in enumerate(values):
+        stream += _packet(7 + n, b"".join(_lenenc(v) for v in row))
+    stream += _packet(7 + len(values), EOF_PACKET)
+    conn = _offline(stream, buffer=buffer)
+    conn.encoding, conn.use_unicode = live.encoding, live.use_unicode
+    assert conn._read_query_result() == len(values)
+    assert conn._result.description == description
+    assert conn._result.rows == (("x" * 300, None, 12, "ü"), ("y" * 70_000, "", -3, ""),
+                                 ("", None, None, "z"))
+
+
+@given(st.lists(st.one_of(st.none(), st.binary(max_size=300)), max_size=6),
+       st.integers(min_value=0, max_value=8), st.booleans())
+def test_rows_read_as_pymysql_reads_them(values, cut, text):
+    """Any row packet, cut short anywhere: the same values, or the same error."""
+    data = b"".join(_lenenc(v) for v in values)
+    data = data[:len(data) - cut] if cut else data
+    converters = [("latin-1" if text else None, None)] * (len(values) + 1)
+
+    def read(reader):  # type: ignore[no-untyped-def]
+        result = object.__new__(reader)
+        result.converters, result.unbuffered_active = converters, False
+        try:
+            return reader._read_row_from_packet(
+                result, pymysql.protocol.MysqlPacket(data, "utf8"))
+        except AssertionError:
+            return "AssertionError"
+
+    assert read(dbdriver._Result) == read(pymysql.connections.MySQLResult)
