@@ -1,7 +1,7 @@
 """Hot paths of the shipped `web` process, driven by wrk (run by hand, never by pytest).
 
     .venv/bin/python -m tests.benchmarks.bench_hotpaths [--rounds 3] [--duration 5] \
-        [--connections 4,16] [--json PATH]
+        [--connections 4,16] [--json PATH] [--compare CHECKOUT]
 
 What it measures (SPEC §14): the product, not the load generator.
 
@@ -15,6 +15,10 @@ What it measures (SPEC §14): the product, not the load generator.
   (WEB_CONCURRENCY x WEB_THREADS set for all but `shipped`, and the output says TUNED),
   all at once, idle but for the one being measured, the rounds alternating between
   them: sizing experiments compared in the same run.
+- **Code versions in the same run.** `--compare CHECKOUT` also starts the web line of
+  another checkout (a `git worktree` of an earlier commit with the same migrations),
+  labelled `base`, the rounds alternating between the two: on a machine whose speed
+  drifts by ±30% from minute to minute, only such pairs say what a change did.
 - **An ordinary load generator.** wrk (installed with `apt-get install -y wrk` when
   missing, as root), one thread by default, `--latency`, keep-alive connections, script
   `tests/benchmarks/wrk/hotpaths.lua`. Its own CPU per request is printed, to show it is
