@@ -59,9 +59,7 @@ class GunicornLogger(glogging.Logger):
         logs.install(settings, "web", loggers=("gunicorn.error", "gunicorn.access"))
 
     def atoms(self, resp: Any, req: Any, environ: Any, request_time: Any) -> dict[str, Any]:
-        wanted = getattr(self, "_wanted", None)
-        if wanted is None:  # not set up through `setup`
-            return super().atoms(resp, req, environ, request_time)
+        wanted = self._wanted  # set by `setup`, which gunicorn's Logger.__init__ calls
         request_headers = getattr(req, "headers", req)
         if hasattr(request_headers, "items"):
             request_headers = request_headers.items()
