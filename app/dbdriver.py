@@ -27,7 +27,7 @@ from typing import Any
 
 from pymysql.connections import MAX_PACKET_LEN, Connection, MysqlPacket, MySQLResult
 from pymysql.constants import FIELD_TYPE
-from pymysql.converters import convert_datetime, decoders
+from pymysql.converters import convert_datetime, decoders, encoders, escape_datetime
 
 # Distinct result shapes are bounded by the application's statements (column names come
 # from our SQL, never from data); the bound only guards against ad-hoc SQL run through
@@ -235,15 +235,29 @@ DECODERS = {**{k: v for k, v in decoders.items() if isinstance(k, int)},
             FIELD_TYPE.DATETIME: _datetime, FIELD_TYPE.TIMESTAMP: _datetime}
 
 
+def _escape_datetime(value: datetime, mapping: Any = None) -> str:
+    """A naive datetime as a quoted SQL literal, exactly as PyMySQL's `escape_datetime`
+    writes it (`'YYYY-MM-DD hh:mm:ss[.ffffff]'`), through the C `isoformat` (0.7 µs
+    against 2.7 µs; a heartbeat sends three, a message six); an aware one (PyMySQL drops
+    its offset) through PyMySQL's own."""
+    if value.tzinfo is not None:
+        return str(escape_datetime(value, mapping))
+    return "'" + value.isoformat(" ") + "'"
+
+
+ENCODERS = {**encoders, datetime: _escape_datetime}
+
+
 class CachingConnection(Connection):  # type: ignore[misc]
     """A PyMySQL connection whose results parse a statement's column descriptors once,
-    and read DATETIME values with the C parser."""
+    read DATETIME values with the C parser and write them with `isoformat`."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         custom = "conv" in kwargs
         super().__init__(*args, **kwargs)
         if not custom:
             self.decoders = DECODERS
+            self.encoders = ENCODERS
 
     def _read_packet_with_header(self, header: bytes) -> bytes:
         """The rest of a packet whose header was read already (an unexpected sequence

@@ -23,7 +23,7 @@ from sqlalchemy import ColumnElement, Connection, Row, and_, bindparam, false, n
 from sqlalchemy.orm import object_session
 
 from app.clients.service import ClientIdentity, ClientRole
-from app.db import one_of
+from app.db import constant, one_of
 from app.errors import Forbidden, NotFound, NotInControl
 from app.sessions.activity import Control, ControlledIf
 from app.sessions.enums import ROBOT_TYPES, SessionStatus, SessionType
@@ -129,7 +129,7 @@ def controlled_by(client: ClientIdentity, *, messages: bool) -> ControlledIf:
 def _control_sql(role: str, messages: bool) -> ColumnElement[bool]:
     c = SESSIONS.c
     robot_side_sql = and_(one_of(c.session_type, sorted(str(t) for t in ROBOT_TYPES)),
-                          c.status != SessionStatus.TRANSFERRED)
+                          c.status != constant(SessionStatus.TRANSFERRED))
     if role == ClientRole.BOT:
         return and_(c.client_id == bindparam("control_client_id"), robot_side_sql)
     if role == ClientRole.DESK or (role == ClientRole.ADMIN and messages):

@@ -23,7 +23,7 @@ from sqlalchemy import ColumnElement, Connection, bindparam, case, or_, select, 
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from app.config import Settings
-from app.db import Database, is_retryable_db_error, one_of, utcnow
+from app.db import Database, constant, is_retryable_db_error, one_of, utcnow
 from app.errors import NotFound, ServiceUnavailable
 from app.fastsql import Prepared, Record
 from app.sessions.enums import HUMAN_TYPES, SessionStatus, is_human_type
@@ -155,8 +155,8 @@ def _touch_statement(controlled_if: ColumnElement[bool]) -> Any:
         .values(
             last_activity_at=bindparam("now"),
             deadline_at=case(
-                (c.status == S.PENDING, c.deadline_at),
-                (or_(one_of(c.session_type, _HUMAN), c.status == S.TRANSFERRED),
+                (c.status == constant(S.PENDING), c.deadline_at),
+                (or_(one_of(c.session_type, _HUMAN), c.status == constant(S.TRANSFERRED)),
                  bindparam("human_deadline", type_=c.deadline_at.type)),
                 else_=bindparam("robot_deadline", type_=c.deadline_at.type),
             ),

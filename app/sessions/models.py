@@ -28,6 +28,7 @@ from app.sessions.enums import (
     SessionType,
     TaskType,
 )
+from app.sessions.schemas import SessionView
 
 ID_LEN = 64
 
@@ -136,5 +137,9 @@ SLOTS = cast(Table, Slot.__table__)
 
 # One session's whole row by its public id (Core: the hot reads build no ORM object).
 SESSION_BY_ID = select(SESSIONS).where(SESSIONS.c.session_id == bindparam("session_id"))
-# The same read on the hot paths (GET, heartbeat answer): see `app.fastsql`.
-READ_SESSION = Prepared(SESSION_BY_ID)
+# The hot paths' read (GET, the heartbeat's answer; see `app.fastsql`): what the view
+# shows and the primary key (the desk's visibility look-up), not the columns only the
+# services read (requested_at, holds_slot, the message times, the audit head).
+VIEW_COLUMNS = [SESSIONS.c.id, *(SESSIONS.c[name] for name in SessionView.model_fields)]
+READ_SESSION = Prepared(
+    select(*VIEW_COLUMNS).where(SESSIONS.c.session_id == bindparam("session_id")))

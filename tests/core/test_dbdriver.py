@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import io
+from datetime import UTC, datetime, timedelta, timezone
 
 import pymysql
 import pymysql.connections
@@ -129,6 +130,30 @@ def test_datetimes_convert_exactly_as_pymysql_converts_them(text):
 
     assert dbdriver._datetime(text) == convert_datetime(text)
     assert type(dbdriver._datetime(text)) is type(convert_datetime(text))
+
+
+@given(st.datetimes(), st.sampled_from([None, UTC, timezone(timedelta(hours=-8, minutes=-30))]))
+def test_datetimes_are_written_exactly_as_pymysql_writes_them(value, tz):
+    from pymysql.converters import escape_datetime
+
+    value = value.replace(tzinfo=tz)
+    assert dbdriver._escape_datetime(value) == escape_datetime(value)
+    assert dbdriver.ENCODERS[datetime] is dbdriver._escape_datetime
+
+
+def test_a_written_datetime_reads_back_unchanged(runtime):
+    """Through the connection's own encoders (the app's connections write every
+    DATETIME parameter so), incl. a whole second and the smallest and largest values."""
+    cached = connect(CachingConnection, runtime)
+    values = [datetime(2026, 12, 6, 3, 4, 5, 123456), datetime(2026, 12, 6, 3, 4, 5),
+              datetime(1000, 1, 1), datetime(9999, 12, 31, 23, 59, 59, 999999)]
+    try:
+        with cached.cursor() as cur:
+            for value in values:
+                cur.execute("SELECT CAST(%s AS DATETIME(6))", (value,))
+                assert cur.fetchall() == ((value,),)
+    finally:
+        cached.close()
 
 
 def _lenenc(value: bytes | None) -> bytes:

@@ -10,9 +10,10 @@ import pytest
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
+from app.db import constant, one_of
 from app.fastsql import Prepared
 from app.sessions.enums import SessionStatus, SessionType
-from app.sessions.models import SESSION_BY_ID, SESSIONS
+from app.sessions.models import READ_SESSION, SESSION_BY_ID, SESSIONS
 from app.sessions.schemas import SessionView
 from app.transfers.schemas import TransferRequest
 from tests.sessions.helpers import ask
@@ -36,7 +37,11 @@ def test_a_session_row_reads_the_same_as_through_core(runtime, service):
         assert fast["context"] == {"nested": {"list": [1, "two", None]}, "ü": True}
         assert fast["created_at"].tzinfo is not None
         assert prepared.one_or_none(conn, {"session_id": "ses_missing"}) is None
+        # the hot paths' narrower read: the same view, and the key the desk's check needs
+        narrow = READ_SESSION.one_or_none(conn, {"session_id": sid})
     assert SessionView.model_validate(fast) == SessionView.model_validate(core)
+    assert SessionView.model_validate(narrow) == SessionView.model_validate(core)
+    assert narrow.id == core["id"] and "audit_head" not in narrow
 
 
 def test_an_enum_literal_in_a_prepared_statement_binds_its_text(runtime, service):
@@ -48,6 +53,38 @@ def test_an_enum_literal_in_a_prepared_statement_binds_its_text(runtime, service
     with runtime.database.connect() as conn:
         for _ in range(2):
             assert active.scalar(conn, {"sid": sid}) is SessionStatus.ACTIVE
+
+
+def test_constants_are_written_into_the_statement_and_select_the_same_rows(runtime, service):
+    """`one_of` and `constant` put our own enum values into the statement's text (no
+    parameter to copy and escape on every execution) and match what the parameters
+    matched, by Prepared and by Core, on either backend."""
+    ids = {status: ask(service, "AUTO_BARGAIN", shop=f"k-{status}").session.session_id
+           for status in ("ACTIVE", "PAUSED")}
+    service.pause(ids["PAUSED"], actor="test")
+    c = SESSIONS.c
+    by_constant = select(c.session_id).where(
+        c.shop_id.like("k-%"), one_of(c.status, ["PENDING", SessionStatus.PAUSED]),
+        c.session_type != constant(SessionType.AUTO_FOLLOW_UP))
+    by_parameter = select(c.session_id).where(
+        c.shop_id.like("k-%"), c.status.in_(["PENDING", "PAUSED"]),
+        c.session_type != SessionType.AUTO_FOLLOW_UP)
+    compiled = by_constant.compile(dialect=runtime.database.engine.dialect)
+    assert compiled.construct_params() == {"shop_id_1": "k-%"}  # the LIKE pattern only
+    assert "'PAUSED'" in compiled.string and "'AUTO_FOLLOW_UP'" in compiled.string
+    prepared = Prepared(by_constant)
+    with runtime.database.connect() as conn:
+        expected = [r.session_id for r in conn.execute(by_parameter)]
+        assert expected == [ids["PAUSED"]]
+        assert [r.session_id for r in conn.execute(by_constant)] == expected
+        assert prepared.scalar(conn, {}) == ids["PAUSED"]
+
+
+@pytest.mark.parametrize("text", ["", "it's", "a b", "x\\", "'; DROP TABLE sessions; --",
+                                  "ü", "x" * 65, "A\n"])
+def test_a_constant_is_a_short_plain_word(text):
+    with pytest.raises(ValueError, match="not a plain constant"):
+        constant(text)
 
 
 def test_updates_and_inserts_count_and_convert_like_core(runtime, service):
