@@ -15,6 +15,10 @@ gunicorn reads `./gunicorn.conf.py` by default (`gunicorn --help`: `-c CONFIG �
   p99 at 4 and at 16 connections (0.79x and 0.83x the mean of the four sizes) with a CPU
   per request within 3% of the best; 4 processes cost more CPU per request, 4 threads a
   longer tail at 16 connections (README "Performance");
+- `reuse_port` when there is more than one worker: a listening socket per worker, the
+  kernel spreading new connections over them (one shared socket let the first-woken
+  worker take every pending connection: all of a client's keep-alive connections on one
+  worker, the others idle);
 - on the embedded default (no Redis: SQLite and in-process locks and beat) one process
   with 8 threads, as `auto-session serve` does — several processes would each run the
   in-process beat and could not share the in-process slot locks.
@@ -89,6 +93,16 @@ else:
     workers = setting("WEB_CONCURRENCY", max(MIN_WORKERS, CORES))
     threads = setting("WEB_THREADS", THREADS_PER_WORKER)
 
+
+# Each worker listens on a socket of its own (SO_REUSEPORT) and the kernel spreads new
+# connections over them. On one shared socket, the worker that wakes first accepts every
+# connection pending at that moment: a client that opens its keep-alive connections at
+# once (a load balancer's pool, wrk) could land them all on one worker, which then served
+# them for their lifetime while the other workers idled — seen in 3 of 12 runs of 16
+# connections on 2 workers: half the throughput, ~1.5x the CPU a request. The price: a
+# connection still queued in an exiting worker's own backlog is reset (the client
+# retries). One process (the embedded default) keeps the single socket.
+reuse_port = workers > 1
 
 # gunicorn's lines in LOG_FORMAT, redacted; access lines that build only the atoms the
 # format above names

@@ -61,6 +61,35 @@ def server(runtime, backend):  # type: ignore[no-untyped-def]
             proc.wait(5)
 
 
+def listening_sockets(port: int) -> int:
+    """LISTEN sockets on `port` (any address) in this network namespace."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    count += 1
+    return count
+
+
+@pytest.mark.services
+def test_each_worker_listens_on_its_own_socket_and_all_of_them_answer(server):
+    """gunicorn.conf.py's `reuse_port`: one listening socket per worker (the kernel
+    spreads connections over them), not one shared socket whose first-woken worker
+    takes every pending connection; 16 keep-alive connections opened at once all work."""
+    base, _env = server
+    port = int(base.rsplit(":", 1)[1])
+    assert listening_sockets(port) == 2  # the fixture's 2 workers
+    clients = [httpx.Client(base_url=base, timeout=10) for _ in range(16)]
+    try:
+        for _round in range(3):
+            assert all(c.get("/healthz").status_code == 200 for c in clients)
+    finally:
+        for c in clients:
+            c.close()
+
+
 @pytest.mark.services
 def test_robot_human_robot_story_over_real_http(server):
     base, env = server
