@@ -347,7 +347,7 @@ def test_an_event_behind_an_uncommitted_one_waits_for_it(runtime) -> None:  # ty
             time.sleep(1.0)
             assert not any(b"event: test." in f for f in frames), frames
             slow_tx.commit()
-        deadline = time.monotonic() + 2
+        deadline = time.monotonic() + 10  # the order is the point; a loaded machine is slow
         while b"".join(frames).count(b"event: test.") < 2:
             assert time.monotonic() < deadline, frames
             time.sleep(0.05)
