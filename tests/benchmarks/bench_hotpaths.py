@@ -471,10 +471,11 @@ def measure(meter: Meter, wrk: str, base: str, path: str, ids_file: Path, connec
     }
 
 
-# A run in which one web worker did nearly all the work: gunicorn's gthread workers each
-# accept from the shared listening socket as soon as they can, and wrk opens its few
-# keep-alive connections at once, so now and then one worker takes all of them and the
-# other stays idle for the whole run. Such a run is another machine (one core; two
+# A run in which one web worker did nearly all the work: wrk opens its few keep-alive
+# connections at once, and now and then all of them land on one worker, the other idle
+# for the whole run (on one shared listening socket the first-woken worker took them;
+# with a socket a worker, `reuse_port`, the kernel's hash still puts all 4 of 4 on one
+# worker about one run in eight). Such a run is another machine (one core; two
 # request threads on one GIL): half the throughput and ~1.5x the CPU per request (seen
 # for healthz: ~1,300 against ~3,300 req/s, ~800 against ~550 µs). Reported, and kept
 # out of the ratios' second median (`x_healthz_even`), since a ratio of one kind of run
@@ -577,6 +578,15 @@ def run_floor(env: dict[str, str], workdir: Path, spec: dict[str, Any]) -> dict[
 
 
 # ---- summary ---------------------------------------------------------------------------
+def ratios(ms: list[dict[str, Any]], base: dict[int, dict[str, Any]], key: str, *,
+           even: bool = False) -> list[float]:
+    """Each run's `key` per request over healthz's (`base`, by round) in the same round;
+    `even`: only the rounds where neither run was lopsided."""
+    return [m["cpu_us"][key] / base[m["round"]]["cpu_us"][key]
+            for m in ms if m["round"] in base and base[m["round"]]["cpu_us"][key]
+            and not (even and (lopsided(m) or lopsided(base[m["round"]])))]
+
+
 def summarize(rounds: list[dict[str, Any]], paths: list[str],
               connections: list[int]) -> list[dict[str, Any]]:
     rows = []
@@ -587,17 +597,7 @@ def summarize(rounds: list[dict[str, Any]], paths: list[str],
             ms = [m for m in rounds if m["connections"] == c and m["path"] == path]
             if not ms:
                 continue
-            ratios = [m["cpu_us"]["server"] / base[m["round"]]["cpu_us"]["server"]
-                      for m in ms if m["round"] in base and base[m["round"]]["cpu_us"]["server"]]
-            ratios_all = [
-                m["cpu_us"]["server_all"] / base[m["round"]]["cpu_us"]["server_all"]
-                for m in ms if m["round"] in base and base[m["round"]]["cpu_us"]["server_all"]]
-            ratios_web = [m["cpu_us"]["web"] / base[m["round"]]["cpu_us"]["web"]
-                          for m in ms if m["round"] in base and base[m["round"]]["cpu_us"]["web"]]
-            ratios_even = [m["cpu_us"]["server"] / base[m["round"]]["cpu_us"]["server"]
-                           for m in ms if m["round"] in base and not lopsided(m)
-                           and not lopsided(base[m["round"]])
-                           and base[m["round"]]["cpu_us"]["server"]]
+            ratios_even = ratios(ms, base, "server", even=True)
             even = [m for m in ms if not lopsided(m)]
             p50 = median([m["p50_ms"] for m in ms])
             p99 = median([m["p99_ms"] for m in ms])
@@ -609,8 +609,9 @@ def summarize(rounds: list[dict[str, Any]], paths: list[str],
                 "socket_errors": sum(m["socket_errors"] for m in ms),
                 "requests": sum(m["requests"] for m in ms),
                 "cpu_us": {k: median([m["cpu_us"][k] for m in ms]) for k in ms[0]["cpu_us"]},
-                "x_healthz": median(ratios), "x_healthz_all": median(ratios_all),
-                "x_healthz_web": median(ratios_web),
+                "x_healthz": median(ratios(ms, base, "server")),
+                "x_healthz_all": median(ratios(ms, base, "server_all")),
+                "x_healthz_web": median(ratios(ms, base, "web")),
                 "lopsided_rounds": len(ms) - len(even),
                 "cpu_us_even": {k: median([m["cpu_us"][k] for m in even])
                                 for k in ms[0]["cpu_us"]} if even else {},
