@@ -28,6 +28,7 @@ from sqlalchemy import (
     String,
     create_engine,
     event,
+    inspect,
     literal_column,
     or_,
 )
@@ -346,24 +347,75 @@ class UnitOfWork:
 
     `under` (e.g. the slot lock) is entered before the transaction starts and left after
     it ends. The after-commit callbacks run last, once the unit of work has ended: after
-    the session is closed and `under` is released, so a kick never lengthens either."""
+    the session is closed and `under` is released, so a kick never lengthens either.
+
+    `core_first` (slot transactions): the transaction is a Core connection's
+    (`connection`), and the ORM session (`session`) is made only when something asks for
+    it, bound to that connection and its transaction. A slot transaction that loads no
+    object — a create on a free slot: Core reads and inserts only — never pays for the
+    ORM's session, its connection hand-over, its flush and commit bookkeeping (~180 µs
+    of a one-statement transaction, measured). Objects given to `adopt` join the session
+    when it is made; `commit` makes it when an adopted object was changed meanwhile, so a
+    change is never left unflushed."""
 
     def __init__(self, session_factory: sessionmaker[Session],
-                 under: AbstractContextManager[object] | None = None) -> None:
+                 under: AbstractContextManager[object] | None = None, *,
+                 core_first: bool = False) -> None:
         self._factory = session_factory
         self._under = under
+        self._core_first = core_first
         self._pending: list[Callable[[], None]] = []
         self._committed: list[Callable[[], None]] = []
-        self.session: Session
+        self._session: Session | None = None
+        self._connection: Connection | None = None
+        self._adopted: list[Any] = []
+
+    @property
+    def session(self) -> Session:
+        """The ORM session of this transaction (made on first use in `core_first` mode)."""
+        if self._session is None:
+            self._session = self._factory(bind=self.connection,
+                                          join_transaction_mode="control_fully")
+            for obj in self._adopted:
+                self._session.add(obj)
+            self._adopted = []
+        return self._session
+
+    @property
+    def connection(self) -> Connection:
+        """The transaction's Core connection (on the ORM session's own in the default mode)."""
+        if self._connection is None:
+            if not self._core_first:
+                return self.session.connection()
+            bind = self._factory.kw["bind"]
+            self._connection = bind.connect()
+            try:
+                self._connection.begin()
+            except BaseException:
+                self._connection.close()
+                self._connection = None
+                raise
+        return self._connection
+
+    def adopt(self, obj: Any) -> None:
+        """`obj` (a persistent object, detached: a row this transaction wrote) joins the
+        ORM session — now, or when the session is made."""
+        if self._session is not None or not self._core_first:
+            self.session.add(obj)
+        else:
+            self._adopted.append(obj)
 
     def __enter__(self) -> UnitOfWork:
         self._pending, self._committed = [], []
-        self.session = self._factory()  # no connection until the first statement
+        self._session, self._connection, self._adopted = None, None, []
+        if not self._core_first:
+            self._session = self._factory()  # no connection until the first statement
         if self._under is not None:
             try:
                 self._under.__enter__()
             except BaseException:
-                self.session.close()
+                if self._session is not None:
+                    self._session.close()
                 raise
         return self
 
@@ -385,10 +437,17 @@ class UnitOfWork:
                 run_after_commit(callback)
 
     def _end(self) -> None:
+        session, connection = self._session, self._connection
+        self._adopted = []
         try:
-            self.session.rollback()
+            if session is not None:
+                try:
+                    session.rollback()
+                finally:
+                    session.close()
         finally:
-            self.session.close()
+            if connection is not None:
+                connection.close()  # rolls back what is still open, back to the pool
 
     def after_commit(self, callback: Callable[[], None]) -> None:
         """Run `callback` once this transaction has committed and the unit of work has
@@ -396,9 +455,89 @@ class UnitOfWork:
         self._pending.append(callback)
 
     def commit(self) -> None:
-        self.session.commit()
+        if self._session is None and any(inspect(obj).modified for obj in self._adopted):
+            self.session  # noqa: B018 - made now: it flushes the adopted objects' changes
+        if self._session is not None:
+            self._session.commit()
+        elif self._connection is not None:
+            self._connection.commit()
         self._committed.extend(self._pending)
         self._pending = []
+
+
+class DriverConnection:
+    """A pooled driver connection without a Core `Connection` around it: what the hot
+    paths run on (a read, a heartbeat, a live message). Their statements are
+    `app.fastsql.Prepared`, which use only the driver connection, the dialect and
+    `invalidate`; the Core connection's checkout, begin, commit and close bookkeeping
+    (~50 µs of a request's client CPU, measured) is left out. Anything else asked of it
+    (`execute`, …) is answered by a Core `Connection` made then over the same driver
+    connection, which from then on also ends the transaction.
+
+    `transaction=True`: one transaction, committed by `commit()`, rolled back on its way
+    back to the pool otherwise (`_reset_unless_ended`); else an AUTOCOMMIT engine's
+    connection, each statement its own transaction. The pool's events run as for a Core
+    connection (the checkout's ping when idle); a driver error when connecting or at
+    commit is raised as Core raises it (`DBAPIError.instance`: a refused database is the
+    same retryable 503), the connection invalidated first when it was lost."""
+
+    def __init__(self, engine: Engine, *, transaction: bool) -> None:
+        self.engine = engine
+        self.dialect = engine.dialect
+        dbapi = self.dialect.loaded_dbapi
+        try:
+            self.connection = engine.raw_connection()
+        except dbapi.Error as exc:  # a refused connection: as `Engine.connect` raises it
+            raise DBAPIError.instance(
+                None, None, exc, dbapi.Error,
+                connection_invalidated=self.dialect.is_disconnect(exc, None, None),
+                dialect=self.dialect) from exc
+        if transaction:
+            self.connection.info["transaction_open"] = True  # until it commits
+        self._core: Connection | None = None
+        self._lost = False
+
+    def _as_core(self) -> Connection:
+        if self._core is None:
+            self._core = Connection(self.engine, connection=self.connection)
+        return self._core
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._as_core(), name)
+
+    @property
+    def invalidated(self) -> bool:
+        return self._core.invalidated if self._core is not None else self._lost
+
+    def invalidate(self, exception: BaseException | None = None) -> None:
+        if self._core is not None:
+            self._core.invalidate(exception)
+            return
+        self._lost = True
+        self.connection.invalidate(exception)
+
+    def commit(self) -> None:
+        if self._core is not None:
+            self._core.commit()
+            return
+        dbapi = self.dialect.loaded_dbapi
+        try:
+            self.connection.dbapi_connection.commit()  # type: ignore[union-attr]
+        except dbapi.Error as exc:
+            lost = self.dialect.is_disconnect(exc, self.connection.dbapi_connection, None)
+            if lost:
+                self.invalidate(exc)
+            raise DBAPIError.instance(None, None, exc, dbapi.Error,
+                                      connection_invalidated=lost,
+                                      dialect=self.dialect) from exc
+        self.connection.info["transaction_open"] = False
+
+    def close(self) -> None:
+        """Back to the pool (a transaction not committed is rolled back there)."""
+        if self._core is not None:
+            self._core.close()
+        elif not self._lost:
+            self.connection.close()
 
 
 class Database:
@@ -419,10 +558,11 @@ class Database:
     def dialect(self) -> str:
         return self.engine.dialect.name
 
-    def unit_of_work(self, *, under: AbstractContextManager[object] | None = None
-                     ) -> UnitOfWork:
-        """A unit of work; `under` (a lock) is held around its transaction."""
-        return UnitOfWork(self.session_factory, under)
+    def unit_of_work(self, *, under: AbstractContextManager[object] | None = None,
+                     core_first: bool = False) -> UnitOfWork:
+        """A unit of work; `under` (a lock) is held around its transaction. `core_first`:
+        its ORM session is made only if asked for (`UnitOfWork`)."""
+        return UnitOfWork(self.session_factory, under, core_first=core_first)
 
     @contextmanager
     def read(self) -> Iterator[Session]:
@@ -435,21 +575,34 @@ class Database:
 
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
-        """One short Core transaction: committed when the block ends normally, rolled
-        back if it raises (the hot paths that need no ORM unit of work)."""
-        with self.engine.begin() as conn:
-            yield conn
+        """One short transaction: committed when the block ends normally, rolled back if
+        it raises (the row-locked hot paths, which need no ORM unit of work). On MySQL a
+        `DriverConnection` (the pooled driver connection itself), elsewhere a Core one."""
+        if self.engine.dialect.name != "mysql":
+            with self.engine.begin() as conn:
+                yield conn
+            return
+        tx = DriverConnection(self.engine, transaction=True)
+        try:
+            yield cast(Connection, tx)
+            tx.commit()
+        finally:
+            tx.close()
 
     @contextmanager
     def connect(self) -> Iterator[Connection]:
-        """Single statements on a Core connection, each its own transaction (AUTOCOMMIT
-        on MySQL; on SQLite the block is one transaction, committed at its end)."""
+        """Single statements, each its own transaction: on MySQL an AUTOCOMMIT driver
+        connection (`DriverConnection`); on SQLite a Core connection whose block is one
+        transaction, committed at its end."""
         if self.autocommit_engine is self.engine:
             with self.engine.begin() as conn:
                 yield conn
             return
-        with self.autocommit_engine.connect() as conn:
-            yield conn
+        driver = DriverConnection(self.autocommit_engine, transaction=False)
+        try:
+            yield cast(Connection, driver)
+        finally:
+            driver.close()
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -26,7 +26,7 @@ from datetime import datetime
 from typing import Any
 
 from pymysql.connections import MAX_PACKET_LEN, Connection, MysqlPacket, MySQLResult
-from pymysql.constants import FIELD_TYPE
+from pymysql.constants import FIELD_TYPE, SERVER_STATUS
 from pymysql.converters import convert_datetime, decoders, encoders, escape_datetime
 
 # Distinct result shapes are bounded by the application's statements (column names come
@@ -247,6 +247,13 @@ def _escape_datetime(value: datetime, mapping: Any = None) -> str:
 
 ENCODERS = {**encoders, datetime: _escape_datetime}
 
+# PyMySQL's string escapes (`pymysql.converters.escape_string`) as a translate table: a
+# list indexed by code point (several times faster to translate by than a dict).
+STRING_ESCAPES = [chr(code) for code in range(128)]
+for _char, _escaped in {"\0": "\\0", "\\": "\\\\", "\n": "\\n", "\r": "\\r",
+                        "\032": "\\Z", '"': '\\"', "'": "\\'"}.items():
+    STRING_ESCAPES[ord(_char)] = _escaped
+
 
 class CachingConnection(Connection):  # type: ignore[misc]
     """A PyMySQL connection whose results parse a statement's column descriptors once,
@@ -258,6 +265,25 @@ class CachingConnection(Connection):  # type: ignore[misc]
         if not custom:
             self.decoders = DECODERS
             self.encoders = ENCODERS
+
+    def escape(self, obj: Any, mapping: Any = None) -> str:
+        """A parameter as PyMySQL writes it into a statement, the common types (a plain
+        str, int, None, naive datetime) without its chain of calls (an `isinstance` test
+        a type, `escape_item`, the encoder, `escape_string`: ~2 µs a value; a create
+        sends about forty). Anything else, another encoder table, or a server in
+        NO_BACKSLASH_ESCAPES mode: PyMySQL's own."""
+        if mapping is None and self.encoders is ENCODERS and not (
+                self.server_status & SERVER_STATUS.SERVER_STATUS_NO_BACKSLASH_ESCAPES):
+            cls = obj.__class__
+            if cls is str:
+                return "'" + obj.translate(STRING_ESCAPES) + "'"
+            if cls is int:
+                return str(obj)
+            if obj is None:
+                return "NULL"
+            if cls is datetime and obj.tzinfo is None:
+                return "'" + obj.isoformat(" ") + "'"
+        return str(super().escape(obj, mapping))
 
     def _read_packet_with_header(self, header: bytes) -> bytes:
         """The rest of a packet whose header was read already (an unexpected sequence

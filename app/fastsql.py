@@ -36,6 +36,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session as DbSession
 
 from app.db import UTCDateTime
+from app.dbdriver import STRING_ESCAPES
 
 Processor = Callable[[Any], Any] | None
 
@@ -80,8 +81,46 @@ class _Compiled:
         self.keys = [column.key for column in columns]
         self.types = [column.type for column in columns]
         self.result_processors: list[Processor] | None = None
+        self.plan = self._plan(compiled) if self.positional else None
+
+    def _plan(self, compiled: Any) -> list[tuple[str, str, bool, Any, Processor]] | None:
+        """What `construct_params` does for each positional parameter, decided once: the
+        bind's key (else its name) looked up in the call's mapping, else its fixed value
+        (a literal of the statement), then its type's processor. None (the general way on
+        every call) for what it does not cover: escaped or post-compiled names,
+        collected parameters, value callables."""
+        if (compiled.escaped_bind_names or getattr(compiled, "_render_postcompile", False)
+                or getattr(compiled, "_collected_params", None)):
+            return None
+        by_name = {name: bind for bind, name in compiled.bind_names.items()}
+        plan = []
+        for name in self.names:
+            bind = by_name.get(name)
+            if bind is None or bind.callable is not None:
+                return None
+            plan.append((bind.key, name, bool(bind.required), bind.value,
+                         self.bind_processors[name]))
+        return plan
 
     def parameters(self, params: Mapping[str, Any]) -> Any:
+        plan = self.plan
+        if plan is not None:
+            values = []
+            for key, name, required, fixed, processor in plan:
+                if key in params:
+                    value = params[key]
+                elif name in params:
+                    value = params[name]
+                elif required:  # the general way raises SQLAlchemy's own error
+                    return self._constructed(params)
+                else:
+                    value = fixed
+                values.append(value if processor is None else processor(value))
+            return tuple(values)
+        return self._constructed(params)
+
+    def _constructed(self, params: Mapping[str, Any]) -> Any:
+        """The parameters through SQLAlchemy's `construct_params` (the reference)."""
         values = self.compiled.construct_params(params)
         processors = self.bind_processors
         for name, processor in processors.items():
@@ -201,7 +240,10 @@ class Prepared:
         if conn.dialect.name != "mysql":
             conn.execute(self.statement, [dict(r) for r in rows])
             return
-        self._run(conn, rows[0], many=rows)
+        # One row (a slot transaction's audit row, its event): the same INSERT without
+        # PyMySQL's executemany, which matches the statement against a regular
+        # expression and rebuilds it around the rows' VALUES.
+        self._run(conn, rows[0], many=rows if len(rows) > 1 else None)
 
 
 # ---- bulk INSERTs (the history import) ------------------------------------------------
@@ -209,12 +251,6 @@ class Prepared:
 # characters — at most 4 bytes each in UTF-8: about PyMySQL's own 1 MB statements, far
 # inside max_allowed_packet — and at most `batch` rows.
 STATEMENT_CHARS = 256 * 1024
-# PyMySQL's string escapes (`pymysql.converters.escape_string`), as a translate table:
-# a list indexed by code point (a dict is several times slower to translate by).
-_MYSQL_ESCAPES = [chr(code) for code in range(128)]
-for _char, _escaped in {"\0": "\\0", "\\": "\\\\", "\n": "\\n", "\r": "\\r",
-                        "\032": "\\Z", '"': '\\"', "'": "\\'"}.items():
-    _MYSQL_ESCAPES[ord(_char)] = _escaped
 
 
 def core_insert(db: DbSession, model: Any, rows: list[dict[str, Any]], *,
@@ -271,7 +307,7 @@ def _mysql_insert(conn: Any, prefix: str, rows: list[dict[str, Any]],
     raw = conn.connection.dbapi_connection
     from pymysql.constants import SERVER_STATUS
 
-    table: list[str] | None = _MYSQL_ESCAPES
+    table: list[str] | None = STRING_ESCAPES
     if raw.server_status & SERVER_STATUS.SERVER_STATUS_NO_BACKSLASH_ESCAPES:
         table = None  # every value from the connection's `escape`, which knows the mode
     picked = [pick(row) for row in rows] if width > 1 else [(pick(row),) for row in rows]

@@ -63,7 +63,7 @@ class SlotTransactions:
         for attempt_no in range(MAX_ATTEMPTS):
             try:
                 with self.database.unit_of_work(
-                        under=self.locks.hold(account_id, shop_id)) as uow:
+                        under=self.locks.hold(account_id, shop_id), core_first=True) as uow:
                     tx = SlotTx(self, uow, account_id, shop_id, actor,
                                 trust_slot_row=attempt_no == 0)
                     result = work(tx)
@@ -90,7 +90,7 @@ class SlotTransactions:
     ) -> tuple[T] | None:
         """`work` in a shared slot transaction; None when it must run under the lock."""
         try:
-            with self.database.unit_of_work() as uow:
+            with self.database.unit_of_work(core_first=True) as uow:
                 tx = SlotTx(self, uow, account_id, shop_id, actor, shared=True)
                 try:
                     result = work(tx)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import Connection, bindparam, select, update
 from sqlalchemy import insert as sa_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session as DbSession
@@ -74,11 +74,11 @@ class SlotFence:
     changes. SQLite has no row locks (the embedded default runs every slot operation
     under the in-process slot lock)."""
 
-    def __init__(self, db: DbSession, account_id: str, shop_id: str, *,
+    def __init__(self, db: DbSession | Connection, account_id: str, shop_id: str, *,
                  shared: bool = False) -> None:
         # Core statements on the transaction's connection: no ORM execution layer for
         # rows nobody loads as objects.
-        self.conn = db.connection()
+        self.conn = db if isinstance(db, Connection) else db.connection()
         self.account_id = account_id
         self.shop_id = shop_id
         self.shared = shared

@@ -122,13 +122,12 @@ class SlotTx:
     ) -> None:
         self.service = service
         self.uow = uow
-        self.db: DbSession = uow.session
         self.account_id = account_id
         self.shop_id = shop_id
         self.actor = actor
         # shared: a request that only joins the line (see `SlotTransactions.run_on_slot`)
         self.shared = shared
-        self.fence = SlotFence(self.db, account_id, shop_id, shared=shared)
+        self.fence = SlotFence(uow.connection, account_id, shop_id, shared=shared)
         # The fence read locked the slot row and the occupant's (see `_locked_a_row`).
         self.now = utcnow()
         self.conn = self.fence.conn  # Core statements of this transaction run here
@@ -143,6 +142,12 @@ class SlotTx:
         self._audit_rows: list[tuple[Session, dict[str, Any]]] = []
         self._event_rows: list[dict[str, Any]] = []
         uow.after_commit(self._after_commit)
+
+    @property
+    def db(self) -> DbSession:
+        """The transaction's ORM session (made when first asked for: a create on a free
+        slot runs on Core statements alone, `UnitOfWork`'s `core_first`)."""
+        return self.uow.session
 
     def _after_commit(self) -> None:
         """Once committed: events start webhook delivery, counterpart messages detection."""
@@ -210,8 +215,9 @@ class SlotTx:
         """Insert a new session row and keep `session` as its persistent object.
 
         One Core INSERT of the columns as set on the object (no ORM flush machinery
-        for a row we just built); the object then joins the unit of work as loaded, so
-        later changes to it in this transaction are flushed as usual."""
+        for a row we just built); the object then joins the unit of work as loaded
+        (`UnitOfWork.adopt`), so later changes to it in this transaction are flushed as
+        usual."""
         state = inspect(session).dict
         for key in _SESSION_COLUMNS:
             if key not in state:  # unset: the column's default, on the object too
@@ -222,7 +228,7 @@ class SlotTx:
                if (value := state[key]) is not None or key in _SESSION_DEFAULTS}
         session.id = _INSERT_SESSION.insert(self.conn, row)
         make_transient_to_detached(session)
-        self.db.add(session)
+        self.uow.adopt(session)
         self._chain.setdefault(session.session_id, None)  # no audit rows before this one
 
     def waiting(self) -> list[int]:

@@ -11,7 +11,7 @@ import pymysql
 import pymysql.connections
 import pymysql.protocol
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy.engine import make_url
 
@@ -152,6 +152,61 @@ def test_a_written_datetime_reads_back_unchanged(runtime):
             for value in values:
                 cur.execute("SELECT CAST(%s AS DATETIME(6))", (value,))
                 assert cur.fetchall() == ((value,),)
+    finally:
+        cached.close()
+
+
+class _StrKind(str):
+    pass
+
+
+PARAMETERS = st.one_of(
+    st.text(), st.text(alphabet=st.sampled_from("\0\\\n\r\x1a\"'%s()ab\u00e9\U0001f600")),
+    st.integers(min_value=-(2**70), max_value=2**70), st.none(), st.booleans(),
+    st.floats(allow_nan=False, allow_infinity=False), st.datetimes(),
+    st.datetimes(timezones=st.sampled_from([UTC, timezone(timedelta(hours=5, minutes=45))])),
+    st.binary(max_size=40), st.text().map(_StrKind), st.decimals(allow_nan=False,
+                                                                 allow_infinity=False))
+
+
+def _offline_pair() -> tuple[CachingConnection, pymysql.connections.Connection]:
+    ours = CachingConnection(defer_connect=True)
+    plain = pymysql.connections.Connection(defer_connect=True)
+    plain.encoders = dbdriver.ENCODERS  # the same table: only the way through differs
+    return ours, plain
+
+
+@settings(deadline=None)  # the machine may be busy: what is checked here is equality
+@given(PARAMETERS, st.booleans())
+def test_parameters_are_written_exactly_as_pymysql_writes_them(value, no_backslashes):
+    """`CachingConnection.escape` (the common types without PyMySQL's chain of calls)
+    writes every value as PyMySQL's own `escape` does, in either escaping mode."""
+    from pymysql.constants import SERVER_STATUS
+
+    ours, plain = _offline_pair()
+    mode = SERVER_STATUS.SERVER_STATUS_NO_BACKSLASH_ESCAPES if no_backslashes else 0
+    ours.server_status = plain.server_status = mode
+    assert ours.escape(value) == plain.escape(value)
+    assert ours.escape(value, dbdriver.ENCODERS) == plain.escape(value, dbdriver.ENCODERS)
+
+
+def test_parameters_read_back_unchanged_through_mariadb(runtime):
+    """Every character a string can hold, and the other common types, go to MariaDB and
+    come back as sent (the fast escapes are the statement's real text)."""
+    cached = connect(CachingConnection, runtime)
+    text = "".join(chr(c) for c in range(0, 0xD800, 7)) + "'\\\"\0\x1a%s%%\U0001f600"
+    values = [text, "", "it's", -(2**63), 2**64 - 1, 0, None,
+              datetime(2026, 12, 6, 7, 8, 9, 10)]
+    try:
+        with cached.cursor() as cur:
+            for value in values:
+                cur.execute("SELECT %s", (value,))
+                (got,), = cur.fetchall()
+                if isinstance(value, int):
+                    got = int(got)
+                elif isinstance(value, datetime):
+                    got = datetime.fromisoformat(got)
+                assert got == value, repr(value)[:80]
     finally:
         cached.close()
 

@@ -154,3 +154,82 @@ def test_the_bulk_insert_leans_on_sqlalchemys_cached_bind_processors():
                     assert cached(sample) == public(sample), (dialect.name, column)
                     checked += 1
     assert checked  # times, JSON and flags were converted both ways
+
+
+def _every_prepared_statement() -> list[tuple[str, Prepared]]:
+    """Every `Prepared` statement of the app (module constants), and the heartbeat's
+    conditional UPDATE for each control condition."""
+    import gc
+
+    import app.factory  # noqa: F401 - imports every module that defines one
+    from app.api.access import _CONTROL_SQL
+    from app.sessions.activity import _touch_statement
+
+    found = [(repr(p.statement)[:60], p) for p in gc.get_objects() if isinstance(p, Prepared)]
+    found += [(f"heartbeat {key}", Prepared(_touch_statement(condition)))
+              for key, condition in _CONTROL_SQL.items()]
+    assert len(found) >= 15
+    return found
+
+
+def _sample(type_: object, n: int) -> object:
+    """A value the column type's bind processor accepts."""
+    from sqlalchemy import JSON, Boolean, DateTime, Integer
+
+    from app.db import EnumText, UTCDateTime
+
+    if isinstance(type_, UTCDateTime | DateTime):
+        return datetime(2026, 12, 6, 7, n % 60, tzinfo=UTC)
+    if isinstance(type_, EnumText):
+        members = list(type_.enum)
+        return members[n % len(members)]
+    if isinstance(type_, Boolean):
+        return bool(n % 2)
+    if isinstance(type_, Integer):
+        return n
+    if isinstance(type_, JSON):
+        return {"n": n}
+    return f"v{n}"
+
+
+def test_planned_parameters_are_what_construct_params_gives():
+    """`_Compiled.parameters` builds a positional statement's parameters from a plan made
+    once (no `construct_params` per call): for every prepared statement of the app, with
+    every parameter given, with optional ones left out (the statement's own literals),
+    and with a required one missing (SQLAlchemy's own error), the same as the general way."""
+    from types import SimpleNamespace
+
+    from sqlalchemy.dialects.mysql.pymysql import dialect
+    from sqlalchemy.exc import InvalidRequestError
+
+    from app.fastsql import _Compiled
+
+    conn = SimpleNamespace(dialect=dialect())
+    planned = 0
+    for label, prepared in _every_prepared_statement():
+        table = getattr(prepared.statement, "table", None)
+        key_sets: list[list[str] | None] = [None]
+        if prepared.values_from_params and table is not None:
+            columns = [c.key for c in table.columns if c.key != "id"]
+            key_sets = [columns, columns[: len(columns) // 2]]
+        for keys in key_sets:
+            compiled = _Compiled(prepared.statement, conn, column_keys=keys)
+            if compiled.plan is None:
+                continue
+            planned += 1
+            binds = {bind.key: bind for bind in compiled.compiled.bind_names}
+            given = {key: _sample(bind.type, n) for n, (key, bind) in enumerate(binds.items())
+                     if bind.required}
+            assert compiled.parameters(given) == compiled._constructed(given), label
+            everything = {**given, **{key: _sample(bind.type, n + 7)
+                                      for n, (key, bind) in enumerate(binds.items())
+                                      if not bind.required and bind.value is None}}
+            assert compiled.parameters(everything) == compiled._constructed(everything), label
+            for missing in [k for k, b in binds.items() if b.required][:2]:
+                partial = {k: v for k, v in given.items() if k != missing}
+                with pytest.raises(InvalidRequestError) as ours:
+                    compiled.parameters(partial)
+                with pytest.raises(InvalidRequestError) as theirs:
+                    compiled._constructed(partial)
+                assert str(ours.value) == str(theirs.value), label
+    assert planned >= 15

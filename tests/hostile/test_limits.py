@@ -233,3 +233,38 @@ def test_a_message_too_long_for_its_column_is_refused_not_truncated(
     fits = bot.post(f"/api/v1/sessions/{session_id}/messages",
                     {"messages": [{"content": "价" * 21845, "sender_role": "counterpart"}]})
     assert fits.status_code == 200
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=12)
+
+
+@settings(deadline=None)
+@given(value=JSON_VALUES, encoding=st.sampled_from(["utf-8", "utf-16", "utf-16-be", "utf-32-le"]),
+       mangle=st.sampled_from(["", "cut", "bom", "nan"]))
+def test_the_shared_strict_decoder_reads_bodies_as_json_loads_does(
+        value: Any, encoding: str, mangle: str) -> None:
+    """`parse_json` (one decoder shared by every request) answers what `json.loads` with
+    the same strictness answers, for bytes in any JSON encoding and for text, valid or
+    not: the same value, or a ValueError (a UnicodeDecodeError is one)."""
+    from app.api.http import _finite_float, _refuse_constant, parse_json
+
+    text = json.dumps(value)
+    if mangle == "cut":
+        text = text[: len(text) // 2]
+    elif mangle == "bom":
+        text = "\ufeff" + text
+    elif mangle == "nan":
+        text = f"[{text}, NaN]"
+    for body in (text, text.encode(encoding, "surrogatepass")):
+        try:
+            expected = json.loads(body, parse_constant=_refuse_constant,
+                                  parse_float=_finite_float)
+        except ValueError:
+            with pytest.raises(ValueError):
+                parse_json(body)
+        else:
+            assert parse_json(body) == expected

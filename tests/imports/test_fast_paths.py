@@ -20,7 +20,8 @@ import pytest
 from pydantic import ValidationError
 
 from app.db import UTCDateTime
-from app.fastsql import _MYSQL_ESCAPES, STATEMENT_CHARS, core_insert, mysql_utc_text
+from app.dbdriver import STRING_ESCAPES
+from app.fastsql import STATEMENT_CHARS, core_insert, mysql_utc_text
 from app.imports import chunking, decoding, formats
 from app.imports.chunking import ChunkSpool, bucket_of
 from app.imports.formats import ImportFormat
@@ -227,7 +228,7 @@ HOSTILE_TEXT = ["", "plain", "it's \"quoted\"", "back\\slash \\' \\\\", "nul \0 
 
 @pytest.mark.parametrize("text", HOSTILE_TEXT)
 def test_strings_are_escaped_as_pymysql_escapes_them(text):
-    assert text.translate(_MYSQL_ESCAPES) == pymysql.converters.escape_string(text)
+    assert text.translate(STRING_ESCAPES) == pymysql.converters.escape_string(text)
 
 
 def test_the_written_out_insert_stores_what_executemany_stores(runtime):
