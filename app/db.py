@@ -481,6 +481,9 @@ class DriverConnection:
     commit is raised as Core raises it (`DBAPIError.instance`: a refused database is the
     same retryable 503), the connection invalidated first when it was lost."""
 
+    _core: Connection | None = None  # class defaults: `__getattr__` never recurses
+    _lost = False
+
     def __init__(self, engine: Engine, *, transaction: bool) -> None:
         self.engine = engine
         self.dialect = engine.dialect
@@ -494,8 +497,6 @@ class DriverConnection:
                 dialect=self.dialect) from exc
         if transaction:
             self.connection.info["transaction_open"] = True  # until it commits
-        self._core: Connection | None = None
-        self._lost = False
 
     def _as_core(self) -> Connection:
         if self._core is None:
