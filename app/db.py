@@ -374,7 +374,10 @@ class UnitOfWork:
     def session(self) -> Session:
         """The ORM session of this transaction (made on first use in `core_first` mode)."""
         if self._session is None:
-            self._session = self._factory(bind=self.connection,
+            connection = self.connection
+            if isinstance(connection, DriverConnection):  # a Core one over the same
+                connection = connection.as_core()          # driver connection
+            self._session = self._factory(bind=connection,
                                           join_transaction_mode="control_fully")
             for obj in self._adopted:
                 self._session.add(obj)
@@ -388,6 +391,12 @@ class UnitOfWork:
             if not self._core_first:
                 return self.session.connection()
             bind = self._factory.kw["bind"]
+            if bind.dialect.name == "mysql":
+                # The pooled driver connection itself (`DriverConnection`): the slot
+                # transaction's Prepared statements need nothing more; a Core
+                # connection is made over it only if something asks for one.
+                self._connection = cast(Connection, DriverConnection(bind, transaction=True))
+                return self._connection
             self._connection = bind.connect()
             try:
                 self._connection.begin()
@@ -498,13 +507,15 @@ class DriverConnection:
         if transaction:
             self.connection.info["transaction_open"] = True  # until it commits
 
-    def _as_core(self) -> Connection:
+    def as_core(self) -> Connection:
+        """A Core `Connection` over this driver connection (made once; from then on it
+        also ends the transaction)."""
         if self._core is None:
             self._core = Connection(self.engine, connection=self.connection)
         return self._core
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._as_core(), name)
+        return getattr(self.as_core(), name)
 
     @property
     def invalidated(self) -> bool:

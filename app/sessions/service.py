@@ -104,7 +104,7 @@ class SessionService(SlotTransactions):
 
         def work(tx: SlotTx) -> CreateOutcome:
             free = tx.occupant_precedence() is None
-            session = Session(
+            session = Session.new(
                 session_id=public_id,
                 account_id=request.account_id,
                 shop_id=request.shop_id,

@@ -78,7 +78,7 @@ class SlotFence:
                  shared: bool = False) -> None:
         # Core statements on the transaction's connection: no ORM execution layer for
         # rows nobody loads as objects.
-        self.conn = db if isinstance(db, Connection) else db.connection()
+        self.conn = db.connection() if isinstance(db, DbSession) else db
         self.account_id = account_id
         self.shop_id = shop_id
         self.shared = shared

@@ -24,8 +24,9 @@ from tests.sessions.helpers import ask, audit_rows, events_for
 def statements(runtime: Runtime) -> Iterator[list[str]]:
     """The SQL statements sent to the database inside the block, by verb, and COMMITs
     (SQLite's explicit BEGIN IMMEDIATE is left out: MySQL begins implicitly). Counted
-    where they reach the driver: Core's events, and on MySQL the PyMySQL cursor's
-    calls too (the hot statements run there directly, `app.fastsql`)."""
+    where they reach the driver: Core's events on SQLite; on MySQL the PyMySQL cursor's
+    and connection's calls (the hot statements and commits run there directly,
+    `app.fastsql`, `app.db.DriverConnection`)."""
     seen: list[str] = []
 
     def verb(statement: str | bytes | bytearray) -> str:
@@ -38,27 +39,34 @@ def statements(runtime: Runtime) -> Iterator[list[str]]:
             seen.append(verb(statement))
 
     def commit(conn):  # type: ignore[no-untyped-def]
-        seen.append("COMMIT")
+        if runtime.database.dialect != "mysql":
+            seen.append("COMMIT")
 
     engine = runtime.database.engine
     event.listen(engine, "before_cursor_execute", before)
     event.listen(engine, "commit", commit)
-    original = (pymysql.cursors.Cursor.execute,)
+    original = (pymysql.cursors.Cursor.execute, pymysql.connections.Connection.commit)
 
     def execute(cursor, query, args=None):  # type: ignore[no-untyped-def]
         seen.append(verb(query))
         return original[0](cursor, query, args)
+
+    def driver_commit(connection):  # type: ignore[no-untyped-def]
+        seen.append("COMMIT")  # on MySQL a slot transaction commits on the driver itself
+        return original[1](connection)
 
     # (PyMySQL's executemany sends what it sends through `execute`: one multi-row
     # INSERT, or one statement a row)
     mysql = runtime.database.dialect == "mysql"
     if mysql:
         pymysql.cursors.Cursor.execute = execute  # type: ignore[method-assign]
+        pymysql.connections.Connection.commit = driver_commit  # type: ignore[method-assign]
     try:
         yield seen
     finally:
         if mysql:
             pymysql.cursors.Cursor.execute = original[0]  # type: ignore[method-assign]
+            pymysql.connections.Connection.commit = original[1]  # type: ignore[method-assign]
         event.remove(engine, "before_cursor_execute", before)
         event.remove(engine, "commit", commit)
 
@@ -117,3 +125,32 @@ def test_a_create_joining_a_busy_slots_line_needs_neither_the_slot_lock_nor_the_
     with runtime.database.read() as db:
         pk = db.query(Session.id).filter_by(session_id=out.session.session_id).scalar()
         assert verify_chain(db, pk)[0]
+
+
+def test_session_new_builds_what_the_constructor_builds_and_tracks_later_changes():
+    from datetime import UTC, datetime
+
+    from sqlalchemy import inspect
+
+    from app.sessions.enums import SessionStatus, SessionType, TaskType
+
+    at = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    values = {"session_id": "ses_x", "account_id": "a", "shop_id": "s",
+              "session_type": "AUTO_BARGAIN", "task_type": TaskType.NEGOTIATION, "priority": 5,
+              "status": "PENDING", "created_at": at, "context": {"k": [1]}, "reason": None}
+    built, made = Session(**dict(values)), Session.new(**dict(values))
+    assert inspect(made).transient
+    plain = {k: v for k, v in inspect(built).dict.items() if k in values}
+    assert {k: v for k, v in inspect(made).dict.items() if k in values} == plain
+    assert made.session_type is SessionType.AUTO_BARGAIN  # text → member, as validated
+    assert made.status is SessionStatus.PENDING
+    assert made.ended_at is None  # unset: as the constructor leaves it
+    assert not inspect(made).modified
+    made.status = SessionStatus.ACTIVE  # later assignments are tracked and validated
+    assert inspect(made).modified and made.status is SessionStatus.ACTIVE
+    made.status = "PAUSED"
+    assert made.status is SessionStatus.PAUSED
+    with pytest.raises(TypeError, match="'nope' is an invalid keyword"):
+        Session.new(nope=1)
+    with pytest.raises(TypeError):
+        Session(nope=1)
