@@ -81,7 +81,10 @@ class _Compiled:
         self.keys = [column.key for column in columns]
         self.types = [column.type for column in columns]
         self.result_processors: list[Processor] | None = None
-        self.plan = self._plan(compiled)
+        # Positional paramstyles only: with PyMySQL loaded the engine's is "pyformat",
+        # whose parameters are `construct_params`' own dict, as cheap as a plan's
+        # (measured: 0.7 µs for a read's one parameter, 3 µs for a heartbeat's UPDATE).
+        self.plan = self._plan(compiled) if self.positional else None
 
     def _plan(self, compiled: Any) -> list[tuple[str, str, bool, Any, Processor]] | None:
         """What `construct_params` does for each positional parameter, decided once: the
@@ -116,9 +119,7 @@ class _Compiled:
                 else:
                     value = fixed
                 values.append(value if processor is None else processor(value))
-            # positional ("format", as a bare dialect has it) or named ("pyformat", as
-            # the engine has it with PyMySQL loaded)
-            return tuple(values) if self.positional else dict(zip(self.names, values, strict=True))
+            return tuple(values)
         return self._constructed(params)
 
     def _constructed(self, params: Mapping[str, Any]) -> Any:

@@ -192,13 +192,11 @@ def _sample(type_: object, n: int) -> object:
     return f"v{n}"
 
 
-@pytest.mark.parametrize("paramstyle", ["pyformat", "format"])
-def test_planned_parameters_are_what_construct_params_gives(paramstyle):
-    """`_Compiled.parameters` builds a statement's parameters from a plan made once (no
-    `construct_params` per call): for every prepared statement of the app, with every
-    parameter given, with optional ones left out (the statement's own literals), and
-    with a required one missing (SQLAlchemy's own error), the same as the general way —
-    named ("pyformat": what an engine with PyMySQL loaded uses) and positional."""
+def test_planned_parameters_are_what_construct_params_gives():
+    """`_Compiled.parameters` builds a positional statement's parameters from a plan made
+    once (no `construct_params` per call): for every prepared statement of the app, with
+    every parameter given, with optional ones left out (the statement's own literals),
+    and with a required one missing (SQLAlchemy's own error), the same as the general way."""
     from types import SimpleNamespace
 
     from sqlalchemy.dialects.mysql.pymysql import dialect
@@ -206,7 +204,7 @@ def test_planned_parameters_are_what_construct_params_gives(paramstyle):
 
     from app.fastsql import _Compiled
 
-    conn = SimpleNamespace(dialect=dialect(paramstyle=paramstyle))
+    conn = SimpleNamespace(dialect=dialect())
     planned = 0
     for label, prepared in _every_prepared_statement():
         table = getattr(prepared.statement, "table", None)
@@ -235,16 +233,3 @@ def test_planned_parameters_are_what_construct_params_gives(paramstyle):
                     compiled._constructed(partial)
                 assert str(ours.value) == str(theirs.value), label
     assert planned >= 15
-
-
-def test_the_engines_statements_take_the_planned_way(runtime):
-    """The plan is made for the paramstyle the running engine has (a statement left to
-    the general way costs `construct_params` on every call)."""
-    from app.fastsql import _Compiled
-    from app.sessions.models import READ_SESSION
-
-    with runtime.database.engine.connect() as conn:
-        compiled = READ_SESSION._compiled(conn, {"session_id": "ses_x"})
-        assert isinstance(compiled, _Compiled) and compiled.plan is not None
-        assert compiled.parameters({"session_id": "ses_x"}) == compiled._constructed(
-            {"session_id": "ses_x"})
