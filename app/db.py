@@ -349,9 +349,11 @@ class UnitOfWork:
     it ends. The after-commit callbacks run last, once the unit of work has ended: after
     the session is closed and `under` is released, so a kick never lengthens either.
 
-    `core_first` (slot transactions): the transaction is a Core connection's
-    (`connection`), and the ORM session (`session`) is made only when something asks for
-    it, bound to that connection and its transaction. A slot transaction that loads no
+    `core_first` (slot transactions): the transaction is a connection's (`connection`:
+    on MySQL the pooled driver connection itself, a `DriverConnection`; elsewhere a Core
+    one), and the ORM session (`session`) is made only when something asks for it, bound
+    to that connection and its transaction (on MySQL through a Core connection made over
+    the same driver connection). A slot transaction that loads no
     object — a create on a free slot: Core reads and inserts only — never pays for the
     ORM's session, its connection hand-over, its flush and commit bookkeeping (~180 µs
     of a one-statement transaction, measured). Objects given to `adopt` join the session
