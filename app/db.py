@@ -204,7 +204,7 @@ def make_engine(
             **kwargs,
         )
         if engine.dialect.driver == "pymysql":
-            _connect_with_cached_descriptors(engine)
+            _connect_with_cached_descriptors(engine, several_statements=autocommit)
         if autocommit:
             _no_transaction_round_trips(engine)
         else:
@@ -214,13 +214,24 @@ def make_engine(
     return create_engine(url, **kwargs)
 
 
-def _connect_with_cached_descriptors(engine: Engine) -> None:
+def _connect_with_cached_descriptors(engine: Engine, *, several_statements: bool) -> None:
     """Open PyMySQL connections as `app.dbdriver.CachingConnection` (a statement's column
-    descriptors parsed once, not on every execution)."""
+    descriptors parsed once, not on every execution).
+
+    `several_statements` (the AUTOCOMMIT pool of the hot paths): the connection also asks
+    for MULTI_STATEMENTS, so that a heartbeat sends its UPDATE and the read of its answer
+    in one query (`app.fastsql.Prepared.execute_then_one`). Every statement the app sends
+    is compiled by SQLAlchemy with its values escaped by the driver; the capability is
+    not asked for on the pool of the slot transactions."""
+    from pymysql.constants import CLIENT
+
     from app.dbdriver import CachingConnection
 
     @event.listens_for(engine, "do_connect")
     def _connect(_dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
+        if several_statements:
+            cparams = {**cparams,
+                       "client_flag": cparams.get("client_flag", 0) | CLIENT.MULTI_STATEMENTS}
         return CachingConnection(*cargs, **cparams)
 
 

@@ -55,6 +55,8 @@ class Runtime:
 
     def close(self) -> None:
         self.database.dispose()
+        if isinstance(self.locks, RedisSlotLocks):
+            self.locks.close()
         if self.redis is not None:
             self.redis.close()
 

@@ -271,9 +271,15 @@ def post_messages(session_id: str) -> Response:
         _check_rows_fit(rows, row, problems)
         return True
 
+    # the same decision as SQL, for a batch whose rows agree on what they name (one
+    # message, as bots post them): `record_messages` may then store it in two round trips
+    named = {(account, shop) for _, account, shop in rows}
     outcome = rt.sessions.record_messages(
         session_id, [message for message, _, _ in rows], actor=client.actor, control=control,
-        agent_id=agent_id, as_operator=client.is_admin)
+        agent_id=agent_id, as_operator=client.is_admin,
+        controlled_if=None if problems or len(named) != 1 else controlled_by(
+            client, messages=True),
+        fits=next(iter(named)) if len(named) == 1 else (None, None))
     return respond(MessagesAnswer(accepted=outcome.accepted, duplicates=outcome.duplicates,
                                   accepted_ids=outcome.accepted_ids, session=outcome.session))
 

@@ -96,15 +96,15 @@ class SessionActivity:
                 id(condition), Prepared(_touch_statement(condition)))
         now = utcnow()
         with self.database.connect() as conn:
-            touched = statement.execute(conn, {
+            # the UPDATE and the read of the answer in one round trip (MySQL)
+            touched, row = statement.execute_then_one(conn, {
                 **parameters, "sid": session_id, "now": now,
                 "human_deadline": now + timedelta(seconds=self.settings.human_session_timeout),
                 "robot_deadline": now + timedelta(
                     seconds=self.settings.default_session_timeout),
-            })
-            if touched != 1:
-                return None
-            row = READ_SESSION.one_or_none(conn, {"session_id": session_id})
+            }, READ_SESSION, {"session_id": session_id})
+        if touched != 1:
+            return None
         assert row is not None  # it was there a statement ago; sessions are never deleted
         return session_view(row, {})
 
@@ -116,7 +116,8 @@ class SessionActivity:
         and unchanged for a caller that does not control it).
 
         `controlled_if` is `control` as a SQL condition: given it, the common case is one
-        conditional UPDATE (which takes the row lock itself) and the read of the answer;
+        conditional UPDATE (which takes the row lock itself) and the read of the answer,
+        sent together;
         when it matches nothing (a terminal session, a caller not in control, an unknown
         id) the locked path below says why."""
         if controlled_if is not None:

@@ -26,7 +26,7 @@ from app.errors import InvalidTransition, NotFound
 from app.events.outbox import Audience
 from app.events.types import EventType
 from app.ids import new_id
-from app.messages.service import LiveMessage, MessageOutcome, MessageService
+from app.messages.service import Fits, LiveMessage, MessageOutcome, MessageService
 from app.sessions import rules
 from app.sessions.activity import Control, ControlledIf, SessionActivity
 from app.sessions.enums import Origin, PauseCause, SessionStatus
@@ -315,15 +315,18 @@ class SessionService(SlotTransactions):
     def record_messages(
         self, session_id: str, messages: Sequence[LiveMessage], *, actor: str,
         control: Control | None = None, agent_id: str | None = None,
-        as_operator: bool = True,
+        as_operator: bool = True, controlled_if: ControlledIf | None = None,
+        fits: Fits = (None, None),
     ) -> MessageOutcome:
         """Store live messages on an ACTIVE or TRANSFERRED session, de-duplicated by id,
         recorded as posted by `actor` (and `agent_id` for the desk). On an accepted
         transfer human messages come from its assignee only, or from an operator
-        (`as_operator`) naming no agent (SPEC §12)."""
+        (`as_operator`) naming no agent (SPEC §12). `controlled_if` and `fits`: `control`
+        as SQL (`MessageService.record_messages`)."""
         return self.messages.record_messages(session_id, messages, control=control,
                                              posted_by=actor, agent_id=agent_id,
-                                             as_operator=as_operator)
+                                             as_operator=as_operator,
+                                             controlled_if=controlled_if, fits=fits)
 
 
 __all__ = ["ServiceHooks", "SessionService"]

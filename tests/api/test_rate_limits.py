@@ -199,8 +199,8 @@ def test_two_app_instances_share_one_budget(runtime: Runtime, other_runtime, bot
 
 def test_a_large_budget_is_taken_in_leases_and_still_exact_in_one_process(
         runtime: Runtime, other_runtime):
-    """200 a minute: leases of 2 (1/LEASE_SHARE), so the counter store is asked once
-    every two requests, and the 201st request is still the first refused."""
+    """200 a minute: leases of 10 (1/LEASE_SHARE), so the counter store is asked once
+    every ten requests, and the 201st request is still the first refused."""
     rt = other_runtime(rate_limit_bot="200/minute")
     app = create_app(rt, TESTING=True)
     token = ClientService(runtime.database).create(name="leasing-bot", role="bot").token
@@ -217,7 +217,7 @@ def test_a_large_budget_is_taken_in_leases_and_still_exact_in_one_process(
     limits.counter.hit = counted
     assert codes(bot, 199) == [200] * 199
     assert_rate_limited(bot.get("/api/v1/sessions"), "RATE_LIMIT_BOT", "200/minute")
-    assert hits[:-1] == [2] * 99 and len(hits) == 100  # one ask per lease, then refused
+    assert hits[:-1] == [10] * 19 and len(hits) == 20  # one ask per lease, then refused
 
 
 @pytest.mark.services
@@ -226,11 +226,12 @@ def test_leases_of_several_processes_share_one_budget_in_redis(
     apps = [create_app(other_runtime(rate_limit_bot="300/minute"), TESTING=True)
             for _ in range(2)]
     first, second = (Caller(a.test_client(), "", bot.token, "bot") for a in apps)
-    assert codes(first, 150) + codes(second, 147) == [200] * 297
-    # what is left (3) is less than a lease in each: the first asks for 3 and spends
-    # them; then both are refused — never more than the budget
-    answers = codes(first, 4) + codes(second, 2)
-    assert answers.count(200) <= 3 and answers[-1] == 429
+    # leases of 15 (1/LEASE_SHARE): ten for the first, nine for the second, all spent
+    assert codes(first, 150) + codes(second, 135) == [200] * 285
+    # what is left (15) is one lease: the first takes it and spends it; then both are
+    # refused — never more than the budget
+    answers = codes(first, 16) + codes(second, 2)
+    assert answers.count(200) <= 15 and answers[-2:] == [429, 429]
     key = next(k for k in runtime.redis.scan_iter(  # type: ignore[union-attr]
         match=f"{runtime.settings.redis_key_prefix}:ratelimit:*{bot.client_id}*"))
     assert int(runtime.redis.get(key)) >= 300  # type: ignore[union-attr, arg-type]

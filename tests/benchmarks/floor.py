@@ -249,8 +249,12 @@ class Recorder:
 
 
 def shape(query: str) -> str:
-    """A statement's text without its literals, for the statement list."""
+    """A statement's text without its literals, for the statement list (several
+    statements written out with their values, `app.fastsql.in_one_query`: every quoted
+    value and number is a literal)."""
     text = re.sub(r"\s+", " ", str(query)).strip()
+    if not re.search(r"%\(\w+\)s|%s", text):
+        text = re.sub(r"'(?:[^'\\]|\\.)*'|\b\d+(?:\.\d+)?\b|\bNULL\b", "?", text)
     text = re.sub(r"%\(\w+\)s|%s", "?", text)
     text = re.sub(r"\(\?(, \?)+\)", "(…)", text)
     return text

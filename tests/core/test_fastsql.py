@@ -11,7 +11,7 @@ from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from app.db import constant, one_of
-from app.fastsql import Prepared
+from app.fastsql import Prepared, takes_several_statements
 from app.sessions.enums import SessionStatus, SessionType
 from app.sessions.models import READ_SESSION, SESSION_BY_ID, SESSIONS
 from app.sessions.schemas import SessionView
@@ -120,6 +120,75 @@ def test_errors_are_core_errors_and_a_lost_connection_is_invalidated(runtime, se
         assert lost.value.connection_invalidated and conn.invalidated
     with runtime.database.connect() as conn:  # the pool hands out a working connection
         assert read.one_or_none(conn, {"session_id": sid})["session_id"] == sid
+
+
+def test_a_write_then_a_read_in_one_query_answer_what_two_answer(runtime, service):
+    """`execute_then_one`: the rows the write matched and the row read after it — in one
+    query on MySQL's AUTOCOMMIT pool (which asks for several statements a query), one
+    after the other elsewhere; the same either way."""
+    sid = ask(service, "AUTO_BARGAIN", shop="f4").session.session_id
+    touch = Prepared(update(SESSIONS).where(SESSIONS.c.session_id == bindparam("sid")),
+                     values_from_params=True)
+    at = datetime(2031, 2, 3, 4, 5, 6, 7, tzinfo=UTC)
+    with runtime.database.connect() as conn:
+        several = takes_several_statements(conn)
+        for n in (1, 2):  # the second time with every form compiled
+            count, row = touch.execute_then_one(
+                conn, {"sid": sid, "last_activity_at": at, "priority": n},
+                READ_SESSION, {"session_id": sid})
+            assert count == 1 and row is not None
+            assert (row.session_id, row.last_activity_at, row.priority) == (sid, at, n)
+            assert row.status is SessionStatus.ACTIVE
+        count, row = touch.execute_then_one(conn, {"sid": "ses_missing", "priority": 1},
+                                            READ_SESSION, {"session_id": "ses_missing"})
+        assert (count, row) == (0, None)
+        # the connection is in step afterwards (no result left unread)
+        assert READ_SESSION.one_or_none(conn, {"session_id": sid}).priority == 2
+    assert several == (runtime.database.dialect == "mysql")
+    with runtime.database.transaction() as conn:  # the slot transactions' pool: one a query
+        assert not takes_several_statements(conn)
+        assert touch.execute_then_one(conn, {"sid": sid, "priority": 3}, READ_SESSION,
+                                      {"session_id": sid})[1].priority == 3
+
+
+def test_values_written_into_one_query_are_escaped(runtime, service):
+    """What `execute_then_one` writes out is escaped as the driver escapes a parameter: a
+    value made to end the statement and start another is only a value."""
+    sid = ask(service, "AUTO_BARGAIN", shop="f5").session.session_id
+    touch = Prepared(update(SESSIONS).where(SESSIONS.c.session_id == bindparam("sid")),
+                     values_from_params=True)
+    hostile = "x'; DELETE FROM sessions; -- \\'\"; SELECT 1; %s %(sid)s"
+    with runtime.database.connect() as conn:
+        count, row = touch.execute_then_one(conn, {"sid": sid, "reason": hostile},
+                                            READ_SESSION, {"session_id": sid})
+        assert count == 1 and row.reason == hostile
+        count, row = touch.execute_then_one(conn, {"sid": hostile, "priority": 1},
+                                            READ_SESSION, {"session_id": hostile})
+        assert (count, row) == (0, None)
+        total = conn.exec_driver_sql("SELECT COUNT(*) FROM sessions").scalar()
+    assert total >= 1
+
+
+@pytest.mark.services
+def test_a_failing_write_stops_the_query_and_raises_as_core_raises(runtime, service):
+    sid = ask(service, "AUTO_BARGAIN", shop="f6").session.session_id
+    other = ask(service, "AUTO_BARGAIN", shop="f7").session.session_id
+    clash = Prepared(update(SESSIONS).where(SESSIONS.c.session_id == bindparam("sid")),
+                     values_from_params=True)
+    read = Prepared(select(SESSIONS.c.priority).where(
+        SESSIONS.c.session_id == bindparam("session_id")))
+    with runtime.database.connect() as conn:
+        with pytest.raises(IntegrityError):  # session_id is unique
+            clash.execute_then_one(conn, {"sid": other, "session_id": sid}, read,
+                                   {"session_id": sid})
+        assert read.one_or_none(conn, {"session_id": other}) is not None  # still in step
+        own_id = conn.exec_driver_sql("SELECT CONNECTION_ID()").scalar()
+        with runtime.database.connect() as killer:
+            killer.exec_driver_sql(f"KILL {int(own_id)}")
+        with pytest.raises(DBAPIError) as lost:
+            clash.execute_then_one(conn, {"sid": sid, "priority": 1}, read,
+                                   {"session_id": sid})
+        assert lost.value.connection_invalidated and conn.invalidated
 
 
 def test_the_bulk_insert_leans_on_sqlalchemys_cached_bind_processors():

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from app.api.access import control_of
+from app.api.access import control_of, controlled_by
 from app.audit.models import Operation
 from app.clients.service import ClientIdentity, ClientRole
 from app.db import utcnow
@@ -25,6 +25,7 @@ from app.messages.models import Message
 from app.messages.service import LiveMessage
 from app.runtime import Runtime
 from app.sessions.enums import SenderRole
+from app.sessions.models import Session
 from app.sessions.schemas import SessionRequest
 from app.transfers.schemas import TransferRequest
 from tests.sessions.helpers import ask
@@ -46,9 +47,11 @@ def left_at(runtime: Runtime, session_id: str) -> datetime:
     raise AssertionError(f"session {session_id} never left ACTIVE: {rows}")
 
 
-def race(runtime: Runtime, change: Callable[[str], Any], *, heartbeats: bool = False
-         ) -> tuple[str, list[tuple[str, Any]]]:
-    """Posters (and heartbeats) hammer one ACTIVE robot session; `change` runs midway."""
+def race(runtime: Runtime, change: Callable[[str], Any], *, heartbeats: bool = False,
+         as_sql: bool = False) -> tuple[str, list[tuple[str, Any]]]:
+    """Posters (and heartbeats) hammer one ACTIVE robot session; `change` runs midway.
+    `as_sql`: the control given as SQL too, as the HTTP API gives it (one message in two
+    round trips, a heartbeat in one query), else only the row-locked path."""
     service = runtime.sessions
     request = SessionRequest(account_id="acc", shop_id=f"race-{next(_ids)}",
                              session_type="AUTO_FOLLOW_UP")
@@ -63,14 +66,16 @@ def race(runtime: Runtime, change: Callable[[str], Any], *, heartbeats: bool = F
             mid = f"m-{next(_ids)}"
             try:
                 if heartbeats:
-                    view = service.heartbeat(session_id, actor=BOT.actor,
-                                             control=control_of(BOT, messages=False))
+                    view = service.heartbeat(
+                        session_id, actor=BOT.actor, control=control_of(BOT, messages=False),
+                        controlled_if=controlled_by(BOT, messages=False) if as_sql else None)
                     outcome: Any = ("heartbeat", view.status, view.last_activity_at)
                 else:
                     service.record_messages(session_id, [LiveMessage(
                         message_id=mid, sender_role=SenderRole.ROBOT, content="hi",
                         sent_at=utcnow())], actor=BOT.actor,
-                        control=control_of(BOT, messages=True))
+                        control=control_of(BOT, messages=True),
+                        controlled_if=controlled_by(BOT, messages=True) if as_sql else None)
                     outcome = ("accepted", mid)
             except AutoSessionError as exc:
                 outcome = ("refused", type(exc).__name__)
@@ -96,52 +101,68 @@ def assert_messages_before_leaving(runtime: Runtime, session_id: str,
     assert accepted and refused, (len(accepted), len(refused))
     moment = left_at(runtime, session_id)
     with runtime.database.read() as db:
-        stored = db.execute(select(Message.message_id, Message.received_at)
+        stored = db.execute(select(Message.message_id, Message.received_at, Message.sent_at)
                             .where(Message.message_id.in_(accepted))).all()
     assert len(stored) == len(accepted)
-    late = [(mid, at) for mid, at in stored if at > moment]
+    late = [(mid, at) for mid, at, _ in stored if at > moment]
     assert not late, (moment, late[:5])
+    # the session's counters and times say exactly what was stored
+    with runtime.database.read() as db:
+        session = db.execute(select(Session).where(Session.session_id == session_id)).scalar_one()
+    assert session.message_count == session.robot_message_count == len(accepted)
+    assert session.first_message_at == min(sent for *_, sent in stored)
+    assert session.last_message_at == max(sent for *_, sent in stored)
 
 
+WAYS = pytest.mark.parametrize("as_sql", [False, True], ids=["row-locked", "as-sql"])
+
+
+@WAYS
 @pytest.mark.parametrize("attempt", range(3))
-def test_messages_racing_a_pause_land_before_it_or_are_refused(runtime: Runtime, attempt: int):
-    session_id, answers = race(runtime, lambda sid: runtime.sessions.pause(sid, actor="bot"))
+def test_messages_racing_a_pause_land_before_it_or_are_refused(runtime: Runtime, attempt: int,
+                                                                as_sql: bool):
+    session_id, answers = race(runtime, lambda sid: runtime.sessions.pause(sid, actor="bot"),
+                               as_sql=as_sql)
     assert_messages_before_leaving(runtime, session_id, answers)
 
 
-def test_messages_racing_a_transfer_land_before_it_or_are_refused(runtime: Runtime):
+@WAYS
+def test_messages_racing_a_transfer_land_before_it_or_are_refused(runtime: Runtime, as_sql: bool):
     """The bot controls its session until the transfer; after it the desk does."""
 
     def transfer(sid: str) -> None:
         runtime.sessions.transfer(sid, TransferRequest(reason="help"), actor=BOT.actor)
 
-    session_id, answers = race(runtime, transfer)
+    session_id, answers = race(runtime, transfer, as_sql=as_sql)
     assert_messages_before_leaving(runtime, session_id, answers)
 
 
-def test_messages_racing_a_preemption_land_before_it_or_are_refused(runtime: Runtime):
+@WAYS
+def test_messages_racing_a_preemption_land_before_it_or_are_refused(runtime: Runtime, as_sql: bool):
     def preempt(sid: str) -> None:
         session = runtime.sessions.get(sid)
         ask(runtime.sessions, "MANUAL_CUSTOMER_SERVICE", account=session.account_id,
             shop=session.shop_id)
 
-    session_id, answers = race(runtime, preempt)
+    session_id, answers = race(runtime, preempt, as_sql=as_sql)
     assert_messages_before_leaving(runtime, session_id, answers)
 
 
-def test_messages_racing_a_timeout_land_before_it_or_are_refused(runtime: Runtime):
+@WAYS
+def test_messages_racing_a_timeout_land_before_it_or_are_refused(runtime: Runtime, as_sql: bool):
     def time_out(sid: str) -> None:
         assert runtime.sessions.expire(sid, now=utcnow() + timedelta(days=1)) is not None
 
-    session_id, answers = race(runtime, time_out)
+    session_id, answers = race(runtime, time_out, as_sql=as_sql)
     assert_messages_before_leaving(runtime, session_id, answers)
 
 
-def test_heartbeats_racing_a_timeout_never_answer_active_after_it(runtime: Runtime):
+@WAYS
+def test_heartbeats_racing_a_timeout_never_answer_active_after_it(runtime: Runtime, as_sql: bool):
     def time_out(sid: str) -> None:
         assert runtime.sessions.expire(sid, now=utcnow() + timedelta(days=1)) is not None
 
-    session_id, answers = race(runtime, time_out, heartbeats=True)
+    session_id, answers = race(runtime, time_out, heartbeats=True, as_sql=as_sql)
     moment = left_at(runtime, session_id)
     active = [a for a in answers if a[0] == "heartbeat" and a[1] == "ACTIVE"]
     ended = [a for a in answers if a[0] == "heartbeat" and a[1] == "TIMEOUT"]

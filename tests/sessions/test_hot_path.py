@@ -17,6 +17,7 @@ from sqlalchemy import event, text
 from app.audit.trail import verify_chain
 from app.runtime import Runtime
 from app.sessions.models import Session
+from app.sessions.schemas import SessionRequest
 from tests.sessions.helpers import ask, audit_rows, events_for
 
 
@@ -45,7 +46,8 @@ def statements(runtime: Runtime) -> Iterator[list[str]]:
     engine = runtime.database.engine
     event.listen(engine, "before_cursor_execute", before)
     event.listen(engine, "commit", commit)
-    original = (pymysql.cursors.Cursor.execute, pymysql.connections.Connection.commit)
+    original = (pymysql.cursors.Cursor.execute, pymysql.connections.Connection.commit,
+                pymysql.connections.Connection.rollback)
 
     def execute(cursor, query, args=None):  # type: ignore[no-untyped-def]
         seen.append(verb(query))
@@ -55,18 +57,24 @@ def statements(runtime: Runtime) -> Iterator[list[str]]:
         seen.append("COMMIT")  # on MySQL a slot transaction commits on the driver itself
         return original[1](connection)
 
+    def driver_rollback(connection):  # type: ignore[no-untyped-def]
+        seen.append("ROLLBACK")
+        return original[2](connection)
+
     # (PyMySQL's executemany sends what it sends through `execute`: one multi-row
     # INSERT, or one statement a row)
     mysql = runtime.database.dialect == "mysql"
     if mysql:
         pymysql.cursors.Cursor.execute = execute  # type: ignore[method-assign]
         pymysql.connections.Connection.commit = driver_commit  # type: ignore[method-assign]
+        pymysql.connections.Connection.rollback = driver_rollback  # type: ignore[method-assign]
     try:
         yield seen
     finally:
         if mysql:
             pymysql.cursors.Cursor.execute = original[0]  # type: ignore[method-assign]
             pymysql.connections.Connection.commit = original[1]  # type: ignore[method-assign]
+            pymysql.connections.Connection.rollback = original[2]  # type: ignore[method-assign]
         event.remove(engine, "before_cursor_execute", before)
         event.remove(engine, "commit", commit)
 
@@ -125,6 +133,64 @@ def test_a_create_joining_a_busy_slots_line_needs_neither_the_slot_lock_nor_the_
     with runtime.database.read() as db:
         pk = db.query(Session.id).filter_by(session_id=out.session.session_id).scalar()
         assert verify_chain(db, pk)[0]
+
+
+def test_a_heartbeat_is_one_query_on_mysql(runtime, service):
+    """The conditional UPDATE and the read of the answer go together (MySQL's AUTOCOMMIT
+    pool takes several statements a query); on SQLite, one after the other in one
+    transaction."""
+    from sqlalchemy import true
+
+    sid = ask(service, "AUTO_BARGAIN", shop="beat").session.session_id
+    service.heartbeat(sid, actor="test", controlled_if=(true(), {}))  # a pooled connection
+    before = service.get(sid).deadline_at
+    with statements(runtime) as seen:
+        view = service.heartbeat(sid, actor="test", controlled_if=(true(), {}))
+    mysql = runtime.database.dialect == "mysql"
+    assert seen == (["UPDATE"] if mysql else ["UPDATE", "SELECT", "COMMIT"])
+    assert view.status == "ACTIVE" and view.deadline_at > before
+    assert service.get(sid).deadline_at == view.deadline_at
+    # a session the condition does not match: the row-locked path says why
+    service.complete(sid, actor="test")
+    with statements(runtime) as seen:
+        assert service.heartbeat(sid, actor="test",
+                                 controlled_if=(true(), {})).status == "COMPLETED"
+    assert seen[0] == "UPDATE" and "SELECT" in seen[1:]
+
+
+def test_one_robot_message_is_two_round_trips_on_mysql(runtime, service):
+    """Given the control as SQL, one new robot message is one query (the transaction's
+    start, the counters' UPDATE, the INSERT … SELECT, the answer's read) and a COMMIT; a
+    duplicate of it is rolled back there and answered by the row-locked path."""
+    from app.api.access import controlled_by
+    from app.clients.service import ClientIdentity, ClientRole
+    from app.db import utcnow
+    from app.messages.service import LiveMessage
+    from app.sessions.enums import SenderRole
+
+    bot = ClientIdentity(client_id="cli_hot", name="hot", role=ClientRole.BOT)
+    sid = service.create(SessionRequest(account_id="acc-1", shop_id="talk",
+                                        session_type="AUTO_BARGAIN"),
+                         actor=bot.actor, client_id=bot.client_id).session.session_id
+
+    def post(mid: str, fits: tuple[str | None, str | None] = (None, None)):  # type: ignore[no-untyped-def]
+        return service.record_messages(
+            sid, [LiveMessage(message_id=mid, sender_role=SenderRole.ROBOT, content="hi",
+                              sent_at=utcnow())],
+            actor=bot.actor, controlled_if=controlled_by(bot, messages=True), fits=fits)
+
+    post("warm-up")  # a pooled connection
+    with statements(runtime) as seen:
+        outcome = post("m-1", ("acc-1", "talk"))
+    mysql = runtime.database.dialect == "mysql"
+    assert seen == (["START", "COMMIT"] if mysql else ["SELECT", "INSERT", "UPDATE", "COMMIT"])
+    assert (outcome.accepted, outcome.duplicates, outcome.session.message_count) == (1, 0, 2)
+    with statements(runtime) as seen:
+        again = post("m-1")
+    assert (again.accepted, again.duplicates, again.session.message_count) == (0, 1, 2)
+    if mysql:
+        assert seen[:2] == ["START", "ROLLBACK"] and "SELECT" in seen[2:]
+    assert service.get(sid).message_count == 2
 
 
 def test_session_new_builds_what_the_constructor_builds_and_tracks_later_changes():

@@ -11,23 +11,30 @@ from pathlib import Path
 import pytest
 import redis
 
-from app.coordination.slot_locks import POLL_SLICE, RedisSlotLocks
-from app.errors import SlotBusy
+from app.coordination.slot_locks import _ACQUIRE, POLL_SLICE, RedisSlotLocks, ThreadCommands
+from app.errors import SlotBusy, SlotLockUnavailable
 from tests.hostile.faults import PrivateRedis
 
 pytestmark = pytest.mark.services
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[redis.Redis]:
+def private(tmp_path: Path) -> Iterator[PrivateRedis]:
     """A Redis server of this test's own: its command counters see only our commands."""
-    private = PrivateRedis(tmp_path).start()
+    server = PrivateRedis(tmp_path).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def server(private: PrivateRedis) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(private.url)
     try:
         yield client
     finally:
         client.close()
-        private.stop()
 
 
 def locks_of(client: redis.Redis, *, ttl: float = 10.0, wait: float = 5.0) -> RedisSlotLocks:
@@ -104,3 +111,70 @@ def test_a_dead_holder_lets_the_waiters_in_once_its_lock_expires(server: redis.R
     with locks.hold("acc", "d"):
         waited = time.monotonic() - started
     assert 0.3 < waited < 0.5 + 2 * POLL_SLICE + 1.0
+
+
+# ---- the lock's commands on a connection of the thread's own --------------------------
+def test_each_thread_keeps_one_connection_of_its_own(server: redis.Redis):
+    command = ThreadCommands(server)
+    mine = {command("CLIENT", "ID") for _ in range(3)}
+    theirs: list[int] = []
+    other = threading.Thread(target=lambda: theirs.extend(
+        command("CLIENT", "ID") for _ in range(3)))
+    other.start()
+    other.join(10)
+    assert len(mine) == 1 and len(set(theirs)) == 1 and mine != set(theirs)
+
+
+def test_a_lock_is_taken_and_released_through_the_threads_connection(server: redis.Redis):
+    locks = locks_of(server)
+    before = server.client_list()
+    with locks.hold("acc", "own"):
+        assert server.get(locks.key("acc", "own")) is not None
+        during = server.client_list()
+    assert server.get(locks.key("acc", "own")) is None
+    # one more client: the lock's own (the test's client keeps its one pooled connection)
+    assert len(during) == len(before) + 1
+    assert {c["id"] for c in server.client_list()} == {c["id"] for c in during}
+
+
+def test_a_connection_broken_since_its_last_command_is_replaced_once(
+        private: PrivateRedis, server: redis.Redis):
+    locks = locks_of(server)
+    with locks.hold("acc", "r"):  # the thread's connection is open now
+        pass
+    private.restart()  # every connection to it is broken
+    with locks.hold("acc", "r"):
+        assert server.get(locks.key("acc", "r")) is not None
+    assert server.get(locks.key("acc", "r")) is None
+
+
+def test_redis_down_is_the_retryable_503_not_a_retry_loop(
+        private: PrivateRedis, server: redis.Redis):
+    locks = locks_of(server)
+    with locks.hold("acc", "down"):
+        pass
+    private.stop()
+    started = time.monotonic()
+    with pytest.raises(SlotLockUnavailable), locks.hold("acc", "down"):
+        pass
+    assert time.monotonic() - started < 5
+
+
+def test_a_script_unknown_to_redis_is_sent_in_full(server: redis.Redis):
+    locks = locks_of(server)
+    with locks.hold("acc", "flushed"):
+        server.script_flush()  # the release script is not cached any more
+    assert server.get(locks.key("acc", "flushed")) is None
+    assert server.script_exists(locks._release.sha) == [True]  # EVAL cached it again
+
+
+def test_queueing_with_the_token_that_holds_the_lock_answers_held(server: redis.Redis):
+    """A SET sent again after its reply was lost finds the lock taken by itself; the
+    queueing script then answers 1 instead of queueing the holder behind itself."""
+    command = ThreadCommands(server)
+    acquire = server.register_script(_ACQUIRE)
+    assert command("SET", "lock", "me", "NX", "PX", 10_000) is not None
+    assert command("SET", "lock", "me", "NX", "PX", 10_000) is None
+    assert command.script(acquire, ["lock", "lock:q"], ["me", 10_000, 20_000]) == 1
+    assert command.script(acquire, ["lock", "lock:q"], ["you", 10_000, 20_000]) == 0
+    assert server.lrange("lock:q", 0, -1) == [b"you"]
