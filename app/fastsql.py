@@ -211,6 +211,19 @@ def in_one_query(conn: Connection, steps: Sequence[Step]) -> list[tuple[int, lis
             cursor.close()  # reads any result left (PyMySQL's `close`)
 
 
+def end_transaction(conn: Connection, *, commit: bool) -> None:
+    """COMMIT (or ROLLBACK) the transaction a query of `in_one_query` opened, on the
+    driver; its error raised as Core raises it (a lost connection invalidated first)."""
+    dbapi_conn = conn.connection.dbapi_connection
+    try:
+        if commit:
+            dbapi_conn.commit()  # type: ignore[union-attr]
+        else:
+            dbapi_conn.rollback()  # type: ignore[union-attr]
+    except conn.dialect.loaded_dbapi.Error as exc:
+        raise _wrapped(conn, "COMMIT" if commit else "ROLLBACK", None, exc, None) from exc
+
+
 class Prepared:
     """A built-once Core statement, executed without Core's per-call machinery.
 

@@ -40,7 +40,13 @@ from sqlalchemy.exc import DBAPIError
 from app.config import Settings
 from app.db import Database, constant, is_retryable_db_error, one_of, run_after_commit, utcnow
 from app.errors import Conflict, NotAssignee, NotInControl, ValidationFailed
-from app.fastsql import Prepared, Record, in_one_query, takes_several_statements
+from app.fastsql import (
+    Prepared,
+    Record,
+    end_transaction,
+    in_one_query,
+    takes_several_statements,
+)
 from app.messages.models import Message
 from app.sessions.activity import (
     TOUCH_SESSION,
@@ -235,20 +241,19 @@ class MessageService:
         with self.database.connect() as conn:
             if not takes_several_statements(conn):
                 return None
-            driver = conn.connection.dbapi_connection
             try:
                 (_, _), (touched, _), (inserted, _), (_, rows) = in_one_query(conn, [
                     "START TRANSACTION", (statements[0], params), (statements[1], params),
                     (READ_SESSION, {"session_id": session_id})])
                 stored = touched == 1 and inserted == 1
-                if stored:
-                    driver.commit()  # type: ignore[union-attr]
-                else:
-                    driver.rollback()  # type: ignore[union-attr]
+                end_transaction(conn, commit=stored)
             except BaseException as exc:
-                _end_or_drop(conn, driver)
+                _end_or_drop(conn)
                 if isinstance(exc, DBAPIError) and is_retryable_db_error(exc):
-                    return None  # a deadlock, a lock wait: the row-locked path retries
+                    # a deadlock, a lock wait, a lost connection (even at COMMIT: then
+                    # the message may be stored, and is found as a duplicate): the
+                    # row-locked path decides afresh, or answers the 503
+                    return None
                 raise
         if not stored:
             return None
@@ -322,14 +327,14 @@ def _build_one_message(controlled_if: ColumnElement[bool], role: SenderRole,
     return Prepared(touch), Prepared(store)
 
 
-def _end_or_drop(conn: Connection, driver: Any) -> None:
+def _end_or_drop(conn: Connection) -> None:
     """After a failure inside `_record_one`'s transaction: roll it back, or, if even that
     fails, drop the connection (it must not go back to the AUTOCOMMIT pool inside a
     transaction)."""
     if conn.invalidated:
         return
     try:
-        driver.rollback()
+        conn.connection.dbapi_connection.rollback()  # type: ignore[union-attr]
     except Exception as exc:  # noqa: BLE001 - any failure: the connection is not reused
         conn.invalidate(exc)
 
