@@ -205,7 +205,6 @@ class MessageService:
             run_after_commit(lambda: self.counterpart_messages([session_id]))
         return outcome
 
-
     def _record_one(self, session_id: str, message: LiveMessage, controlled_if: ControlledIf,
                     fits: Fits, *, posted_by: str | None,
                     agent_id: str | None) -> MessageOutcome | None:

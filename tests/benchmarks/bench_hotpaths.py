@@ -265,8 +265,14 @@ class Meter:
         others = (before["others"] | after["others"]) - ours
 
         def spent(tids: set[int]) -> float:
-            return sum(after["db_tasks"].get(t, 0.0) - before["db_tasks"].get(t, 0.0)
-                       for t in tids)
+            # a thread id that ends and is given to a new thread between the two reads
+            # (a connection closed, another opened) counts the new thread's CPU, never a
+            # negative difference
+            total = 0.0
+            for t in tids:
+                now, then = after["db_tasks"].get(t, 0.0), before["db_tasks"].get(t, 0.0)
+                total += now - then if now >= then else now
+            return total
 
         db_conn, db_others = spent(ours), spent(others)
         db_bg = spent(tasks - ours - others)
