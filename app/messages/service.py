@@ -333,9 +333,10 @@ def _end_or_drop(conn: Connection) -> None:
     if conn.invalidated:
         return
     try:
-        conn.connection.dbapi_connection.rollback()  # type: ignore[union-attr]
+        end_transaction(conn, commit=False)
     except Exception as exc:  # noqa: BLE001 - any failure: the connection is not reused
-        conn.invalidate(exc)
+        if not conn.invalidated:
+            conn.invalidate(exc)
 
 
 def check_speaker(session_id: str, assignee: str | None, agent_id: str | None, *,
