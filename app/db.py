@@ -9,7 +9,9 @@ once the commit succeeded and the unit of work has ended.
 from __future__ import annotations
 
 import logging
+import os
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -505,6 +507,10 @@ class DriverConnection:
 
     _core: Connection | None = None  # class defaults: `__getattr__` never recurses
     _lost = False
+    # kept by a thread between two uses (`ThreadConnections`)
+    kept_by: int | None = None
+    used_at = 0.0
+    kept_lost_at = 0
 
     def __init__(self, engine: Engine, *, transaction: bool) -> None:
         self.engine = engine
@@ -529,6 +535,23 @@ class DriverConnection:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.as_core(), name)
+
+    @property
+    def has_core(self) -> bool:
+        """A Core `Connection` was made over this one (`as_core`)."""
+        return self._core is not None
+
+    def ping(self) -> bool:
+        """True when the server answers a ping; else the connection is invalidated."""
+        dbapi_connection = self.connection.dbapi_connection
+        if dbapi_connection is None:  # invalidated already
+            return False
+        try:
+            self.dialect.do_ping(dbapi_connection)
+        except self.dialect.loaded_dbapi.Error as exc:
+            self.invalidate(exc)
+            return False
+        return True
 
     @property
     def invalidated(self) -> bool:
@@ -565,6 +588,139 @@ class DriverConnection:
             self.connection.close()
 
 
+# How many AUTOCOMMIT connections of one engine threads keep between two uses
+# (`ThreadConnections`): half the pool, so that other threads still find pooled ones.
+KEPT_CONNECTIONS = 5
+
+
+class ThreadConnections:
+    """AUTOCOMMIT driver connections kept by the threads that use them (the hot paths:
+    a read, a heartbeat, a live message), instead of a pool checkout and checkin a
+    request (~25 µs of a request's CPU under load, measured: the pool's queue, its
+    records and events) — as redis-py's connection is kept for the slot lock's commands
+    (`app.coordination.slot_locks.ThreadCommands`).
+
+    A connection goes back to the thread that gave it (`take` / `give_back`), at most
+    `limit` of them kept per process; others go back to the pool as before. What the
+    pool does for a connection on checkout is done here too: one that sat unused for
+    `idle_for` seconds or more is pinged first (`_ping_when_idle`), and replaced when
+    that fails; after any connection of the engine was found lost, every kept one is
+    pinged before its next use. A connection whose statement failed with a lost
+    connection (invalidated), or over which a Core `Connection` was made, is not kept.
+    The kept ones are held in a dict by thread id (taking one is an atomic `pop`, so
+    `close_all` from another thread never hands out one in use); a forked child does not
+    touch its parent's; a thread that ended leaves its connection until a thread that
+    finds the limit reached puts it back in the pool."""
+
+    def __init__(self, engine: Engine, *, limit: int, idle_for: float) -> None:
+        self.engine = engine
+        self.limit = limit
+        self.idle_for = idle_for
+        self._idle: dict[int, DriverConnection] = {}
+        self._kept: set[int] = set()  # ids of the threads that keep one (idle or in use)
+        self._guard = threading.Lock()
+        self._pid = os.getpid()
+        self._inherited: list[dict[int, DriverConnection]] = []
+        self._lost_at = 0  # bumped whenever a connection of the engine is invalidated
+
+        @event.listens_for(engine, "invalidate")
+        def _lost(*_args: Any) -> None:
+            self._lost_at += 1
+
+    def take(self) -> DriverConnection:
+        """The calling thread's kept connection (pinged first when idle for long), or
+        one from the pool."""
+        if self._pid != os.getpid():
+            self._forked()
+        conn = self._idle.pop(threading.get_ident(), None)
+        if conn is not None:
+            if (conn.kept_lost_at == self._lost_at
+                    and time.monotonic() - conn.used_at < self.idle_for) or conn.ping():
+                return conn
+            self._drop(conn)
+        return DriverConnection(self.engine, transaction=False)
+
+    def give_back(self, conn: DriverConnection) -> None:
+        """Keep `conn` for the calling thread, or give it back to the pool."""
+        ident = threading.get_ident()
+        if conn.invalidated or conn.has_core:
+            self._drop(conn)
+            return
+        if ident in self._idle or not self._room(ident):
+            # a use inside another (the thread keeps the other one), or no room left
+            conn.close()
+            return
+        conn.used_at = time.monotonic()
+        conn.kept_lost_at = self._lost_at
+        conn.kept_by = ident
+        self._idle[ident] = conn
+
+    def _room(self, ident: int) -> bool:
+        if ident in self._kept:
+            return True
+        with self._guard:
+            if len(self._kept) >= self.limit:
+                self._release_ended_threads()
+            if len(self._kept) >= self.limit:
+                return False
+            self._kept.add(ident)
+            return True
+
+    def _release_ended_threads(self) -> None:
+        living = {thread.ident for thread in threading.enumerate()}
+        for ident in list(self._kept):
+            if ident not in living:
+                self._kept.discard(ident)
+                conn = self._idle.pop(ident, None)
+                if conn is not None:
+                    conn.close()
+
+    def _drop(self, conn: DriverConnection) -> None:
+        if conn.kept_by is not None:
+            with self._guard:
+                self._kept.discard(conn.kept_by)
+            conn.kept_by = None
+        conn.close()
+
+    def _forked(self) -> None:
+        """In a forked child: the parent's connections are its own (their sockets are
+        shared); they are never used, closed or collected here."""
+        self._inherited.append(self._idle)
+        self._idle, self._kept = {}, set()
+        self._guard = threading.Lock()
+        self._pid = os.getpid()
+
+    def idle(self) -> list[DriverConnection]:
+        """The kept connections not in use now (for diagnostics and tests)."""
+        return list(self._idle.values()) if self._pid == os.getpid() else []
+
+    def close_all(self) -> None:
+        """Back to the pool, every kept connection not in use now."""
+        if self._pid != os.getpid():
+            self._forked()
+            return
+        for ident in list(self._idle):
+            conn = self._idle.pop(ident, None)
+            if conn is not None:
+                self._drop(conn)
+
+
+class _KeptConnection:
+    """`with database.connect() as conn`: the thread's kept connection (MySQL)."""
+
+    __slots__ = ("_connections", "_conn")
+
+    def __init__(self, connections: ThreadConnections) -> None:
+        self._connections = connections
+
+    def __enter__(self) -> Connection:
+        self._conn = self._connections.take()
+        return cast(Connection, self._conn)
+
+    def __exit__(self, *_exc: object) -> None:
+        self._connections.give_back(self._conn)
+
+
 class Database:
     """The engine and the session factory for one configured database."""
 
@@ -578,6 +734,10 @@ class Database:
         self.autocommit_engine = (
             make_engine(url, autocommit=True, **engine_kwargs)
             if self.engine.dialect.name == "mysql" else self.engine)
+        self.thread_connections = (
+            ThreadConnections(self.autocommit_engine, limit=KEPT_CONNECTIONS,
+                              idle_for=engine_kwargs.get("ping_if_idle_for", PING_IF_IDLE_FOR))
+            if self.autocommit_engine is not self.engine else None)
 
     @property
     def dialect(self) -> str:
@@ -614,22 +774,18 @@ class Database:
         finally:
             tx.close()
 
-    @contextmanager
-    def connect(self) -> Iterator[Connection]:
+    def connect(self) -> AbstractContextManager[Connection]:
         """Single statements, each its own transaction: on MySQL an AUTOCOMMIT driver
-        connection (`DriverConnection`); on SQLite a Core connection whose block is one
+        connection (`DriverConnection`) kept by the calling thread between two uses
+        (`ThreadConnections`); on SQLite a Core connection whose block is one
         transaction, committed at its end."""
-        if self.autocommit_engine is self.engine:
-            with self.engine.begin() as conn:
-                yield conn
-            return
-        driver = DriverConnection(self.autocommit_engine, transaction=False)
-        try:
-            yield cast(Connection, driver)
-        finally:
-            driver.close()
+        if self.thread_connections is None:
+            return self.engine.begin()
+        return _KeptConnection(self.thread_connections)
 
     def dispose(self) -> None:
+        if self.thread_connections is not None:
+            self.thread_connections.close_all()
         self.engine.dispose()
         if self.autocommit_engine is not self.engine:
             self.autocommit_engine.dispose()

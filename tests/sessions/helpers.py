@@ -61,7 +61,8 @@ def kill(backend, conn_id: int) -> None:  # type: ignore[no-untyped-def]
 
 def pooled_connection_ids(runtime) -> list[int]:  # type: ignore[no-untyped-def]
     """The server-side ids of the connections the runtime's pools hold now (the
-    transactional pool and the AUTOCOMMIT one of the one-statement paths)."""
+    transactional pool and the AUTOCOMMIT one of the one-statement paths) and of the
+    AUTOCOMMIT ones kept by threads (`app.db.ThreadConnections`)."""
     engines = {id(e): e for e in (runtime.database.engine, runtime.database.autocommit_engine)}
     ids = []
     for engine in engines.values():
@@ -74,4 +75,10 @@ def pooled_connection_ids(runtime) -> list[int]:  # type: ignore[no-untyped-def]
             cursor.close()
         for fairy in held:
             fairy.close()
+    kept = runtime.database.thread_connections
+    for driver in kept.idle() if kept is not None else []:  # kept by their threads
+        cursor = driver.connection.dbapi_connection.cursor()
+        cursor.execute("SELECT CONNECTION_ID()")
+        ids.append(int(cursor.fetchone()[0]))
+        cursor.close()
     return ids
