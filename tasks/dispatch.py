@@ -22,6 +22,8 @@ from tasks.imports import prepare_import_task, start_in_process
 
 log = logging.getLogger(__name__)
 
+DELIVERY_THREAD = "webhook-delivery"  # the name of an in-process delivery run's thread
+
 
 class CeleryDispatcher:
     """Real workers: each piece of work is a Celery task on the broker."""
@@ -48,7 +50,7 @@ class InProcessDispatcher:
 
     def deliver_webhooks(self) -> None:
         threading.Thread(target=contextvars.copy_context().run,  # the trace id
-                         args=(self._deliver,), name="webhook-delivery", daemon=True).start()
+                         args=(self._deliver,), name=DELIVERY_THREAD, daemon=True).start()
 
     def _deliver(self) -> None:
         try:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -162,6 +164,17 @@ def _clean(runtime: Runtime) -> None:
         runtime.redis.flushdb()
 
 
+def _join_delivery_threads(timeout: float) -> None:
+    """Wait for the in-process dispatcher's delivery threads (`InProcessDispatcher`)."""
+    from tasks.dispatch import DELIVERY_THREAD
+
+    end = time.monotonic() + timeout
+    for thread in threading.enumerate():
+        if thread.name == DELIVERY_THREAD:
+            thread.join(max(0.0, end - time.monotonic()))
+            assert not thread.is_alive(), "a webhook delivery thread outlived its test"
+
+
 @pytest.fixture
 def settings(backend: Backend, tmp_path: Path) -> Settings:
     return backend.settings(tmp_path)
@@ -177,10 +190,12 @@ def runtime(backend: Backend, settings: Settings) -> Iterator[Runtime]:
     try:
         yield rt
     finally:
-        # background detection (embedded default) must not write into the next test
+        # background detection and webhook delivery (embedded default) must not write
+        # into the next test (a late delivery run recreated a cleaned client's cursor)
         from tasks.detection import drain_in_process
 
         drain_in_process(30)
+        _join_delivery_threads(30)
         set_runtime(None)
         rt.close()
 
