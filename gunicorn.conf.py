@@ -14,7 +14,7 @@ gunicorn reads `./gunicorn.conf.py` by default (`gunicorn --help`: `-c CONFIG â€
   paired path x round measurements per size and connection count): 2x2 had the lowest
   p99 at 4 and at 16 connections (0.79x and 0.83x the mean of the four sizes) with a CPU
   per request within 3% of the best; 4 processes cost more CPU per request, 4 threads a
-  longer tail at 16 connections (README "Performance");
+  longer tail at 16 connections (README "Benchmarks", docs/benchmarks-history.md);
 - `reuse_port` when there is more than one worker: a listening socket per worker, the
   kernel spreading new connections over them (one shared socket let the first-woken
   worker take every pending connection: all of a client's keep-alive connections on one
