@@ -53,6 +53,7 @@ from app.imports.staging import (
     StagingWriter,
 )
 from app.imports.upload import UploadReader
+from app.observability.metrics import record_split_refused
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +200,7 @@ class Splitter:
             job.phase = "chunks"
             uow.session.flush()
             pending = pending_chunks(uow.session, job_pk)
+            uow.after_commit(lambda: record_split_refused(outcome.invalid))
             uow.commit()
         return PrepareOutcome(job_id, pending, not pending)
 
@@ -457,11 +459,12 @@ class Splitter:
             job.total_rows = sum(p.records for p in parts)
             job.staged_rows = sum(rows_per_bucket.values())
             job.chunk_count = len(rows_per_bucket)
-            job.prepare_invalid = sum(p.invalid for p in parts)
+            refused = job.prepare_invalid = sum(p.invalid for p in parts)
             job.prepare_errors = errors
             job.phase = "chunks"
             uow.session.flush()
             pending = pending_chunks(uow.session, job.id)
+            uow.after_commit(lambda: record_split_refused(refused))
             uow.commit()
         return PrepareOutcome(job_id, pending, not pending)
 

@@ -62,7 +62,8 @@ FENCE_REJECTIONS = Counter(
     "autosession_fence_rejections",
     "Slot commits refused because another holder changed the slot (fencing token)")
 IMPORT_ROWS = Counter(
-    "autosession_import_rows", "History import rows handled by chunks, by outcome",
+    "autosession_import_rows",
+    "History import rows by outcome (invalid: refused as the upload was split or by a chunk)",
     ["outcome"])
 IMPORT_CHUNKS = Counter(
     "autosession_import_chunks", "History import chunk runs, by outcome", ["outcome"])
@@ -189,6 +190,13 @@ def record_import_chunk(counts: Any, seconds: float) -> None:
                            ("invalid", counts.invalid)):
         if value:
             IMPORT_ROWS.labels(outcome).inc(value)
+
+
+def record_split_refused(rows: int) -> None:
+    """Rows an upload's split refused (not a record, no slot): counted once, when the
+    split that found them commits; the chunks count the rest (`record_import_chunk`)."""
+    if rows:
+        IMPORT_ROWS.labels("invalid").inc(rows)
 
 
 def record_delivery(outcome: str, event_created_at: datetime | None) -> None:

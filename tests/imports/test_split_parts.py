@@ -16,6 +16,7 @@ from collections import Counter
 from datetime import datetime, timedelta
 
 import pytest
+from prometheus_client import REGISTRY
 from sqlalchemy import func, select
 
 from app.db import utcnow
@@ -78,6 +79,12 @@ def parts_of(runtime, job_id: str) -> list[ImportSplitPart]:  # type: ignore[no-
         return parts
 
 
+def refused_rows() -> float:
+    """This process's `autosession_import_rows_total{outcome="invalid"}`."""
+    value = REGISTRY.get_sample_value("autosession_import_rows_total", {"outcome": "invalid"})
+    return value or 0.0
+
+
 def staged_rows(runtime, job_id: str) -> list[tuple[int, int, dict]]:  # type: ignore[no-untyped-def]
     """(bucket, line, fields) of every row staged for the job's chunks."""
     with runtime.database.read() as db:
@@ -93,6 +100,7 @@ def staged_rows(runtime, job_id: str) -> list[tuple[int, int, dict]]:  # type: i
 def test_every_part_routes_a_slot_to_one_chunk_and_lines_keep_their_numbers(
         runtime, compressed):
     data, line_of, bad = export()
+    refused_before = refused_rows()
     service = ImportService(runtime, split_parts=3, part_min_bytes=len(data) // 4)
     job = service.create_job(io.BytesIO(gzip.compress(data) if compressed else data),
                              filename="history.ndjson")
@@ -115,6 +123,8 @@ def test_every_part_routes_a_slot_to_one_chunk_and_lines_keep_their_numbers(
     assert merged.chunk_pks
     assert service.merge_parts(job.job_id).chunk_pks == []  # the chunks are made once
     assert service.prepare(job.job_id).chunk_pks == merged.chunk_pks  # recovery: re-sent
+    # the rows the parts refused are in the rows metric once, counted at the merge
+    assert refused_rows() - refused_before == len(bad)
 
     staged = staged_rows(runtime, job.job_id)
     buckets = parts[0].buckets
