@@ -28,6 +28,7 @@ from app.detection.rules import (
     repeated,
     similarity,
 )
+from app.errors import ServiceUnavailable
 from app.transfers.models import Transfer
 from tasks.detection import SessionQueue
 from tests.api.conftest import app, bot, http, make_caller  # noqa: F401  (fixtures)
@@ -298,3 +299,46 @@ def test_a_failing_run_is_logged_and_the_queue_goes_on(caplog):
         assert queue.drain(10)
     assert runs == ["bad", "good"]
     assert any("bad failed" in r.getMessage() for r in caplog.records)
+
+
+def test_a_run_that_found_the_database_away_runs_again_after_a_growing_delay(caplog):
+    runs: list[tuple[str, float]] = []
+
+    def work(runtime: object, session_id: str) -> None:
+        runs.append((session_id, time.monotonic()))
+        if session_id == "flaky" and sum(1 for s, _ in runs if s == "flaky") <= 2:
+            raise ServiceUnavailable("the database is not reachable; retry")
+
+    queue = SessionQueue("test-queue", work, retry_on=(ServiceUnavailable,),  # type: ignore[arg-type]
+                         retries=5, retry_delay=0.05)
+    with caplog.at_level(logging.WARNING, logger="tasks.detection"):
+        queue.submit(object(), ["flaky", "other"])  # type: ignore[arg-type]
+        assert queue.drain(10)  # the retries are waited for too
+    flaky = [at for s, at in runs if s == "flaky"]
+    assert len(flaky) == 3 and [s for s, _ in runs].count("other") == 1
+    assert flaky[1] - flaky[0] >= 0.05 and flaky[2] - flaky[1] >= 0.1  # doubled
+    assert runs[1][0] == "other"  # the others are not held up by the wait
+    assert sum("tried again in" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_retries_end_and_other_failures_are_not_retried(caplog):
+    runs: list[str] = []
+
+    def work(runtime: object, session_id: str) -> None:
+        runs.append(session_id)
+        if session_id == "away":
+            raise ServiceUnavailable("the database is not reachable; retry")
+        raise RuntimeError("a bug")
+
+    queue = SessionQueue("test-queue", work, retry_on=(ServiceUnavailable,),  # type: ignore[arg-type]
+                         retries=2, retry_delay=0.01)
+    rt = object()
+    with caplog.at_level(logging.WARNING, logger="tasks.detection"):
+        queue.submit(rt, ["away", "bug"])  # type: ignore[arg-type]
+        assert queue.drain(10)
+    assert runs.count("away") == 3 and runs.count("bug") == 1
+    assert any("away failed 3 times" in r.getMessage() and "next message" in r.getMessage()
+               for r in caplog.records)
+    queue.submit(rt, ["away"])  # type: ignore[arg-type]  # its next message: tried afresh
+    assert queue.drain(10)
+    assert runs.count("away") == 6
