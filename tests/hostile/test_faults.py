@@ -6,6 +6,7 @@ service is back the next request succeeds, with no Idempotency-Key left stuck.""
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections import Counter
@@ -21,6 +22,8 @@ from app.clients.service import ClientService
 from app.factory import create_app
 from app.runtime import Runtime, build_runtime, set_runtime
 from app.sessions.models import Session
+from app.transfers.models import Transfer
+from tasks.detection import drain_in_process, in_process_detection
 from tests.hostile.faults import PrivateRedis, TcpProxy
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
@@ -190,3 +193,45 @@ def test_a_database_refusing_connections_answers_503s_and_recovers(proxied: dict
 
 def test_redis_restarting_answers_503s_and_recovers(proxied: dict[str, Any]):
     _fault_then_recover(proxied, proxied["redis"].stop, proxied["redis"].start, 1.5)
+
+
+def test_detection_that_finds_the_database_refusing_runs_again_once_it_is_back(
+        proxied: dict[str, Any], caplog: pytest.LogCaptureFixture):
+    """The in-process detection queue (the embedded default's worker), on this runtime:
+    a counterpart asks for a person, the database refuses connections when detection
+    runs, and comes back a moment later; the retry finds the request and transfers."""
+    world = proxied
+    client = world["app"].test_client()
+    bot = {"Authorization": f"Bearer {world['bot']}"}
+    created = client.post("/api/v1/sessions", json={
+        "account_id": "acc", "shop_id": "detect", "session_type": "AUTO_BARGAIN"}, headers=bot)
+    assert created.status_code == 201, created.get_json()
+    sid = created.get_json()["session_id"]
+    posted = client.post(f"/api/v1/sessions/{sid}/messages", headers=bot, json={"messages": [
+        {"message_id": "m-person", "sender_role": "counterpart", "content": "我要转人工"}]})
+    assert posted.status_code in (200, 201), posted.get_json()
+
+    world["proxy"].cut()
+    try:
+        with caplog.at_level(logging.WARNING, logger="tasks.detection"):
+            in_process_detection.submit(world["runtime"], [sid])
+            assert wait_for(lambda: any("tried again in" in r.getMessage()
+                                        for r in caplog.records), 10)
+    finally:
+        world["proxy"].restore()
+    assert drain_in_process(30)
+    with world["runtime"].database.read() as db:
+        status = db.execute(select(Session.status).where(Session.session_id == sid)
+                            ).scalar_one()
+        transfers = db.execute(select(func.count()).select_from(Transfer).where(
+            Transfer.session_id == sid)).scalar_one()
+    assert (str(status), transfers) == ("TRANSFERRED", 1)
+
+
+def wait_for(condition: Any, timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False
