@@ -113,12 +113,8 @@ def read_feed(
 
     Raises CursorExpired for a cursor below the retention purge's mark (`after` 0, no
     cursor yet, starts at the oldest event kept)."""
-    candidates = db.execute(
-        select(Event)
-        .where(Event.id > after, visible_events(client_id, role))
-        .order_by(Event.id)
-        .limit(limit)
-    ).scalars().all()
+    visible = visible_events(client_id, role)
+    candidates = _events(db, visible, after, None, limit)
     # Read after the events: a purge that committed in between is seen here.
     purged = purged_through(db)
     if 0 < after < purged:
@@ -130,12 +126,21 @@ def read_feed(
     last = candidates[-1].id
     # Purged ids are not holes: nothing below the mark can still commit.
     hole = first_hole(db, max(after, purged), last)
-    settled = now - timedelta(seconds=settle_seconds)
-    served = []
-    for event in candidates:
-        if hole is not None and event.id > hole and event.occurred_at > settled:
-            break
-        served.append(event)
+    # Each statement sees the newest commits (READ COMMITTED on MySQL): an event that
+    # committed after the first read, below `last`, may have filled a hole the count then
+    # did not see. Every id up to `upto` was present when the holes were counted, so that
+    # range is final now: read it again and serve what it holds, missing nothing.
+    upto = last if hole is None else hole - 1
+    served = _events(db, visible, after, upto, limit) if upto > after else []
+    if hole is not None and len(served) < limit:
+        # past the hole, only events older than the settle window, in order
+        settled = now - timedelta(seconds=settle_seconds)
+        for event in candidates:
+            if event.id <= hole:
+                continue
+            if event.occurred_at > settled:
+                break
+            served.append(event)
     items = [
         EventView(
             event_id=e.id, type=e.type, session_id=e.session_id, account_id=e.account_id,
@@ -144,6 +149,15 @@ def read_feed(
         for e in served
     ]
     return EventPage(items=items, next=served[-1].id if served else after)
+
+
+def _events(db: DbSession, visible: ColumnElement[bool], after: int, upto: int | None,
+            limit: int) -> list[Event]:
+    """The visible events with ids in (after, upto], oldest first, at most `limit`."""
+    stmt = select(Event).where(Event.id > after, visible)
+    if upto is not None:
+        stmt = stmt.where(Event.id <= upto)
+    return list(db.execute(stmt.order_by(Event.id).limit(limit)).scalars().all())
 
 
 def purged_through(db: DbSession) -> int:

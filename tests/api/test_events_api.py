@@ -91,3 +91,38 @@ def test_uncommitted_event_is_never_skipped_on_mysql(runtime, admin, bot):
         tx.commit()
     page = admin.get("/api/v1/events").get_json()
     assert [e["type"] for e in page["items"]] == ["slow.event", "session.activated"]
+
+
+@pytest.mark.services
+def test_an_event_committing_between_the_read_and_the_hole_check_is_not_skipped(
+        runtime, admin, bot):
+    """MySQL reads at READ COMMITTED: each statement of the feed sees the newest commits.
+    The open transaction commits right after the feed read the events (it saw only the
+    later one) and before it counted the ids for holes (it then finds none): the feed must
+    still serve the late event, before the later one, not pass over it for good."""
+    from sqlalchemy import event as sa_event
+
+    slow = runtime.database.engine.connect()
+    tx = slow.begin()
+    slow.execute(insert(Event), [{"type": "slow.event", "audience": "admin",
+                                  "occurred_at": utcnow(), "data": {}}])
+    bot.create("AUTO_BARGAIN")  # commits an event with a higher id
+    committed: list[str] = []
+
+    def commit_before_the_count(conn, cursor, statement, parameters, context, many):  # type: ignore[no-untyped-def]
+        if not committed and "count(" in statement.lower() and "events" in statement:
+            tx.commit()  # between the feed's two reads
+            committed.append(statement)
+
+    sa_event.listen(runtime.database.engine, "before_cursor_execute", commit_before_the_count)
+    try:
+        page = admin.get("/api/v1/events").get_json()
+    finally:
+        sa_event.remove(runtime.database.engine, "before_cursor_execute",
+                        commit_before_the_count)
+        slow.close()
+    assert committed, "the feed never counted the events for holes"
+    served = [e["type"] for e in page["items"]]
+    assert served[:1] == ["slow.event"], served  # not skipped, and first
+    rest, _ = drain(admin, after=page["next"])
+    assert served + [e["type"] for e in rest] == ["slow.event", "session.activated"]
