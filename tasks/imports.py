@@ -53,6 +53,7 @@ from sqlalchemy.exc import OperationalError
 
 from app.errors import ServiceUnavailable
 from app.imports.service import ImportService
+from app.imports.splitting import SPLIT_LEASE
 from app.observability.metrics import record_import_chunk
 from app.runtime import get_runtime
 from tasks.celery_app import celery, runs_in_process
@@ -95,7 +96,8 @@ def prepare_import_task(self: Any, job_id: str) -> dict[str, Any]:
     dispatch_parts(job_id, outcome.part_pks)
     dispatch_chunks(job_id, outcome.chunk_pks, ready_to_finish=outcome.ready_to_finish)
     return {"job_id": job_id, "chunks": len(outcome.chunk_pks),
-            "parts": len(outcome.part_pks), "split_elsewhere": outcome.retry_in is not None}
+            "parts": len(outcome.part_pks), "split_elsewhere": outcome.retry_in is not None,
+            "retry_in": outcome.retry_in}
 
 
 @celery.task(name="imports.split_part", bind=True, acks_late=True, time_limit=3600,
@@ -235,10 +237,36 @@ def wait_eager(job_id: str, timeout: float | None = None) -> None:
 _eager_threads: dict[str, threading.Thread] = {}
 
 
+def resume_in_process() -> list[str]:
+    """Embedded default: run again, each on a thread of this process, the jobs left
+    unfinished (a server stopped or killed in the middle of an import: its pipeline ran
+    on threads of that process and died with it). What a starting Celery worker does
+    with `resume_unfinished_imports`; the in-process beat calls it once as it starts.
+    A job already running in this process is left to its thread."""
+    jobs = [job_id for job_id in service().unfinished() if job_id not in _eager_threads]
+    for job_id in jobs:
+        log.info("import %s was left unfinished: resuming it in this process", job_id)
+        start_in_process(job_id)
+    return jobs
+
+
+# A pass that leaves its job unfinished met a split lease held elsewhere (a run that
+# died, or another process's): look again when it could have run out, so many times.
+EAGER_PASSES = 10
+
+
 def _run_eagerly(job_id: str) -> None:
     try:
-        prepare_import_task.apply(args=(job_id,), throw=True)  # its chunks close the job
-        close_job(service(), job_id)  # a job of no chunk, or a close that met an error
+        for _pass in range(EAGER_PASSES):
+            # its chunks close the job
+            outcome = prepare_import_task.apply(args=(job_id,), throw=True).result
+            close_job(service(), job_id)  # a job of no chunk, or a close that met an error
+            if service().get(job_id).finished:
+                return
+            retry_in = outcome.get("retry_in") if isinstance(outcome, dict) else None
+            time.sleep(min(SPLIT_LEASE, retry_in + 1) if retry_in else SPLIT_LEASE / 4)
+        log.warning("import %s still unfinished after %d passes in this process; it is "
+                    "resumed at the next start", job_id, EAGER_PASSES)
     except Exception as exc:
         log.exception("import %s failed in-process", job_id)
         try:  # the job must end, whatever went wrong

@@ -61,7 +61,8 @@ schedule_every("sweep-transfers", "sweeps.transfers", get_settings().transfer_sw
 
 def start_in_process_beat(stop: threading.Event) -> threading.Thread:
     """The embedded default has no beat process: run the periodic work in a thread
-    (sweeps, the delivery safety net, the idempotency and retention purges) until `stop` is set."""
+    (sweeps, the delivery safety net, the idempotency and retention purges) until `stop` is
+    set; first, once, resume the imports a stopped server left unfinished."""
     from tasks.clients import purge_idempotency_task
     from tasks.delivery import deliver_webhooks_task
     from tasks.retention import purge_retention_task
@@ -76,6 +77,12 @@ def start_in_process_beat(stop: threading.Event) -> threading.Thread:
     def loop() -> None:
         import time
 
+        from tasks.imports import resume_in_process
+
+        try:  # once: the imports a stopped server left unfinished (no worker to resume them)
+            resume_in_process()
+        except Exception:
+            log.exception("in-process beat: unfinished imports could not be resumed")
         due = dict.fromkeys(range(len(jobs)), 0.0)
         while not stop.is_set():
             now = time.monotonic()
