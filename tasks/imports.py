@@ -44,6 +44,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,7 @@ from app.imports.service import ImportService
 from app.imports.splitting import SPLIT_LEASE
 from app.observability.metrics import record_import_chunk
 from app.runtime import get_runtime
-from tasks.celery_app import celery, runs_in_process
+from tasks.celery_app import celery, runs_in_process, schedule_every
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,11 @@ log = logging.getLogger(__name__)
 # before committing, after touching the marker file (the worker-kill test uses it).
 PAUSE_ENV = "AUTO_SESSION_IMPORT_PAUSE_BEFORE_COMMIT"
 RETRYABLE = (OperationalError, ServiceUnavailable)
+CHUNK_TIME_LIMIT = 900  # seconds a chunk task may run (the soft limit a minute earlier)
+# A job with no sign of life for longer than a chunk task may run has nothing running:
+# `resume_stalled_imports` sends it again. The beat looks every STALL_CHECK_INTERVAL.
+STALLED_AFTER = CHUNK_TIME_LIMIT + 60
+STALL_CHECK_INTERVAL = 300.0
 # A chunk that ran out of time is retried too: a paged chunk goes on after the last page
 # it stored, and the chunk's attempt count bounds how often.
 CHUNK_RETRYABLE = (*RETRYABLE, SoftTimeLimitExceeded)
@@ -126,8 +132,8 @@ def split_part_task(self: Any, job_id: str, part_pk: int) -> dict[str, Any]:
     return {"part": part_pk, "chunks": len(merged.chunk_pks) if merged else None}
 
 
-@celery.task(name="imports.chunk", bind=True, acks_late=True, time_limit=900,
-             soft_time_limit=840, max_retries=5, ignore_result=True)
+@celery.task(name="imports.chunk", bind=True, acks_late=True, time_limit=CHUNK_TIME_LIMIT,
+             soft_time_limit=CHUNK_TIME_LIMIT - 60, max_retries=5, ignore_result=True)
 def import_chunk_task(self: Any, job_id: str, chunk_pk: int) -> dict[str, Any]:
     """One chunk (one transaction, or time-ordered pages of a huge one); then, if no
     chunk is left pending, the job's close. Infrastructure errors and time-outs are
@@ -200,6 +206,25 @@ def resume_unfinished_imports() -> list[str]:
     for job_id in jobs:
         prepare_import_task.delay(job_id)
     return jobs
+
+
+@celery.task(name="imports.resume_stalled", acks_late=True, time_limit=600,
+             soft_time_limit=540)
+def resume_stalled_imports() -> list[str]:
+    """The beat's safety net for lost tasks: a job that showed no sign of life for
+    STALLED_AFTER (no chunk run started or ended, no split heartbeat; longer than a chunk
+    task may run, so none is running) lost its tasks — a broker restarted without its
+    data drops every task still queued, and workers that stay up never resume — and is
+    sent again (prepare sends whatever is pending), once per STALLED_AFTER at most."""
+    jobs = service().take_stalled(timedelta(seconds=STALLED_AFTER))
+    for job_id in jobs:
+        log.warning("import %s showed no sign of life for %d s: sending it again", job_id,
+                    STALLED_AFTER)
+        prepare_import_task.delay(job_id)
+    return jobs
+
+
+schedule_every("resume-stalled-imports", "imports.resume_stalled", STALL_CHECK_INTERVAL)
 
 
 def dispatch_parts(job_id: str, part_pks: list[int]) -> None:

@@ -83,7 +83,7 @@ class ChunkProcessor:
             latest = (job.started_at or job.created_at) + LATEST_AHEAD
             attempt = chunk.attempts + 1  # read under the row lock: this attempt's own
             db.execute(update(ImportChunk).where(ImportChunk.id == chunk_pk)
-                       .values(attempts=attempt))
+                       .values(attempts=attempt, started_at=utcnow()))
             uow.commit()
         if attempt > MAX_CHUNK_ATTEMPTS:
             self.fail_chunk(chunk_pk, f"gave up after {MAX_CHUNK_ATTEMPTS} attempts (each "

@@ -13,11 +13,11 @@ import builtins
 import heapq
 import logging
 import threading
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import delete, exists, func, select, update
+from sqlalchemy import and_, delete, exists, func, or_, select, update
 from sqlalchemy.orm import Session as DbSession
 
 from app.db import Database, affected_rows, utcnow
@@ -266,6 +266,44 @@ class JobLifecycle:
                 select(ImportJob.job_id).where(ImportJob.status.in_(
                     [JobStatus.QUEUED, JobStatus.RUNNING])).order_by(ImportJob.id)
             ).scalars())
+
+    def take_stalled(self, now: datetime, quiet: timedelta) -> builtins.list[str]:
+        """Unfinished jobs that showed no sign of life for `quiet` — no chunk run started
+        or ended, no split heartbeat, not created, started or sent again — marked sent
+        again now (`resumed_at`; of two callers at once, one takes a job). A chunk run
+        marks its start, so with `quiet` longer than a chunk task may run, nothing is
+        running for such a job: its tasks were lost (a broker that restarted without its
+        data), and the caller sends it again."""
+        cutoff = now - quiet
+        chunk, part = ImportChunk, ImportSplitPart
+
+        def since(column: Any) -> Any:  # false, not NULL, for a time not set
+            return and_(column.is_not(None), column >= cutoff)
+
+        alive = or_(
+            ImportJob.created_at >= cutoff, since(ImportJob.started_at),
+            since(ImportJob.split_heartbeat_at), since(ImportJob.resumed_at),
+            exists().where(chunk.job_pk == ImportJob.id,
+                           or_(chunk.started_at >= cutoff, chunk.done_at >= cutoff)),
+            exists().where(part.job_pk == ImportJob.id, part.heartbeat_at >= cutoff),
+        )
+        taken = []
+        with self.database.unit_of_work() as uow:
+            candidates = uow.session.execute(
+                select(ImportJob.id, ImportJob.job_id).where(
+                    ImportJob.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]),
+                    ~alive).order_by(ImportJob.id)).all()
+            for pk, job_id in candidates:
+                claimed = uow.session.execute(
+                    update(ImportJob).where(
+                        ImportJob.id == pk,
+                        ImportJob.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]),
+                        or_(ImportJob.resumed_at.is_(None), ImportJob.resumed_at < cutoff))
+                    .values(resumed_at=now))
+                if affected_rows(claimed) == 1:
+                    taken.append(job_id)
+            uow.commit()
+        return taken
 
     def view(self, db: DbSession, job: ImportJob) -> ImportJobView:
         counts = {name: getattr(job, name) for name in ImportCounts.COUNTERS}

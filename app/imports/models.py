@@ -86,6 +86,9 @@ class ImportJob(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # When the beat last sent the job again after it showed no sign of life
+    # (`JobLifecycle.stalled`); at most once per stall period.
+    resumed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 class ImportUploadPart(Base):
@@ -130,6 +133,8 @@ class ImportChunk(Base):
     first_error_line: Mapped[int | None] = mapped_column(Integer, nullable=True)
     detail: Mapped[str | None] = mapped_column(Text, nullable=True)
     done_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # When its last run began (a sign of life for `JobLifecycle.stalled`)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 class ImportSplitPart(Base):

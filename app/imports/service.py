@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import builtins
 from collections.abc import Callable
+from datetime import timedelta
 from typing import IO, Any
 
-from app.db import Database
+from app.db import Database, utcnow
 from app.imports.batch import ACTOR
 from app.imports.chunking import TASK_ROWS
 from app.imports.chunks import ChunkProcessor
@@ -149,3 +150,8 @@ class ImportService:
     def unfinished(self) -> builtins.list[str]:
         """Jobs not closed yet (for recovery after a worker died)."""
         return self.jobs.unfinished()
+
+    def take_stalled(self, quiet: timedelta) -> builtins.list[str]:
+        """Unfinished jobs with no sign of life for `quiet`, marked sent again
+        (`JobLifecycle.take_stalled`)."""
+        return self.jobs.take_stalled(utcnow(), quiet)
