@@ -87,7 +87,7 @@ class ImportJob(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     # When the beat last sent the job again after it showed no sign of life
-    # (`JobLifecycle.stalled`); at most once per stall period.
+    # (`JobLifecycle.take_stalled`); at most once per stall period.
     resumed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
@@ -133,7 +133,7 @@ class ImportChunk(Base):
     first_error_line: Mapped[int | None] = mapped_column(Integer, nullable=True)
     detail: Mapped[str | None] = mapped_column(Text, nullable=True)
     done_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
-    # When its last run began (a sign of life for `JobLifecycle.stalled`)
+    # When its last run began (a sign of life for `JobLifecycle.take_stalled`)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
