@@ -19,10 +19,10 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from app.config import get_settings
-from app.detection.service import analyse_with_llm, detect_session
+from app.detection.service import analyse_with_llm, detect_session, missed_sessions
 from app.errors import ServiceUnavailable
 from app.runtime import Runtime, get_runtime
-from tasks.celery_app import celery
+from tasks.celery_app import celery, schedule_every
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,8 @@ EXIT_GRACE = 10.0  # seconds a process exiting waits for detection already hande
 # is what the services raise for those they recognise; the rest come from the driver).
 RETRYABLE: tuple[type[BaseException], ...] = (
     ServiceUnavailable, OperationalError, InterfaceError, PoolTimeout)
+MISSED_SWEEP_INTERVAL = 60.0  # seconds between the safety net's looks (beat)
+MISSED_PER_TASK = 100  # sessions a detection task sent by the safety net takes
 RETRY_DELAY = 0.5  # seconds before an in-process run that found the database away runs again
 # (doubled at each further try, as the tasks' `retry_backoff`, as many tries as they get:
 # 15.5 s at most, inside the 30 s a test or `drain_in_process` gives them)
@@ -54,6 +56,26 @@ def detect_transfers_task(session_ids: list[str]) -> list[dict[str, Any]]:
             "llm_requested": outcome.llm_requested,
         })
     return results
+
+
+@celery.task(name="detection.sweep_missed", acks_late=True, time_limit=120,
+             soft_time_limit=100)
+def sweep_missed_detection() -> list[str]:
+    """The beat's safety net: detection for the ACTIVE robot sessions with a counterpart
+    message no run has judged (`missed_sessions`) — a detection task still queued when
+    Redis restarted without its data, or an in-process queue killed with its process, is
+    otherwise only made up for by the session's next counterpart message."""
+    runtime = get_runtime()
+    missed = missed_sessions(runtime)
+    if missed:
+        log.info("detection: %d sessions with counterpart messages no run has judged; "
+                 "judging them now", len(missed))
+        for start in range(0, len(missed), MISSED_PER_TASK):
+            runtime.dispatcher.detect_transfers(missed[start:start + MISSED_PER_TASK])
+    return missed
+
+
+schedule_every("detection-missed", "detection.sweep_missed", MISSED_SWEEP_INTERVAL)
 
 
 @celery.task(name="detection.analyse_llm", acks_late=True,

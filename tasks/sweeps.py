@@ -61,10 +61,11 @@ schedule_every("sweep-transfers", "sweeps.transfers", get_settings().transfer_sw
 
 def start_in_process_beat(stop: threading.Event) -> threading.Thread:
     """The embedded default has no beat process: run the periodic work in a thread
-    (sweeps, the delivery safety net, the idempotency and retention purges) until `stop` is
-    set; first, once, resume the imports a stopped server left unfinished."""
+    (sweeps, the delivery and detection safety nets, the idempotency and retention purges)
+    until `stop` is set; first, once, resume the imports a stopped server left unfinished."""
     from tasks.clients import purge_idempotency_task
     from tasks.delivery import deliver_webhooks_task
+    from tasks.detection import MISSED_SWEEP_INTERVAL, sweep_missed_detection
     from tasks.retention import purge_retention_task
 
     settings = get_settings()
@@ -72,7 +73,8 @@ def start_in_process_beat(stop: threading.Event) -> threading.Thread:
             (settings.transfer_sweep_interval, sweep_transfers_task),
             (settings.delivery_interval, deliver_webhooks_task),
             (settings.maintenance_interval, purge_idempotency_task),
-            (settings.maintenance_interval, purge_retention_task)]
+            (settings.maintenance_interval, purge_retention_task),
+            (MISSED_SWEEP_INTERVAL, sweep_missed_detection)]
 
     def loop() -> None:
         import time

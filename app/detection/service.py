@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import case, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from app.db import affected_rows, utcnow
@@ -26,7 +26,7 @@ from app.detection.rules import ChatLine, RuleVerdict, judge_conversation
 from app.errors import Conflict, NotFound
 from app.messages.models import Message
 from app.runtime import Runtime
-from app.sessions.enums import Priority, SenderRole, SessionStatus
+from app.sessions.enums import ROBOT_TYPES, Priority, SenderRole, SessionStatus
 from app.sessions.models import Session
 from app.transfers.enums import TransferTrigger
 from app.transfers.schemas import TransferRequest, TransferView
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 ACTOR = "system:detector"
 RECENT = 20  # messages of context for repetition and for the LLM
 NEW_LIMIT = 200  # new messages judged per run (an import can add many at once)
+MISSED_BATCH = 1000  # sessions the safety net sends again per run
 
 
 @dataclass
@@ -65,18 +66,27 @@ def _recent(db: Any, session_pk: int) -> list[ChatLine]:
     return _lines(list(reversed(rows)))
 
 
-def _advance_mark(runtime: Runtime, session_pk: int, last_pk: int) -> None:
-    """Remember `last_pk` as examined (never moving the mark backwards)."""
+def _advance_mark(runtime: Runtime, session_pk: int, last_pk: int, seen: int | None) -> None:
+    """Remember `last_pk` as examined and, given `seen`, that the session's first `seen`
+    counterpart messages were judged (neither ever moving backwards)."""
+    mark = DetectionMark
+    values: dict[str, Any] = {
+        "last_message_pk": case((mark.last_message_pk < last_pk, last_pk),
+                                else_=mark.last_message_pk),
+        "updated_at": utcnow()}
+    if seen is not None:
+        values["counterpart_seen"] = case((mark.counterpart_seen < seen, seen),
+                                          else_=mark.counterpart_seen)
     with runtime.database.unit_of_work() as uow:
         changed = affected_rows(uow.session.execute(
-            update(DetectionMark)
-            .where(DetectionMark.session_pk == session_pk,
-                   DetectionMark.last_message_pk < last_pk)
-            .values(last_message_pk=last_pk, updated_at=utcnow())
+            update(mark).where(mark.session_pk == session_pk,
+                               or_(mark.last_message_pk < last_pk,
+                                   mark.counterpart_seen < (seen or 0)))
+            .values(values)
         ))
         if not changed and uow.session.get(DetectionMark, session_pk) is None:
             uow.session.add(DetectionMark(session_pk=session_pk, last_message_pk=last_pk,
-                                          updated_at=utcnow()))
+                                          counterpart_seen=seen or 0, updated_at=utcnow()))
         # IntegrityError: another run created the mark at the same time; it is as far.
         with contextlib.suppress(IntegrityError):
             uow.commit()
@@ -125,6 +135,9 @@ def detect_session(
         if session is None or not _is_watched(session):
             outcome.skipped = "not an ACTIVE robot session"
             return outcome
+        # read before the messages (a message and the count that includes it commit
+        # together): every counterpart message this count includes is read below
+        counted = session.counterpart_message_count
         mark = db.get(DetectionMark, session.id)
         after = mark.last_message_pk if mark else 0
         new = _lines(db.execute(
@@ -133,7 +146,11 @@ def detect_session(
         ).scalars().all())
         recent = _recent(db, session.id)
     outcome.examined = len(new)
+    # all of them judged by this run, unless it took only the first NEW_LIMIT
+    seen = counted if len(new) < NEW_LIMIT else None
     if not new:
+        if seen is not None and (mark is None or mark.counterpart_seen < seen):
+            _advance_mark(runtime, session.id, after, seen)
         return outcome
     verdict = judge_conversation(new, recent)
     outcome.verdict = verdict
@@ -148,8 +165,24 @@ def detect_session(
     ):
         request_llm(session_id)
         outcome.llm_requested = True
-    _advance_mark(runtime, session.id, max(line.pk for line in new))
+    _advance_mark(runtime, session.id, max(line.pk for line in new), seen)
     return outcome
+
+
+def missed_sessions(runtime: Runtime, limit: int = MISSED_BATCH) -> list[str]:
+    """ACTIVE robot sessions with a counterpart message no detection run has judged yet
+    (the session's counterpart count past its mark's): their run was lost — a broker
+    restarted without its data, a process killed with its queue — or is on its way (a
+    second run then finds nothing new). Oldest first, at most `limit`."""
+    s, mark = Session, DetectionMark
+    with runtime.database.read() as db:
+        return list(db.execute(
+            select(s.session_id).outerjoin(mark, mark.session_pk == s.id)
+            .where(s.status == SessionStatus.ACTIVE,
+                   s.session_type.in_(sorted(ROBOT_TYPES)),
+                   s.counterpart_message_count > func.coalesce(mark.counterpart_seen, 0))
+            .order_by(s.id).limit(limit)
+        ).scalars())
 
 
 def llm_configured(runtime: Runtime) -> bool:

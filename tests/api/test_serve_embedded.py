@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from tasks.imports import PAUSE_ENV
-from tests.api.test_server_e2e import free_port
+from tests.api.test_server_e2e import free_port, wait_answering
 
 BIN = Path(sys.executable).parent
 
@@ -91,17 +91,8 @@ def _serve(tmp_path: Path, env: dict[str, str], port: int) -> subprocess.Popen[s
         [str(BIN / "auto-session"), "serve", "--port", str(port)], cwd=tmp_path, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        assert server.poll() is None, server.stdout.read()  # type: ignore[union-attr]
-        assert time.monotonic() < deadline, "server never answered"
-        time.sleep(0.2)
+    wait_answering(f"http://127.0.0.1:{port}/healthz", server)
+    return server
 
 
 def _stop(server: subprocess.Popen[str], sig: signal.Signals) -> str:

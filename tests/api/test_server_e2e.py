@@ -22,6 +22,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_answering(url: str, proc: subprocess.Popen, timeout: float = 30.0) -> None:  # type: ignore[type-arg]
+    """Wait until `url` answers 200 (a server process starting), failing if it dies."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None, f"the server died before {url} answered"
+        assert time.monotonic() < deadline, f"{url} never answered"
+        time.sleep(0.2)
+
+
 def new_token(env: dict[str, str], role: str) -> str:
     out = subprocess.run([str(BIN / "auto-session"), "clients", "create", "--name", f"e2e-{role}",
                           "--role", role, "--json"], env=env, cwd=ROOT, check=True,
