@@ -14,6 +14,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import case, func, or_, select, update
@@ -37,6 +38,9 @@ ACTOR = "system:detector"
 RECENT = 20  # messages of context for repetition and for the LLM
 NEW_LIMIT = 200  # new messages judged per run (an import can add many at once)
 MISSED_BATCH = 1000  # sessions the safety net sends again per run
+# how recently active a session must be for the safety net to look at it (it runs every
+# minute: a lost run is made up for within a minute or two)
+MISSED_WINDOW = timedelta(minutes=10)
 
 
 @dataclass
@@ -169,16 +173,21 @@ def detect_session(
     return outcome
 
 
-def missed_sessions(runtime: Runtime, limit: int = MISSED_BATCH) -> list[str]:
-    """ACTIVE robot sessions with a counterpart message no detection run has judged yet
-    (the session's counterpart count past its mark's): their run was lost — a broker
-    restarted without its data, a process killed with its queue — or is on its way (a
-    second run then finds nothing new). Oldest first, at most `limit`."""
+def missed_sessions(runtime: Runtime, limit: int = MISSED_BATCH,
+                    window: timedelta = MISSED_WINDOW) -> list[str]:
+    """ACTIVE robot sessions active within `window` with a counterpart message no
+    detection run has judged yet (the session's counterpart count past its mark's):
+    their run was lost — a broker restarted without its data, a process killed with its
+    queue — or is on its way (a second run then finds nothing new). Oldest first, at
+    most `limit`. An ACTIVE robot session's deadline is its last activity plus
+    DEFAULT_SESSION_TIMEOUT, so "active within `window`" is a range of the status and
+    deadline index: the look costs the recently active sessions, not all the live ones."""
     s, mark = Session, DetectionMark
+    since = utcnow() + timedelta(seconds=runtime.settings.default_session_timeout) - window
     with runtime.database.read() as db:
         return list(db.execute(
             select(s.session_id).outerjoin(mark, mark.session_pk == s.id)
-            .where(s.status == SessionStatus.ACTIVE,
+            .where(s.status == SessionStatus.ACTIVE, s.deadline_at >= since,
                    s.session_type.in_(sorted(ROBOT_TYPES)),
                    s.counterpart_message_count > func.coalesce(mark.counterpart_seen, 0))
             .order_by(s.id).limit(limit)

@@ -6,14 +6,15 @@ a Redis restarted without its data, is in test_missed_fault.py."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from itertools import count
 
 import sqlalchemy as sa
 
-from app.detection.service import detect_session, missed_sessions
+from app.detection.service import MISSED_WINDOW, detect_session, missed_sessions
 from app.messages.service import LiveMessage
 from app.runtime import build_runtime
+from app.sessions.models import Session
 from tasks.celery_app import celery
 from tasks.detection import MISSED_SWEEP_INTERVAL, sweep_missed_detection
 from tests.detection.helpers import settled
@@ -71,6 +72,13 @@ def test_only_live_robot_sessions_with_unjudged_counterpart_messages_are_missed(
     paused = ask(service, "AUTO_BARGAIN", shop="paused").session
     say_without_detection(settings, paused.session_id, said("counterpart", "还在吗"))
     service.pause(paused.session_id, actor="test")
+    # quiet for longer than the window (its deadline is its last activity + the timeout)
+    quiet = ask(service, "AUTO_BARGAIN", shop="quiet").session
+    say_without_detection(settings, quiet.session_id, said("counterpart", "还在吗"))
+    deadline = service.get(quiet.session_id).deadline_at
+    with runtime.database.transaction() as conn:
+        conn.execute(sa.update(Session).where(Session.session_id == quiet.session_id)
+                     .values(deadline_at=deadline - MISSED_WINDOW - timedelta(seconds=5)))
     assert missed_sessions(runtime) == [lost.session_id]
     # a run that judged the message (no person asked for) clears it
     assert detect_session(runtime, lost.session_id).examined == 1
