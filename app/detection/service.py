@@ -153,7 +153,7 @@ def detect_session(
     # all of them judged by this run, unless it took only the first NEW_LIMIT
     seen = counted if len(new) < NEW_LIMIT else None
     if not new:
-        if seen is not None and (mark is None or mark.counterpart_seen < seen):
+        if seen is not None and seen > (mark.counterpart_seen if mark else 0):
             _advance_mark(runtime, session.id, after, seen)
         return outcome
     verdict = judge_conversation(new, recent)
