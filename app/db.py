@@ -209,6 +209,7 @@ def make_engine(
             _connect_with_cached_descriptors(engine, several_statements=autocommit)
         if autocommit:
             _no_transaction_round_trips(engine)
+            _read_committed_when_asked(engine)
         else:
             _reset_unless_ended(engine)
         _ping_when_idle(engine, ping_if_idle_for)
@@ -273,6 +274,25 @@ def _no_transaction_round_trips(engine: Engine) -> None:
     dialect = engine.dialect
     dialect.do_rollback = lambda dbapi_connection: None  # type: ignore[method-assign]
     dialect.do_commit = lambda dbapi_connection: None  # type: ignore[method-assign]
+
+
+def _read_committed_when_asked(engine: Engine) -> None:
+    """The AUTOCOMMIT pool's connections at READ COMMITTED, like every other connection
+    of the app (SQLAlchemy sets no isolation level with AUTOCOMMIT: the server's default
+    stood, REPEATABLE READ). A transaction one of them opens itself (`START TRANSACTION`:
+    a live message in one query, `app.messages.service`) then takes the locks the rest of
+    the app expects. At REPEATABLE READ its `INSERT … SELECT` held a next-key lock on the
+    session's `session_id` index entry and the gap before it: a slot transaction inserting
+    a new session into that gap (a preemption) deadlocked with the bot's messages, and
+    lost all its attempts to a steady stream of them (a 503 for the takeover)."""
+
+    @event.listens_for(engine, "connect")
+    def _set(dbapi_conn: Any, _record: Any) -> None:
+        cursor = dbapi_conn.cursor()
+        try:
+            cursor.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+        finally:
+            cursor.close()
 
 
 def _ping_when_idle(engine: Engine, idle_for: float) -> None:

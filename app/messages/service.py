@@ -57,7 +57,7 @@ from app.sessions.activity import (
     session_view,
 )
 from app.sessions.enums import HUMAN_TYPES, SenderRole, SessionStatus
-from app.sessions.models import READ_SESSION, SESSIONS
+from app.sessions.models import BY_SESSION_ID_HINT, READ_SESSION, SESSIONS
 from app.sessions.schemas import SessionView
 from app.transfers.enums import TransferStatus
 from app.transfers.models import Transfer
@@ -295,7 +295,8 @@ def _build_one_message(controlled_if: ColumnElement[bool], role: SenderRole,
     if fits[1] is not None:
         where.append(c.shop_id == bindparam("fit_shop"))
     count = getattr(c, _COUNT_OF[role])
-    touch = update(SESSIONS).where(*where).values({
+    touch = update(SESSIONS).with_hint(BY_SESSION_ID_HINT, dialect_name="mysql").where(
+        *where).values({
         c.message_count: c.message_count + 1,
         count: count + 1,
         c.first_message_at: case((or_(c.first_message_at.is_(None),

@@ -27,7 +27,7 @@ from app.db import Database, constant, is_retryable_db_error, one_of, utcnow
 from app.errors import NotFound, ServiceUnavailable
 from app.fastsql import Prepared, Record
 from app.sessions.enums import HUMAN_TYPES, SessionStatus, is_human_type
-from app.sessions.models import READ_SESSION, SESSIONS
+from app.sessions.models import BY_SESSION_ID_HINT, READ_SESSION, SESSIONS
 from app.sessions.schemas import SessionView
 
 log = logging.getLogger(__name__)
@@ -152,6 +152,7 @@ def _touch_statement(controlled_if: ColumnElement[bool]) -> Any:
     c = SESSIONS.c
     return (
         update(SESSIONS)
+        .with_hint(BY_SESSION_ID_HINT, dialect_name="mysql")
         .where(c.session_id == bindparam("sid"), one_of(c.status, _LIVE), controlled_if)
         .values(
             last_activity_at=bindparam("now"),

@@ -155,6 +155,13 @@ SESSIONS = cast(Table, Session.__table__)
 _COLUMN_KEYS = frozenset(attr.key for attr in Session.__mapper__.column_attrs)
 SLOTS = cast(Table, Slot.__table__)
 
+# The hot paths' conditional UPDATEs (a heartbeat, a live message) find the session by
+# its public id and test its status, type and client in the same WHERE. On a small table
+# MySQL's optimizer may scan `ix_sessions_status_deadline` for the status instead: it
+# then locks other sessions' index entries and, as the deadline moves under concurrent
+# writers, can miss the row or deadlock with them. The unique key is always the plan.
+BY_SESSION_ID_HINT = "FORCE INDEX (uq_sessions_session_id)"
+
 # One session's whole row by its public id (Core: the hot reads build no ORM object).
 SESSION_BY_ID = select(SESSIONS).where(SESSIONS.c.session_id == bindparam("session_id"))
 # The hot paths' read (GET, the heartbeat's answer; see `app.fastsql`): what the view

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import and_, bindparam, case, func, insert, inspect, or_, select
+from sqlalchemy import and_, bindparam, case, func, insert, inspect, or_, select, true
 from sqlalchemy.orm import Session as DbSession
 from sqlalchemy.orm import make_transient_to_detached
 
@@ -167,11 +167,15 @@ class SlotTx:
         if self._occupant is UNREAD:
             if self.shared:  # loading it would lock its row for a change
                 raise NeedsTheSlot()
+            # `holds_slot = true`, not `IS TRUE`: equality on every column of the unique
+            # occupant key is one index entry looked up (MySQL's "const" plan, whatever
+            # the statistics say), where `IS TRUE` scanned — and locked — every session
+            # of the slot (a hot slot's line of PENDING requests included).
             self._occupant = self.db.execute(
                 select(Session).where(
                     Session.account_id == self.account_id,
                     Session.shop_id == self.shop_id,
-                    Session.holds_slot.is_(True),
+                    Session.holds_slot == true(),
                 ).with_for_update()
             ).scalar_one_or_none()
             if self._occupant is not None:

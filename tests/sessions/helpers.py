@@ -82,3 +82,16 @@ def pooled_connection_ids(runtime) -> list[int]:  # type: ignore[no-untyped-def]
         ids.append(int(cursor.fetchone()[0]))
         cursor.close()
     return ids
+
+
+def innodb_deadlocks(runtime: Runtime) -> int:
+    """How many deadlocks the MySQL server has detected since it started (MariaDB's
+    `Innodb_deadlocks`; MySQL 8's `lock_deadlocks` metric)."""
+    with runtime.database.engine.connect() as conn:
+        row = conn.exec_driver_sql("SHOW GLOBAL STATUS LIKE 'Innodb_deadlocks'").first()
+        if row is None:
+            row = conn.exec_driver_sql(
+                "SELECT name, count FROM information_schema.INNODB_METRICS "
+                "WHERE name = 'lock_deadlocks'").first()
+    assert row is not None, "the server counts no deadlocks"
+    return int(row[1])
