@@ -209,7 +209,7 @@ def make_engine(
             _connect_with_cached_descriptors(engine, several_statements=autocommit)
         if autocommit:
             _no_transaction_round_trips(engine)
-            _read_committed_when_asked(engine)
+            _read_committed(engine)
         else:
             _reset_unless_ended(engine)
         _ping_when_idle(engine, ping_if_idle_for)
@@ -276,7 +276,7 @@ def _no_transaction_round_trips(engine: Engine) -> None:
     dialect.do_commit = lambda dbapi_connection: None  # type: ignore[method-assign]
 
 
-def _read_committed_when_asked(engine: Engine) -> None:
+def _read_committed(engine: Engine) -> None:
     """The AUTOCOMMIT pool's connections at READ COMMITTED, like every other connection
     of the app (SQLAlchemy sets no isolation level with AUTOCOMMIT: the server's default
     stood, REPEATABLE READ). A transaction one of them opens itself (`START TRANSACTION`:
@@ -288,11 +288,8 @@ def _read_committed_when_asked(engine: Engine) -> None:
 
     @event.listens_for(engine, "connect")
     def _set(dbapi_conn: Any, _record: Any) -> None:
-        cursor = dbapi_conn.cursor()
-        try:
+        with dbapi_conn.cursor() as cursor:
             cursor.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
-        finally:
-            cursor.close()
 
 
 def _ping_when_idle(engine: Engine, idle_for: float) -> None:
